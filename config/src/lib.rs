@@ -1,0 +1,148 @@
+//! The one cluster configuration file that every Ballast process reads.
+//!
+//! A single TOML file describes the whole cluster: the masters, the proxy and the
+//! workers. Every process loads the same file and picks its own part by `--id`.
+//!
+//! Layout of this crate:
+//! - [`schema`]: the serde types (with `deny_unknown_fields`) and their documented defaults.
+//! - [`validate`]: semantic checks (duplicate ids or addresses, quorum warnings, ...),
+//!   producing typed [`ValidationError`]s that carry the TOML path of the offending key.
+//! - [`locate`]: maps a TOML path back to a line and column in the source text, so every
+//!   error prints as `FILE:LINE:COL: message`.
+//! - [`local`]: the embedded default cluster that `ballast up` writes.
+
+pub mod local;
+pub mod locate;
+pub mod schema;
+pub mod validate;
+
+use std::path::{Path, PathBuf};
+
+pub use schema::*;
+pub use validate::{ValidationError, ValidationErrorKind, Warning};
+
+/// An error loading a config file, printed as `FILE:LINE:COL: message`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{file}: cannot read: {source}")]
+    Io {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, or a key is unknown, missing or of the wrong type.
+    #[error("{file}:{line}:{col}: {message}")]
+    Syntax {
+        file: PathBuf,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    /// The TOML parsed but describes an impossible cluster.
+    #[error("{file}:{line}:{col}: {error}")]
+    Invalid {
+        file: PathBuf,
+        line: usize,
+        col: usize,
+        error: ValidationError,
+    },
+}
+
+impl ConfigError {
+    /// Config errors never go away on their own: the file has to be edited.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ConfigError::Io { .. })
+    }
+}
+
+/// A parsed and validated config, with the directory that relative paths resolve against.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub path: PathBuf,
+    pub config: ClusterConfig,
+    pub warnings: Vec<String>,
+}
+
+impl LoadedConfig {
+    /// The directory containing the config file; relative data dirs are resolved against it.
+    pub fn base_dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// Absolute-or-relative-to-cwd data dir of a master.
+    pub fn master_data_dir(&self, m: &MasterConfig) -> PathBuf {
+        let d = m.data_dir.clone().unwrap_or_else(|| PathBuf::from(&m.id));
+        if d.is_absolute() {
+            d
+        } else {
+            self.base_dir().join(d)
+        }
+    }
+
+    /// Data dir of a worker (pod logs, adoption state).
+    pub fn worker_data_dir(&self, w: &WorkerConfig) -> PathBuf {
+        let d = w.data_dir.clone().unwrap_or_else(|| PathBuf::from(&w.id));
+        if d.is_absolute() {
+            d
+        } else {
+            self.base_dir().join(d)
+        }
+    }
+}
+
+/// Read, parse and validate a config file.
+pub fn load(path: impl AsRef<Path>) -> Result<LoadedConfig, ConfigError> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    let (config, warnings) = parse_str(path, &text)?;
+    Ok(LoadedConfig {
+        path: path.to_path_buf(),
+        config,
+        warnings,
+    })
+}
+
+/// Parse and validate config text; `file` is only used in error messages.
+pub fn parse_str(file: &Path, text: &str) -> Result<(ClusterConfig, Vec<String>), ConfigError> {
+    let config: ClusterConfig = toml::from_str(text).map_err(|e| {
+        let (line, col) = e
+            .span()
+            .map(|s| locate::line_col(text, s.start))
+            .unwrap_or((1, 1));
+        ConfigError::Syntax {
+            file: file.to_path_buf(),
+            line,
+            col,
+            message: e.message().trim().to_string(),
+        }
+    })?;
+    match validate::validate(&config) {
+        Ok(warnings) => Ok((
+            config,
+            warnings
+                .into_iter()
+                .map(|w| {
+                    let (line, col) = locate::locate(text, &w.path);
+                    format!("{}:{line}:{col}: warning: {}", file.display(), w.message)
+                })
+                .collect(),
+        )),
+        Err(error) => {
+            let (line, col) = locate::locate(text, &error.path);
+            Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                line,
+                col,
+                error,
+            })
+        }
+    }
+}

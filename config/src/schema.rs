@@ -1,0 +1,442 @@
+//! The TOML schema. Every table denies unknown keys; every optional key has a
+//! documented default (see `examples/ballast.toml`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole cluster, as one file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    /// Consensus timings shared by all masters.
+    #[serde(default)]
+    pub raft: RaftConfig,
+    /// Behaviour of the active master's API, controllers and scheduler.
+    #[serde(default)]
+    pub control: ControlConfig,
+    /// The master nodes; keep their number odd.
+    pub masters: Vec<MasterConfig>,
+    /// The proxy + DNS responder + admin endpoint.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// Settings shared by every worker.
+    #[serde(default)]
+    pub worker: WorkerDefaults,
+    /// The worker nodes.
+    #[serde(default)]
+    pub workers: Vec<WorkerConfig>,
+}
+
+impl ClusterConfig {
+    pub fn master(&self, id: &str) -> Option<&MasterConfig> {
+        self.masters.iter().find(|m| m.id == id)
+    }
+    pub fn worker(&self, id: &str) -> Option<&WorkerConfig> {
+        self.workers.iter().find(|w| w.id == id)
+    }
+    /// The Raft node id of a master: its explicit `raft_id`, or its 1-based position in
+    /// `masters` when absent.
+    pub fn raft_id(&self, id: &str) -> Option<u64> {
+        self.masters
+            .iter()
+            .position(|m| m.id == id)
+            .map(|i| self.masters[i].raft_id.unwrap_or(i as u64 + 1))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Cluster name, shown in the kubeconfig and `/version`. Default `ballast`.
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            name: default_cluster_name(),
+        }
+    }
+}
+
+fn default_cluster_name() -> String {
+    "ballast".into()
+}
+
+/// Raft timings. Defaults suit a noisy 2-core machine on loopback: no spurious elections
+/// under load, a new leader well under a second after the old one dies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftConfig {
+    /// Leader heartbeat interval. Default `60ms`.
+    #[serde(with = "humantime_serde", default = "d_heartbeat")]
+    pub heartbeat_interval: Duration,
+    /// Lower bound of the randomized election timeout. Default `400ms`.
+    #[serde(with = "humantime_serde", default = "d_elect_min")]
+    pub election_timeout_min: Duration,
+    /// Upper bound of the randomized election timeout. Default `700ms`.
+    #[serde(with = "humantime_serde", default = "d_elect_max")]
+    pub election_timeout_max: Duration,
+    /// Timeout of one peer RPC. Default `500ms`.
+    #[serde(with = "humantime_serde", default = "d_rpc_timeout")]
+    pub rpc_timeout: Duration,
+    /// Build a snapshot (and compact the log) after this many applied entries. Default 10000.
+    #[serde(default = "d_snapshot_logs")]
+    pub snapshot_after_logs: u64,
+    /// Revisions of history kept for watches before "too old" (410 Gone). Default 100000.
+    #[serde(default = "d_watch_window")]
+    pub watch_history: u64,
+}
+
+fn d_heartbeat() -> Duration {
+    Duration::from_millis(60)
+}
+fn d_elect_min() -> Duration {
+    Duration::from_millis(400)
+}
+fn d_elect_max() -> Duration {
+    Duration::from_millis(700)
+}
+fn d_rpc_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+fn d_snapshot_logs() -> u64 {
+    10_000
+}
+fn d_watch_window() -> u64 {
+    100_000
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: d_heartbeat(),
+            election_timeout_min: d_elect_min(),
+            election_timeout_max: d_elect_max(),
+            rpc_timeout: d_rpc_timeout(),
+            snapshot_after_logs: d_snapshot_logs(),
+            watch_history: d_watch_window(),
+        }
+    }
+}
+
+/// Control-plane behaviour of the active master.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// A node whose lease is not renewed for this long becomes `Ready=Unknown`. Default `40s`.
+    #[serde(with = "humantime_serde", default = "d_node_grace")]
+    pub node_grace_period: Duration,
+    /// Pods on a not-ready node are evicted after this long. Default `300s`.
+    #[serde(with = "humantime_serde", default = "d_eviction")]
+    pub pod_eviction_timeout: Duration,
+    /// Serve the internal key-value endpoint `/internal/kv` (tests only). Default false.
+    #[serde(default)]
+    pub internal_kv: bool,
+}
+
+fn d_node_grace() -> Duration {
+    Duration::from_secs(40)
+}
+fn d_eviction() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            node_grace_period: d_node_grace(),
+            pod_eviction_timeout: d_eviction(),
+            internal_kv: false,
+        }
+    }
+}
+
+/// One master node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterConfig {
+    /// Unique node id, e.g. `m1`. Must be a DNS label.
+    pub id: String,
+    /// Availability zone, e.g. `zone-a`. Default `default`.
+    #[serde(default = "default_zone")]
+    pub zone: String,
+    /// Address of the API (`/livez`, `/readyz`, `/active`, `/metrics`, Kubernetes API).
+    pub api: SocketAddr,
+    /// Address of the Raft peer RPC; never serves the API.
+    pub peer: SocketAddr,
+    /// Data directory; relative paths resolve against the config file's directory. Default: the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Raft node id. Default: 1-based position in `masters`. Set it explicitly when a master
+    /// is replaced by a new member (a lost data dir).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft_id: Option<u64>,
+}
+
+fn default_zone() -> String {
+    "default".into()
+}
+
+/// The proxy, DNS responder and admin endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Where workers and kubectl reach the API. Default `127.0.0.1:6443`.
+    #[serde(default = "d_proxy_api")]
+    pub api: SocketAddr,
+    /// DNS responder, UDP and TCP. Default `127.0.0.1:5353`.
+    #[serde(default = "d_proxy_dns")]
+    pub dns: SocketAddr,
+    /// Admin endpoint: `/metrics`, `/status`. Default `127.0.0.1:9180`.
+    #[serde(default = "d_proxy_admin")]
+    pub admin: SocketAddr,
+    /// The DNS zone served. Default `ballast.local`.
+    #[serde(default = "d_zone")]
+    pub dns_zone: String,
+    /// TTL of the records. Default `1s`.
+    #[serde(with = "humantime_serde", default = "d_ttl")]
+    pub dns_ttl: Duration,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub hold: HoldConfig,
+    /// How long SIGTERM waits for open requests before the proxy exits. Default `2s`.
+    #[serde(with = "humantime_serde", default = "d_shutdown_grace")]
+    pub shutdown_grace: Duration,
+}
+
+fn d_proxy_api() -> SocketAddr {
+    "127.0.0.1:6443".parse().unwrap()
+}
+fn d_proxy_dns() -> SocketAddr {
+    "127.0.0.1:5353".parse().unwrap()
+}
+fn d_proxy_admin() -> SocketAddr {
+    "127.0.0.1:9180".parse().unwrap()
+}
+fn d_zone() -> String {
+    "ballast.local".into()
+}
+fn d_ttl() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_shutdown_grace() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            api: d_proxy_api(),
+            dns: d_proxy_dns(),
+            admin: d_proxy_admin(),
+            dns_zone: d_zone(),
+            dns_ttl: d_ttl(),
+            health: HealthConfig::default(),
+            hold: HoldConfig::default(),
+            shutdown_grace: d_shutdown_grace(),
+        }
+    }
+}
+
+/// How the proxy checks each master's `/active`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Interval between checks of one master. Default `100ms`.
+    #[serde(with = "humantime_serde", default = "d_hc_interval")]
+    pub interval: Duration,
+    /// Timeout of one check. Default `300ms`.
+    #[serde(with = "humantime_serde", default = "d_hc_timeout")]
+    pub timeout: Duration,
+    /// Consecutive successes before a master counts as healthy. Default 1.
+    #[serde(default = "d_rise")]
+    pub rise: u32,
+    /// Consecutive failures before a master counts as unhealthy. Default 2.
+    #[serde(default = "d_fall")]
+    pub fall: u32,
+}
+
+fn d_hc_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn d_hc_timeout() -> Duration {
+    Duration::from_millis(300)
+}
+fn d_rise() -> u32 {
+    1
+}
+fn d_fall() -> u32 {
+    2
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: d_hc_interval(),
+            timeout: d_hc_timeout(),
+            rise: d_rise(),
+            fall: d_fall(),
+        }
+    }
+}
+
+/// Requests held while no master is active.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldConfig {
+    /// How long a request waits for an active master before 503. Default `10s`.
+    #[serde(with = "humantime_serde", default = "d_hold_timeout")]
+    pub timeout: Duration,
+    /// How many requests may wait at once; more get 503 at once. Default 1024.
+    #[serde(default = "d_hold_max")]
+    pub max_requests: usize,
+}
+
+fn d_hold_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_hold_max() -> usize {
+    1024
+}
+
+impl Default for HoldConfig {
+    fn default() -> Self {
+        Self {
+            timeout: d_hold_timeout(),
+            max_requests: d_hold_max(),
+        }
+    }
+}
+
+/// Settings shared by all workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerDefaults {
+    /// How often a worker renews its node Lease. Default `10s`.
+    #[serde(with = "humantime_serde", default = "d_lease_interval")]
+    pub lease_interval: Duration,
+    /// Bytes kept per container log file before rotation. Default 10 MiB.
+    #[serde(default = "d_log_bytes")]
+    pub max_log_bytes: u64,
+}
+
+fn d_lease_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_log_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+
+impl Default for WorkerDefaults {
+    fn default() -> Self {
+        Self {
+            lease_interval: d_lease_interval(),
+            max_log_bytes: d_log_bytes(),
+        }
+    }
+}
+
+/// One worker node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Unique node id (the Node's name), e.g. `w1`.
+    pub id: String,
+    /// Availability zone label. Default `default`.
+    #[serde(default = "default_zone")]
+    pub zone: String,
+    /// Where the worker serves logs and metrics.
+    pub address: SocketAddr,
+    /// Route to the API through a URL (normally the proxy), e.g. `http://127.0.0.1:6443`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+    /// Route to the API through a DNS name, e.g. `api.ballast.local`, resolved at `dns_server`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_dns: Option<String>,
+    /// The DNS server that resolves `api_dns`, e.g. `127.0.0.1:5353`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_server: Option<SocketAddr>,
+    /// Port of the API behind `api_dns`. Default 6443.
+    #[serde(default = "d_api_port")]
+    pub api_port: u16,
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// Data directory (pod logs, process state). Default: the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn d_api_port() -> u16 {
+    6443
+}
+
+/// How a worker reaches the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRoute {
+    Url(String),
+    Dns {
+        name: String,
+        server: SocketAddr,
+        port: u16,
+    },
+}
+
+impl WorkerConfig {
+    /// The validated route; `validate()` guarantees exactly one is set.
+    pub fn route(&self) -> ApiRoute {
+        match (&self.api_url, &self.api_dns) {
+            (Some(url), _) => ApiRoute::Url(url.clone()),
+            (None, Some(name)) => ApiRoute::Dns {
+                name: name.clone(),
+                server: self
+                    .dns_server
+                    .unwrap_or_else(|| "127.0.0.1:5353".parse().unwrap()),
+                port: self.api_port,
+            },
+            (None, None) => ApiRoute::Url("http://127.0.0.1:6443".into()),
+        }
+    }
+}
+
+/// Resources a worker offers to the scheduler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// CPU in Kubernetes quantity form (`"2"`, `"1500m"`). Default `"4"`.
+    #[serde(default = "d_cpu")]
+    pub cpu: String,
+    /// Memory in Kubernetes quantity form (`"8Gi"`). Default `"8Gi"`.
+    #[serde(default = "d_mem")]
+    pub memory: String,
+    /// Max pods. Default 110.
+    #[serde(default = "d_pods")]
+    pub pods: u32,
+}
+
+fn d_cpu() -> String {
+    "4".into()
+}
+fn d_mem() -> String {
+    "8Gi".into()
+}
+fn d_pods() -> u32 {
+    110
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            cpu: d_cpu(),
+            memory: d_mem(),
+            pods: d_pods(),
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Semantic validation of a parsed [`ClusterConfig`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::locate::PathSeg;
+use crate::schema::*;
+
+/// What is wrong, independent of where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationErrorKind {
+    #[error("at least one master is required")]
+    NoMasters,
+    #[error("duplicate id `{0}` (ids must be unique across masters and workers)")]
+    DuplicateId(String),
+    #[error("address {addr} is already used by {other}")]
+    DuplicateAddress { addr: SocketAddr, other: String },
+    #[error("duplicate raft_id {0}")]
+    DuplicateRaftId(u64),
+    #[error("invalid id `{0}`: use a lowercase DNS label (a-z, 0-9, '-'), at most 63 characters")]
+    BadId(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A validation error with the TOML path of the offending key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationError {
+    pub path: Vec<PathSeg>,
+    pub kind: ValidationErrorKind,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}",
+            crate::locate::display_path(&self.path),
+            self.kind
+        )
+    }
+}
+
+impl std::error::Error for ValidationError {}
+
+/// A warning: the config works, but probably not as intended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub path: Vec<PathSeg>,
+    pub message: String,
+}
+
+fn key(k: &str) -> PathSeg {
+    PathSeg::Key(k.to_string())
+}
+
+fn err(path: Vec<PathSeg>, kind: ValidationErrorKind) -> ValidationError {
+    ValidationError { path, kind }
+}
+
+fn invalid(path: Vec<PathSeg>, msg: impl Into<String>) -> ValidationError {
+    err(path, ValidationErrorKind::Invalid(msg.into()))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Check a parsed config; returns warnings when it is usable.
+pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
+    let mut warnings = Vec::new();
+    if c.masters.is_empty() {
+        return Err(err(vec![key("masters")], ValidationErrorKind::NoMasters));
+    }
+    let mut ids: HashMap<&str, ()> = HashMap::new();
+    let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
+    let mut claim = |addr: SocketAddr, who: String, path: Vec<PathSeg>| {
+        // Port 0 means "any free port": never a conflict.
+        if addr.port() == 0 {
+            return Ok(());
+        }
+        if let Some(other) = addrs.get(&addr) {
+            return Err(err(
+                path,
+                ValidationErrorKind::DuplicateAddress {
+                    addr,
+                    other: other.clone(),
+                },
+            ));
+        }
+        addrs.insert(addr, who);
+        Ok(())
+    };
+    let mut raft_ids = HashMap::new();
+    for (i, m) in c.masters.iter().enumerate() {
+        let p = |k: &str| vec![key("masters"), PathSeg::Index(i), key(k)];
+        if !is_dns_label(&m.id) {
+            return Err(err(p("id"), ValidationErrorKind::BadId(m.id.clone())));
+        }
+        if ids.insert(&m.id, ()).is_some() {
+            return Err(err(p("id"), ValidationErrorKind::DuplicateId(m.id.clone())));
+        }
+        claim(m.api, format!("master {} (api)", m.id), p("api"))?;
+        claim(m.peer, format!("master {} (peer)", m.id), p("peer"))?;
+        let rid = m.raft_id.unwrap_or(i as u64 + 1);
+        if rid == 0 {
+            return Err(invalid(p("raft_id"), "raft_id must be at least 1"));
+        }
+        if raft_ids.insert(rid, ()).is_some() {
+            return Err(err(p("raft_id"), ValidationErrorKind::DuplicateRaftId(rid)));
+        }
+    }
+    if c.masters.len() % 2 == 0 {
+        let n = c.masters.len();
+        let quorum = n / 2 + 1;
+        warnings.push(Warning {
+            path: vec![key("masters")],
+            message: format!(
+                "{n} masters (an even number): a quorum is {quorum}, so the cluster tolerates the loss of {} master(s), \
+                 the same as {} masters; use an odd number",
+                n - quorum,
+                n - 1
+            ),
+        });
+    }
+    let r = &c.raft;
+    if r.heartbeat_interval.is_zero() {
+        return Err(invalid(
+            vec![key("raft"), key("heartbeat_interval")],
+            "must be greater than zero",
+        ));
+    }
+    if r.election_timeout_min <= r.heartbeat_interval * 2 {
+        return Err(invalid(
+            vec![key("raft"), key("election_timeout_min")],
+            "must be more than twice heartbeat_interval",
+        ));
+    }
+    if r.election_timeout_max <= r.election_timeout_min {
+        return Err(invalid(
+            vec![key("raft"), key("election_timeout_max")],
+            "must be greater than election_timeout_min",
+        ));
+    }
+    if r.snapshot_after_logs == 0 {
+        return Err(invalid(
+            vec![key("raft"), key("snapshot_after_logs")],
+            "must be at least 1",
+        ));
+    }
+    let px = &c.proxy;
+    let pp = |k: &str| vec![key("proxy"), key(k)];
+    claim(px.api, "proxy (api)".into(), pp("api"))?;
+    claim(px.admin, "proxy (admin)".into(), pp("admin"))?;
+    // DNS is UDP+TCP; a TCP API on the same address would still clash on TCP.
+    claim(px.dns, "proxy (dns)".into(), pp("dns"))?;
+    if px.dns_zone.trim_matches('.').is_empty()
+        || !px
+            .dns_zone
+            .trim_end_matches('.')
+            .split('.')
+            .all(is_dns_label)
+    {
+        return Err(invalid(
+            pp("dns_zone"),
+            "must be a DNS name like `ballast.local`",
+        ));
+    }
+    let hp = |k: &str| vec![key("proxy"), key("health"), key(k)];
+    if px.health.interval.is_zero() {
+        return Err(invalid(hp("interval"), "must be greater than zero"));
+    }
+    if px.health.timeout.is_zero() {
+        return Err(invalid(hp("timeout"), "must be greater than zero"));
+    }
+    if px.health.rise == 0 {
+        return Err(invalid(hp("rise"), "must be at least 1"));
+    }
+    if px.health.fall == 0 {
+        return Err(invalid(hp("fall"), "must be at least 1"));
+    }
+    if px.hold.max_requests == 0 {
+        warnings.push(Warning {
+            path: vec![key("proxy"), key("hold"), key("max_requests")],
+            message: "0 disables holding: requests fail at once while no master is active".into(),
+        });
+    }
+    for (i, w) in c.workers.iter().enumerate() {
+        let p = |k: &str| vec![key("workers"), PathSeg::Index(i), key(k)];
+        if !is_dns_label(&w.id) {
+            return Err(err(p("id"), ValidationErrorKind::BadId(w.id.clone())));
+        }
+        if ids.insert(&w.id, ()).is_some() {
+            return Err(err(p("id"), ValidationErrorKind::DuplicateId(w.id.clone())));
+        }
+        claim(w.address, format!("worker {}", w.id), p("address"))?;
+        match (&w.api_url, &w.api_dns) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    p("api_dns"),
+                    "set either api_url or api_dns, not both",
+                ))
+            }
+            (None, None) => return Err(invalid(
+                vec![key("workers"), PathSeg::Index(i)],
+                "missing route to the API: set api_url (e.g. the proxy) or api_dns + dns_server",
+            )),
+            (Some(url), None) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid(p("api_url"), "must be an http:// or https:// URL"));
+                }
+            }
+            (None, Some(_)) => {
+                if w.dns_server.is_none() {
+                    return Err(invalid(p("api_dns"), "api_dns needs dns_server"));
+                }
+            }
+        }
+        if w.capacity.pods == 0 {
+            return Err(invalid(
+                vec![
+                    key("workers"),
+                    PathSeg::Index(i),
+                    key("capacity"),
+                    key("pods"),
+                ],
+                "must be at least 1",
+            ));
+        }
+        for (k, v) in [("cpu", &w.capacity.cpu), ("memory", &w.capacity.memory)] {
+            if parse_quantity(v).is_none() {
+                return Err(invalid(
+                    vec![key("workers"), PathSeg::Index(i), key("capacity"), key(k)],
+                    format!("`{v}` is not a Kubernetes quantity (e.g. \"2\", \"500m\", \"8Gi\")"),
+                ));
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+/// Parse a Kubernetes quantity into its value in base units (cpu cores or bytes), as f64.
+pub fn parse_quantity(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0f64.powi(4),
+        _ => return None,
+    };
+    Some(n * mult)
+}

@@ -1,0 +1,88 @@
+//! Config errors point at the file, line and column of the offending key.
+
+use std::path::Path;
+
+fn err(text: &str) -> String {
+    ballast_config::parse_str(Path::new("c.toml"), text)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+}
+
+const ONE: &str = "[[masters]]\nid = \"m1\"\napi = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\n";
+
+#[test]
+fn unknown_key_names_line_and_column() {
+    let e = err(&format!("{ONE}bogus = 1\n"));
+    assert!(e.starts_with("c.toml:5:1: "), "{e}");
+    assert!(e.contains("bogus"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_line() {
+    let e = err("[[masters]]\nid = \"m1\"\napi = 5\npeer = \"127.0.0.1:2\"\n");
+    assert!(e.starts_with("c.toml:3:"), "{e}");
+}
+
+#[test]
+fn bad_duration_names_line() {
+    let e = err(&format!("{ONE}[proxy.health]\ninterval = \"fast\"\n"));
+    assert!(e.starts_with("c.toml:6:"), "{e}");
+}
+
+#[test]
+fn duplicate_id_points_at_second_id() {
+    let e = err(&format!(
+        "{ONE}\n[[masters]]\nid = \"m1\"\napi = \"127.0.0.1:3\"\npeer = \"127.0.0.1:4\"\n"
+    ));
+    assert!(
+        e.starts_with("c.toml:7:1: masters[1].id: duplicate id `m1`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_address_is_refused() {
+    let e = err(&format!(
+        "{ONE}\n[[masters]]\nid = \"m2\"\napi = \"127.0.0.1:1\"\npeer = \"127.0.0.1:4\"\n"
+    ));
+    assert!(
+        e.starts_with(
+            "c.toml:8:1: masters[1].api: address 127.0.0.1:1 is already used by master m1"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_field_is_named() {
+    let e = err("[[masters]]\nid = \"m1\"\napi = \"127.0.0.1:1\"\n");
+    assert!(e.contains("peer"), "{e}");
+}
+
+#[test]
+fn worker_without_route_is_refused() {
+    let e = err(&format!(
+        "{ONE}[[workers]]\nid = \"w1\"\naddress = \"127.0.0.2:1\"\n"
+    ));
+    assert!(e.contains("workers[0]") && e.contains("api_url"), "{e}");
+}
+
+#[test]
+fn even_masters_warn_with_quorum_math() {
+    let text =
+        format!("{ONE}[[masters]]\nid = \"m2\"\napi = \"127.0.0.1:3\"\npeer = \"127.0.0.1:4\"\n");
+    let (_, w) = ballast_config::parse_str(Path::new("c.toml"), &text).unwrap();
+    assert_eq!(w.len(), 1);
+    assert!(
+        w[0].contains("quorum is 2") && w[0].contains("loss of 0"),
+        "{}",
+        w[0]
+    );
+}
+
+#[test]
+fn election_timeout_must_exceed_heartbeats() {
+    let e = err(&format!("{ONE}[raft]\nheartbeat_interval = \"300ms\"\n"));
+    assert!(e.contains("raft.election_timeout_min"), "{e}");
+}

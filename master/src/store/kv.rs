@@ -1,0 +1,418 @@
+//! The pure, deterministic key-value state machine (etcd-like) that every master
+//! replicates. It knows nothing about Raft or I/O: Raft feeds it committed
+//! [`Command`]s in log order; the API reads from it.
+//!
+//! - One global `revision`, bumped by every committed write (also by a failed
+//!   compare-and-swap? no: only successful writes bump it, like etcd).
+//! - Per key: `create_revision` and `mod_revision`.
+//! - A bounded history of events for watches; asking for revisions older than the
+//!   window gives [`KvError::Compacted`].
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// A stored key with its revisions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+}
+
+/// What a write expects to find (optimistic concurrency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Precondition {
+    /// No check.
+    Any,
+    /// The key must not exist (create).
+    Absent,
+    /// The key must exist (any revision).
+    Exists,
+    /// The key must exist with exactly this mod revision (compare-and-swap).
+    ModRevision(u64),
+}
+
+/// A replicated write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        expect: Precondition,
+    },
+    Delete {
+        key: String,
+        expect: Precondition,
+    },
+    /// Several writes applied atomically at one revision, all preconditions checked first.
+    Txn {
+        ops: Vec<Command>,
+    },
+    /// No change; used to confirm leadership / advance nothing.
+    Noop,
+}
+
+/// The outcome of applying one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// Applied; `revision` is the store revision after it; `prev` the old values.
+    Ok {
+        revision: u64,
+        prev: Vec<Option<KeyValue>>,
+    },
+    /// A precondition failed; nothing changed. `current` is the key's current value.
+    Conflict {
+        key: String,
+        current: Option<KeyValue>,
+        revision: u64,
+    },
+}
+
+/// One change, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    Put {
+        kv: KeyValue,
+        prev: Option<KeyValue>,
+    },
+    Delete {
+        prev: KeyValue,
+        revision: u64,
+    },
+}
+
+impl Event {
+    pub fn revision(&self) -> u64 {
+        match self {
+            Event::Put { kv, .. } => kv.mod_revision,
+            Event::Delete { revision, .. } => *revision,
+        }
+    }
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Put { kv, .. } => &kv.key,
+            Event::Delete { prev, .. } => &prev.key,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvError {
+    /// The requested revision is older than the kept history (410 Gone in the API).
+    #[error("revision {requested} is compacted; oldest available is {oldest}")]
+    Compacted { requested: u64, oldest: u64 },
+}
+
+/// A page of a range read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeResult {
+    pub kvs: Vec<KeyValue>,
+    /// More keys follow the last one returned.
+    pub more: bool,
+    /// The store revision the page was read at.
+    pub revision: u64,
+}
+
+/// The whole state, serializable as a snapshot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KvState {
+    revision: u64,
+    data: BTreeMap<String, KeyValue>,
+    /// Events in revision order (a Txn's events share one revision).
+    history: VecDeque<Event>,
+    /// Number of revisions of history to keep.
+    history_limit: u64,
+    /// Lowest revision from which a watch can still start (exclusive start).
+    compacted: u64,
+}
+
+impl KvState {
+    pub fn new(history_limit: u64) -> Self {
+        Self {
+            history_limit: history_limit.max(1),
+            ..Self::default()
+        }
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Number of revisions of history kept for watches.
+    pub fn history_limit(&self) -> u64 {
+        self.history_limit
+    }
+
+    /// Change the history window (e.g. after loading a snapshot written with another one).
+    /// A smaller window takes effect at the next write.
+    pub fn set_history_limit(&mut self, limit: u64) {
+        self.history_limit = limit.max(1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&KeyValue> {
+        self.data.get(key)
+    }
+
+    /// Keys starting with `prefix`, strictly after `start_after` when given, at most `limit`
+    /// (0 = unlimited).
+    pub fn range(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> RangeResult {
+        use std::ops::Bound;
+        let lower = match start_after {
+            Some(k) if k >= prefix => Bound::Excluded(k.to_string()),
+            _ => Bound::Included(prefix.to_string()),
+        };
+        let mut iter = self
+            .data
+            .range((lower, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v);
+        let mut kvs = Vec::new();
+        let mut more = false;
+        for kv in iter.by_ref() {
+            if limit != 0 && kvs.len() == limit {
+                more = true;
+                break;
+            }
+            kvs.push(kv.clone());
+        }
+        RangeResult {
+            kvs,
+            more,
+            revision: self.revision,
+        }
+    }
+
+    /// Events with revision > `after` whose key starts with `prefix`.
+    pub fn events_since(&self, prefix: &str, after: u64) -> Result<Vec<Event>, KvError> {
+        if after < self.compacted {
+            return Err(KvError::Compacted {
+                requested: after,
+                oldest: self.compacted,
+            });
+        }
+        Ok(self
+            .history
+            .iter()
+            .filter(|e| e.revision() > after && e.key().starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+
+    /// Oldest revision a watch may start after.
+    pub fn compacted_revision(&self) -> u64 {
+        self.compacted
+    }
+
+    fn check(&self, key: &str, expect: Precondition) -> bool {
+        let cur = self.data.get(key);
+        match expect {
+            Precondition::Any => true,
+            Precondition::Absent => cur.is_none(),
+            Precondition::Exists => cur.is_some(),
+            Precondition::ModRevision(r) => cur.map(|kv| kv.mod_revision) == Some(r),
+        }
+    }
+
+    fn flatten(cmd: &Command) -> Vec<&Command> {
+        match cmd {
+            Command::Txn { ops } => ops.iter().flat_map(Self::flatten).collect(),
+            Command::Noop => vec![],
+            other => vec![other],
+        }
+    }
+
+    /// Apply a committed command; returns the result and the events it produced.
+    pub fn apply(&mut self, cmd: &Command) -> (CommandResult, Vec<Event>) {
+        let ops = Self::flatten(cmd);
+        for op in &ops {
+            let (key, expect) = match op {
+                Command::Put { key, expect, .. } | Command::Delete { key, expect } => {
+                    (key, *expect)
+                }
+                _ => unreachable!("flattened"),
+            };
+            if !self.check(key, expect) {
+                return (
+                    CommandResult::Conflict {
+                        key: key.clone(),
+                        current: self.data.get(key).cloned(),
+                        revision: self.revision,
+                    },
+                    vec![],
+                );
+            }
+        }
+        if ops.is_empty() {
+            return (
+                CommandResult::Ok {
+                    revision: self.revision,
+                    prev: vec![],
+                },
+                vec![],
+            );
+        }
+        let rev = self.revision + 1;
+        let mut prevs = Vec::with_capacity(ops.len());
+        let mut events = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Command::Put { key, value, .. } => {
+                    let prev = self.data.get(key).cloned();
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+                        mod_revision: rev,
+                    };
+                    self.data.insert(key.clone(), kv.clone());
+                    events.push(Event::Put {
+                        kv,
+                        prev: prev.clone(),
+                    });
+                    prevs.push(prev);
+                }
+                Command::Delete { key, .. } => {
+                    let prev = self.data.remove(key);
+                    if let Some(p) = &prev {
+                        events.push(Event::Delete {
+                            prev: p.clone(),
+                            revision: rev,
+                        });
+                    }
+                    prevs.push(prev);
+                }
+                _ => unreachable!("flattened"),
+            }
+        }
+        if events.is_empty() {
+            // Deletes of missing keys change nothing and do not bump the revision.
+            return (
+                CommandResult::Ok {
+                    revision: self.revision,
+                    prev: prevs,
+                },
+                vec![],
+            );
+        }
+        self.revision = rev;
+        self.history.extend(events.iter().cloned());
+        while let Some(front) = self.history.front() {
+            if front.revision() + self.history_limit <= self.revision {
+                self.compacted = front.revision();
+                self.history.pop_front();
+            } else {
+                break;
+            }
+        }
+        (
+            CommandResult::Ok {
+                revision: rev,
+                prev: prevs,
+            },
+            events,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(k: &str, v: &str, expect: Precondition) -> Command {
+        Command::Put {
+            key: k.into(),
+            value: v.as_bytes().to_vec(),
+            expect,
+        }
+    }
+
+    #[test]
+    fn revisions_and_cas() {
+        let mut s = KvState::new(100);
+        let (r, ev) = s.apply(&put("/a", "1", Precondition::Absent));
+        assert!(matches!(r, CommandResult::Ok { revision: 1, .. }));
+        assert_eq!(ev.len(), 1);
+        let (r, _) = s.apply(&put("/a", "2", Precondition::Absent));
+        assert!(matches!(r, CommandResult::Conflict { .. }));
+        assert_eq!(s.revision(), 1);
+        let (r, _) = s.apply(&put("/a", "2", Precondition::ModRevision(1)));
+        assert!(matches!(r, CommandResult::Ok { revision: 2, .. }));
+        let kv = s.get("/a").unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision), (1, 2));
+        let (r, _) = s.apply(&put("/a", "3", Precondition::ModRevision(1)));
+        assert!(matches!(r, CommandResult::Conflict { .. }));
+    }
+
+    #[test]
+    fn range_pages_with_limit_and_continue() {
+        let mut s = KvState::new(100);
+        for k in ["/p/a", "/p/b", "/p/c", "/q/a"] {
+            s.apply(&put(k, "x", Precondition::Any));
+        }
+        let r = s.range("/p/", None, 2);
+        assert_eq!(r.kvs.len(), 2);
+        assert!(r.more);
+        let r2 = s.range("/p/", Some(&r.kvs[1].key), 2);
+        assert_eq!(r2.kvs.len(), 1);
+        assert_eq!(r2.kvs[0].key, "/p/c");
+        assert!(!r2.more);
+        assert_eq!(s.range("/", None, 0).kvs.len(), 4);
+    }
+
+    #[test]
+    fn txn_is_atomic() {
+        let mut s = KvState::new(100);
+        s.apply(&put("/a", "1", Precondition::Any));
+        let txn = Command::Txn {
+            ops: vec![
+                put("/b", "1", Precondition::Absent),
+                put("/a", "2", Precondition::Absent),
+            ],
+        };
+        let (r, _) = s.apply(&txn);
+        assert!(matches!(r, CommandResult::Conflict { .. }));
+        assert!(s.get("/b").is_none());
+    }
+
+    #[test]
+    fn history_window_and_compaction() {
+        let mut s = KvState::new(3);
+        for i in 0..10 {
+            s.apply(&put("/k", &i.to_string(), Precondition::Any));
+        }
+        assert_eq!(s.revision(), 10);
+        assert!(s.events_since("/", 9).unwrap().len() == 1);
+        assert_eq!(s.events_since("/", 7).unwrap().len(), 3);
+        assert!(matches!(
+            s.events_since("/", 2),
+            Err(KvError::Compacted { .. })
+        ));
+    }
+
+    #[test]
+    fn delete_emits_event_and_missing_delete_is_noop() {
+        let mut s = KvState::new(10);
+        s.apply(&put("/a", "1", Precondition::Any));
+        let (_, ev) = s.apply(&Command::Delete {
+            key: "/a".into(),
+            expect: Precondition::Any,
+        });
+        assert!(matches!(ev[0], Event::Delete { revision: 2, .. }));
+        let (r, ev) = s.apply(&Command::Delete {
+            key: "/a".into(),
+            expect: Precondition::Any,
+        });
+        assert!(ev.is_empty());
+        assert!(matches!(r, CommandResult::Ok { revision: 2, .. }));
+    }
+}

@@ -1,0 +1,183 @@
+//! `ballast`: the one binary. A thin command-line front that dispatches to the
+//! library crates (`ballast-master`, `ballast-proxy`, `ballast-worker`) and runs
+//! `ballast up`, a whole local HA cluster as child processes.
+
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ballast",
+    version,
+    about = "Highly-available control plane: replicated masters, a failover-hiding proxy and DNS responder, workers",
+    long_about = None
+)]
+struct Cli {
+    /// Log format on stderr. The level comes from RUST_LOG (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a whole local HA cluster on loopback, in the foreground: N masters, the proxy,
+    /// M workers, each a separate process. Ctrl-C / SIGTERM stops them all.
+    Up(up::UpArgs),
+    /// Run one master node.
+    Master {
+        /// The cluster config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// This master's id in the config (e.g. `m1`).
+        #[arg(long)]
+        id: String,
+    },
+    /// Run the proxy, DNS responder and admin endpoint.
+    Proxy {
+        /// The cluster config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run one worker node.
+    Worker {
+        /// The cluster config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// This worker's id in the config (e.g. `w1`).
+        #[arg(long)]
+        id: String,
+    },
+    /// Validate a config file: exit 0, or 1 with `FILE:LINE:COL: message`.
+    CheckConfig {
+        /// The config file to check.
+        file: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::CheckConfig { file } => match ballast_config::load(&file) {
+            Ok(loaded) => {
+                for w in &loaded.warnings {
+                    eprintln!("{w}");
+                }
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        cmd => {
+            init_logging(cli.log_format);
+            match run(cmd, cli.log_format) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ballast: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load_config(path: &PathBuf) -> anyhow::Result<ballast_config::LoadedConfig> {
+    let loaded = ballast_config::load(path)?;
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(loaded)
+}
+
+fn run(cmd: Cmd, log_format: LogFormat) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Up(args) => up::run(args, log_format),
+        Cmd::Proxy { config } => {
+            // The proxy owns its runtimes and signal handling (pingora).
+            ballast_proxy::run(&config).context("proxy failed")
+        }
+        Cmd::Master { config, id } => {
+            let loaded = load_config(&config)?;
+            runtime()?.block_on(async move {
+                let shutdown = shutdown_on_signal();
+                ballast_master::run(loaded, id.clone(), shutdown)
+                    .await
+                    .with_context(|| format!("master {id} failed"))
+            })
+        }
+        Cmd::Worker { config, id } => {
+            let loaded = load_config(&config)?;
+            runtime()?.block_on(async move {
+                let shutdown = shutdown_on_signal();
+                ballast_worker::run(loaded, id.clone(), shutdown)
+                    .await
+                    .with_context(|| format!("worker {id} failed"))
+            })
+        }
+        Cmd::CheckConfig { .. } => unreachable!("handled in main"),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// A token cancelled on SIGTERM or SIGINT (the first one; a second one exits at once).
+fn shutdown_on_signal() -> CancellationToken {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        t.cancel();
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(130);
+    });
+    token
+}

@@ -1,0 +1,350 @@
+//! `ballast up`: a whole local HA cluster on loopback, in the foreground.
+//!
+//! Writes `DIR/ballast.toml` (once; a later run keeps it and the data), `DIR/kubeconfig`,
+//! `DIR/<id>.pid`, `DIR/logs/<id>.log`, and starts every node as a child process of this
+//! same binary. A child that exits is reported, never restarted (failover must stay
+//! observable). SIGINT/SIGTERM stop every child: SIGTERM, then SIGKILL after a grace.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ballast_config::local::{local_cluster, to_toml, AddressPlan};
+use ballast_config::ClusterConfig;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::LogFormat;
+
+/// Arguments of `ballast up`.
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Directory holding the cluster's config, kubeconfig, pidfiles, logs and data.
+    #[arg(long, default_value = "./ballast-data")]
+    dir: PathBuf,
+    /// Number of masters (keep it odd). Only used when DIR has no config yet.
+    #[arg(long, default_value_t = 3)]
+    masters: usize,
+    /// Number of workers. Only used when DIR has no config yet.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Put every node in 127.K.0.0/16 instead of the default addresses (127.0.1.x masters,
+    /// 127.0.0.1 proxy, 127.0.2.x workers), e.g. to run two clusters side by side.
+    #[arg(long, value_name = "K")]
+    address_block: Option<u8>,
+    /// Seconds each child gets to stop after SIGTERM before SIGKILL.
+    #[arg(long, default_value_t = 10)]
+    grace: u64,
+}
+
+struct Node {
+    id: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+pub fn run(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run_async(args, log_format))
+}
+
+async fn run_async(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    let dir = args.dir.clone();
+    fs::create_dir_all(dir.join("logs"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+
+    // One running cluster per DIR.
+    let lock_path = dir.join("ballast.lock");
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    let mut lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, _)) => {
+            let holder = fs::read_to_string(&lock_path).unwrap_or_default();
+            bail!(
+                "{} is in use by a running cluster (ballast up pid {}); stop it first or use another --dir",
+                dir.display(),
+                holder.trim()
+            );
+        }
+    };
+    lock.set_len(0)?;
+    writeln!(&mut *lock, "{}", std::process::id())?;
+
+    let config_path = dir.join("ballast.toml");
+    let config = if config_path.exists() {
+        let loaded = ballast_config::load(&config_path)?;
+        if args.masters != 3 || args.workers != 2 || args.address_block.is_some() {
+            eprintln!(
+                "note: {} exists; using it as is (--masters/--workers/--address-block only apply to a new DIR)",
+                config_path.display()
+            );
+        }
+        loaded.config
+    } else {
+        if args.masters == 0 {
+            bail!("--masters must be at least 1");
+        }
+        if args.masters > 254 || args.workers > 254 {
+            bail!("at most 254 masters and 254 workers fit in an address block");
+        }
+        let plan = args
+            .address_block
+            .map(AddressPlan::block)
+            .unwrap_or_default();
+        let c = local_cluster(args.masters, args.workers, plan);
+        let text = to_toml(&c);
+        // Validate what we write, exactly as a child will read it.
+        ballast_config::parse_str(&config_path, &text)?;
+        fs::write(&config_path, text)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        c
+    };
+
+    check_addresses_free(&config)?;
+    write_kubeconfig(&dir, &config)?;
+
+    let exe = std::env::current_exe().context("cannot find the ballast binary")?;
+    let cfg = config_path.display().to_string();
+    let fmt = match log_format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    let mut nodes: Vec<Node> = Vec::new();
+    for m in &config.masters {
+        nodes.push(Node {
+            id: m.id.clone(),
+            args: vec![
+                "master".into(),
+                "--config".into(),
+                cfg.clone(),
+                "--id".into(),
+                m.id.clone(),
+            ],
+            child: None,
+        });
+    }
+    nodes.push(Node {
+        id: "proxy".into(),
+        args: vec!["proxy".into(), "--config".into(), cfg.clone()],
+        child: None,
+    });
+    for w in &config.workers {
+        nodes.push(Node {
+            id: w.id.clone(),
+            args: vec![
+                "worker".into(),
+                "--config".into(),
+                cfg.clone(),
+                "--id".into(),
+                w.id.clone(),
+            ],
+            child: None,
+        });
+    }
+    for node in &mut nodes {
+        let log_path = dir.join("logs").join(format!("{}.log", node.id));
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(&node.args)
+            .arg("--log-format")
+            .arg(fmt)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Own process group: a terminal's Ctrl-C reaches only `up`, which then stops
+            // the children in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", node.id))?;
+        if let Some(pid) = child.id() {
+            fs::write(dir.join(format!("{}.pid", node.id)), format!("{pid}\n"))?;
+        }
+        node.child = Some(child);
+    }
+
+    print_summary(&dir, &config);
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut exited: BTreeMap<String, String> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { eprintln!("SIGTERM: stopping the cluster"); break; }
+            _ = int.recv() => { eprintln!("interrupt: stopping the cluster"); break; }
+            _ = tick.tick() => {
+                for node in &mut nodes {
+                    let Some(child) = node.child.as_mut() else { continue };
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let msg = format!("{status}");
+                        eprintln!(
+                            "{} exited ({msg}); see {}/logs/{}.log. Not restarted: restart it with `ballast {}`",
+                            node.id, dir.display(), node.id, node.args.join(" ")
+                        );
+                        let _ = fs::remove_file(dir.join(format!("{}.pid", node.id)));
+                        exited.insert(node.id.clone(), msg);
+                        node.child = None;
+                    }
+                }
+            }
+        }
+    }
+    stop_all(&dir, &mut nodes, Duration::from_secs(args.grace)).await;
+    drop(lock);
+    let _ = fs::remove_file(&lock_path);
+    eprintln!("cluster stopped");
+    Ok(())
+}
+
+/// Ask every child to stop, then kill those still running after `grace`.
+async fn stop_all(dir: &Path, nodes: &mut [Node], grace: Duration) {
+    // Workers first (so they do not log errors about the masters going away), then the
+    // proxy, then the masters.
+    for node in nodes.iter().rev() {
+        if let Some(pid) = node.child.as_ref().and_then(Child::id) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    for node in nodes.iter_mut() {
+        let Some(mut child) = node.child.take() else {
+            continue;
+        };
+        match tokio::time::timeout_at(deadline, child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!("{} did not stop within {grace:?}: killing it", node.id);
+                let _ = child.kill().await;
+            }
+        }
+        let _ = fs::remove_file(dir.join(format!("{}.pid", node.id)));
+    }
+}
+
+/// Arrange for a child to get SIGKILL if `up` itself dies (even by kill -9), so no node
+/// outlives the cluster it belongs to.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may already be gone between fork and prctl.
+            if libc::getppid() == 1 {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Refuse to start when any address the cluster needs is taken.
+fn check_addresses_free(c: &ClusterConfig) -> anyhow::Result<()> {
+    let mut tcp: Vec<(String, SocketAddr)> = Vec::new();
+    for m in &c.masters {
+        tcp.push((format!("master {} api", m.id), m.api));
+        tcp.push((format!("master {} peer", m.id), m.peer));
+    }
+    tcp.push(("proxy api".into(), c.proxy.api));
+    tcp.push(("proxy admin".into(), c.proxy.admin));
+    tcp.push(("proxy dns (tcp)".into(), c.proxy.dns));
+    for w in &c.workers {
+        tcp.push((format!("worker {}", w.id), w.address));
+    }
+    for (what, addr) in tcp {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            bail!("{what} address {addr} is busy ({e}); is another cluster or program running there? Stop it or use --address-block");
+        }
+    }
+    if let Err(e) = std::net::UdpSocket::bind(c.proxy.dns) {
+        bail!(
+            "proxy dns (udp) address {} is busy ({e}); is another cluster or program running there?",
+            c.proxy.dns
+        );
+    }
+    Ok(())
+}
+
+fn write_kubeconfig(dir: &Path, c: &ClusterConfig) -> anyhow::Result<()> {
+    let name = &c.cluster.name;
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: http://{api}\n\
+         users:\n- name: admin\n  user: {{}}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: admin\n    namespace: default\n\
+         current-context: {name}\npreferences: {{}}\n",
+        api = c.proxy.api
+    );
+    let path = dir.join("kubeconfig");
+    let mut f = File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn print_summary(dir: &Path, c: &ClusterConfig) {
+    let masters: Vec<String> = c
+        .masters
+        .iter()
+        .map(|m| format!("{}={}", m.id, m.api))
+        .collect();
+    let workers: Vec<String> = c
+        .workers
+        .iter()
+        .map(|w| format!("{}={}", w.id, w.address))
+        .collect();
+    println!(
+        "ballast: cluster `{}` starting in {}",
+        c.cluster.name,
+        dir.display()
+    );
+    println!("  API (proxy):   http://{}", c.proxy.api);
+    println!(
+        "  DNS:           {} (udp+tcp), zone {}  e.g. dig @{} -p {} api.{}",
+        c.proxy.dns,
+        c.proxy.dns_zone,
+        c.proxy.dns.ip(),
+        c.proxy.dns.port(),
+        c.proxy.dns_zone
+    );
+    println!(
+        "  metrics:       http://{}/metrics   status: http://{}/status",
+        c.proxy.admin, c.proxy.admin
+    );
+    println!("  masters:       {}", masters.join(" "));
+    println!("  workers:       {}", workers.join(" "));
+    println!(
+        "  kubeconfig:    export KUBECONFIG={}/kubeconfig",
+        dir.display()
+    );
+    println!("  logs:          {}/logs/", dir.display());
+    println!("Ctrl-C stops the cluster.");
+}

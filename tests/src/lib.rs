@@ -1,0 +1,639 @@
+//! Test support: start real `ballast` processes, wait on conditions, inject faults.
+//!
+//! - [`Cluster`] writes a cluster config into a temporary directory (every address inside
+//!   `127.K.0.0/16` for the test's own block `K`, so tests run in parallel), starts each node
+//!   as a separate `ballast` process, and kills them all in `Drop` — also when the test
+//!   panics, after printing the nodes' logs. Processes also get `PR_SET_PDEATHSIG`, so a
+//!   test runner that dies takes them along.
+//! - Faults: [`Cluster::kill`] (SIGKILL), [`Cluster::pause`] / [`Cluster::resume`]
+//!   (SIGSTOP / SIGCONT), [`Cluster::terminate`] (SIGTERM and wait), restart.
+//! - [`wait_until`] polls a condition with a generous deadline; tests never assert timings.
+//! - [`UpProcess`] runs `ballast up` itself.
+//!
+//! Address blocks in use (one per test): 10 harness self-tests and `ballast up`,
+//! 11–19 master tests, 21–29 proxy tests, 31–39 API tests, 41–49 worker tests.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ballast_config::local::{local_cluster, to_toml, AddressPlan};
+use ballast_config::ClusterConfig;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub use ballast_config;
+
+/// The `ballast` binary under test: `$BALLAST_BIN`, else `target/<profile>/ballast` next to
+/// the test executable (cargo and nextest build it with the workspace).
+pub fn ballast_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BALLAST_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("ballast");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (cargo build --bin ballast) or set BALLAST_BIN",
+        bin.display()
+    );
+    // `cargo test -p ballast-tests` does not rebuild the binary: refuse a stale one.
+    let built = fs::metadata(&bin).and_then(|m| m.modified()).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if let Some(newer) = newest_source(&root).filter(|(t, _)| *t > built) {
+        panic!(
+            "{} is older than {}: run `cargo build --bin ballast` first",
+            bin.display(),
+            newer.1.display()
+        );
+    }
+    bin
+}
+
+fn newest_source(root: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut stack: Vec<PathBuf> = ["src", "config/src", "master/src", "worker/src", "proxy/src"]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().and_then(|s| s.to_str()) == Some("rs") {
+                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                    if best.as_ref().is_none_or(|(b, _)| t > *b) {
+                        best = Some((t, p));
+                    }
+                }
+            }
+        }
+    }
+    best
+}
+
+/// Which nodes a [`Cluster`] has.
+#[derive(Debug, Clone)]
+pub struct ClusterOpts {
+    /// Second octet of every address: nodes live in `127.block.0.0/16`.
+    pub block: u8,
+    pub masters: usize,
+    pub workers: usize,
+    pub proxy: bool,
+}
+
+impl ClusterOpts {
+    /// Three masters, no proxy, no workers, in `127.block.0.0/16`.
+    pub fn new(block: u8) -> Self {
+        Self {
+            block,
+            masters: 3,
+            workers: 0,
+            proxy: false,
+        }
+    }
+    pub fn masters(mut self, n: usize) -> Self {
+        self.masters = n;
+        self
+    }
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+    pub fn proxy(mut self, on: bool) -> Self {
+        self.proxy = on;
+        self
+    }
+}
+
+struct Proc {
+    child: Child,
+}
+
+/// A set of real `ballast` processes sharing one config file in a temporary directory.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    config: ClusterConfig,
+    opts: ClusterOpts,
+    procs: BTreeMap<String, Proc>,
+}
+
+impl Cluster {
+    /// Write the config (after `edit`) and start every node.
+    pub fn start(opts: ClusterOpts, edit: impl FnOnce(&mut ClusterConfig)) -> Self {
+        let mut c = Self::configure(opts, edit);
+        for id in c.node_ids() {
+            c.start_node(&id);
+        }
+        c
+    }
+
+    /// Write the config (after `edit`) without starting anything.
+    pub fn configure(opts: ClusterOpts, edit: impl FnOnce(&mut ClusterConfig)) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ballast-test-{}-", opts.block))
+            .tempdir()
+            .expect("temp dir");
+        fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let mut config = local_cluster(opts.masters, opts.workers, AddressPlan::block(opts.block));
+        config.control.internal_kv = true;
+        edit(&mut config);
+        let config_path = dir.path().join("ballast.toml");
+        fs::write(&config_path, to_toml(&config)).unwrap();
+        Self {
+            dir,
+            config_path,
+            config,
+            opts,
+            procs: BTreeMap::new(),
+        }
+    }
+
+    /// Every node id: masters, then `proxy` (when enabled), then workers.
+    pub fn node_ids(&self) -> Vec<String> {
+        let mut ids = self.master_ids();
+        if self.opts.proxy {
+            ids.push("proxy".into());
+        }
+        ids.extend(self.config.workers.iter().map(|w| w.id.clone()));
+        ids
+    }
+
+    pub fn master_ids(&self) -> Vec<String> {
+        self.config.masters.iter().map(|m| m.id.clone()).collect()
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Change the config file (e.g. before a proxy reload).
+    pub fn rewrite_config(&mut self, edit: impl FnOnce(&mut ClusterConfig)) {
+        edit(&mut self.config);
+        fs::write(&self.config_path, to_toml(&self.config)).unwrap();
+    }
+
+    pub fn master_api(&self, id: &str) -> SocketAddr {
+        self.config.master(id).expect("master id").api
+    }
+
+    pub fn master_url(&self, id: &str) -> String {
+        format!("http://{}", self.master_api(id))
+    }
+
+    pub fn proxy_api(&self) -> SocketAddr {
+        self.config.proxy.api
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.proxy_api())
+    }
+
+    pub fn proxy_dns(&self) -> SocketAddr {
+        self.config.proxy.dns
+    }
+
+    pub fn proxy_admin(&self) -> SocketAddr {
+        self.config.proxy.admin
+    }
+
+    pub fn worker_addr(&self, id: &str) -> SocketAddr {
+        self.config.worker(id).expect("worker id").address
+    }
+
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.dir.path().join("logs").join(format!("{id}.log"))
+    }
+
+    fn args_for(&self, id: &str) -> Vec<String> {
+        let cfg = self.config_path.display().to_string();
+        if id == "proxy" {
+            vec!["proxy".into(), "--config".into(), cfg]
+        } else if self.config.master(id).is_some() {
+            vec![
+                "master".into(),
+                "--config".into(),
+                cfg,
+                "--id".into(),
+                id.into(),
+            ]
+        } else if self.config.worker(id).is_some() {
+            vec![
+                "worker".into(),
+                "--config".into(),
+                cfg,
+                "--id".into(),
+                id.into(),
+            ]
+        } else {
+            panic!("unknown node id {id}")
+        }
+    }
+
+    /// Start (or start again) one node; its output is appended to `logs/<id>.log`.
+    pub fn start_node(&mut self, id: &str) {
+        if self.is_running(id) {
+            panic!("{id} is already running");
+        }
+        let log_path = self.log_path(id);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let mut cmd = Command::new(ballast_bin());
+        cmd.args(self.args_for(id))
+            .current_dir(self.dir.path())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().expect("spawn ballast");
+        self.procs.insert(id.to_string(), Proc { child });
+    }
+
+    /// Whether the node's process is alive (reaps it when it exited).
+    pub fn is_running(&mut self, id: &str) -> bool {
+        match self.procs.get_mut(id) {
+            None => false,
+            Some(p) => match p.child.try_wait() {
+                Ok(None) => true,
+                _ => {
+                    self.procs.remove(id);
+                    false
+                }
+            },
+        }
+    }
+
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        self.procs.get(id).map(|p| p.child.id())
+    }
+
+    /// Send a signal to a node.
+    pub fn signal(&self, id: &str, sig: Signal) {
+        let pid = self
+            .pid(id)
+            .unwrap_or_else(|| panic!("{id} is not running"));
+        kill(Pid::from_raw(pid as i32), sig).expect("kill");
+    }
+
+    /// SIGKILL a node and reap it.
+    pub fn kill(&mut self, id: &str) {
+        if let Some(mut p) = self.procs.remove(id) {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// SIGSTOP: the process freezes, its sockets stay open.
+    pub fn pause(&self, id: &str) {
+        self.signal(id, Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Cluster::pause`].
+    pub fn resume(&self, id: &str) {
+        self.signal(id, Signal::SIGCONT);
+    }
+
+    /// SIGTERM a node and wait for it to exit (SIGKILL after `timeout`); returns its status
+    /// and whether it stopped by itself.
+    pub fn terminate(&mut self, id: &str, timeout: Duration) -> (ExitStatus, bool) {
+        let mut p = self
+            .procs
+            .remove(id)
+            .unwrap_or_else(|| panic!("{id} is not running"));
+        let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = p.child.try_wait().unwrap() {
+                return (st, true);
+            }
+            if Instant::now() > deadline {
+                let _ = p.child.kill();
+                return (p.child.wait().unwrap(), false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kill (if running) and start a node again with its data.
+    pub fn restart(&mut self, id: &str) {
+        self.kill(id);
+        self.start_node(id);
+    }
+
+    /// The masters whose `/active` currently reports `"active":true`, with their terms.
+    pub fn active_masters(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for id in self.master_ids() {
+            let url = format!("{}/active", self.master_url(&id));
+            if let Ok(r) = http_timeout("GET", &url, None, Duration::from_millis(500)) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.body) {
+                    if v["active"] == serde_json::Value::Bool(true) {
+                        out.push((id.clone(), v["term"].as_u64().unwrap_or(0)));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Wait until exactly one master reports active; returns its id and term.
+    pub fn wait_one_active(&self, timeout: Duration) -> (String, u64) {
+        wait_until("exactly one active master", timeout, || {
+            let a = self.active_masters();
+            (a.len() == 1).then(|| a[0].clone())
+        })
+    }
+
+    /// The last `lines` lines of every node's log.
+    pub fn logs(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let mut ids = self.node_ids();
+        ids.sort();
+        for id in ids {
+            let text = fs::read_to_string(self.log_path(&id)).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            out.push_str(&format!(
+                "----- {id} (last {} lines) -----\n",
+                all.len() - start
+            ));
+            for l in &all[start..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "test failed; node logs from {}:\n{}",
+                self.dir.path().display(),
+                self.logs(80)
+            );
+        }
+        for p in self.procs.values_mut() {
+            let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGCONT);
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        if std::env::var_os("BALLAST_KEEP_TEST_DIR").is_some() {
+            let path = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+            eprintln!("kept {}", path.display());
+        }
+    }
+}
+
+/// Arrange for a child to get SIGKILL if the test process dies.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Poll `f` every 25 ms until it returns `Some`, or panic naming `what` after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Response {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+fn client() -> &'static reqwest::blocking::Client {
+    static CLIENT: OnceLock<reqwest::blocking::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::blocking::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("http client")
+    })
+}
+
+/// One HTTP request with a 10 s timeout.
+pub fn http(method: &str, url: &str, body: Option<&str>) -> reqwest::Result<Response> {
+    http_timeout(method, url, body, Duration::from_secs(10))
+}
+
+/// One HTTP request with the given timeout.
+pub fn http_timeout(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> reqwest::Result<Response> {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut req = client().request(method, url).timeout(timeout);
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let r = req.send()?;
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.text()?;
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// GET and return the status, or 0 when the request failed.
+pub fn status_of(url: &str) -> u16 {
+    http_timeout("GET", url, None, Duration::from_secs(2))
+        .map(|r| r.status)
+        .unwrap_or(0)
+}
+
+/// Run a command and capture its output (for dig, kubectl, promtool...).
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Whether a program is on PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// `ballast up` as a process, stopped (SIGTERM, then SIGKILL of it and of every child it
+/// recorded in a pidfile) on drop.
+pub struct UpProcess {
+    pub dir: PathBuf,
+    child: Option<Child>,
+    pub output: PathBuf,
+}
+
+impl UpProcess {
+    /// Start `ballast up --dir DIR ARGS...`; stdout and stderr go to `DIR.out`.
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        fs::create_dir_all(dir).unwrap();
+        let output = dir.with_extension("out");
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&output)
+            .unwrap();
+        let mut cmd = Command::new(ballast_bin());
+        cmd.arg("up")
+            .arg("--dir")
+            .arg(dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().expect("spawn ballast up");
+        Self {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+            output,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The pids `up` recorded for its children.
+    pub fn child_pids(&self) -> BTreeMap<String, u32> {
+        let mut out = BTreeMap::new();
+        for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.extension().and_then(|s| s.to_str()) == Some("pid") {
+                if let Ok(pid) = fs::read_to_string(&p).unwrap_or_default().trim().parse() {
+                    out.insert(p.file_stem().unwrap().to_string_lossy().to_string(), pid);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn output_text(&self) -> String {
+        fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    /// Send a signal to `up` itself.
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// Wait for `up` to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .map(|rest| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+impl Drop for UpProcess {
+    fn drop(&mut self) {
+        let pids = self.child_pids();
+        if let Some(mut child) = self.child.take() {
+            if std::thread::panicking() {
+                eprintln!("ballast up output:\n{}", self.output_text());
+            }
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in pids.values() {
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+    }
+}
