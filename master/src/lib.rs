@@ -3,14 +3,37 @@
 //!
 //! Module layout:
 //! - [`store`]: the etcd-like key-value state machine and the [`store::Store`] interface.
+//! - [`raft`]: the Raft group (openraft), [`raft::RaftStore`], and the active-master
+//!   fencing with [`raft::Leadership`] / [`raft::LeaderToken`].
+//! - [`server`]: `/livez`, `/readyz`, `/active`, `/metrics`, `/internal/kv`, and the
+//!   active-only gate in front of the Kubernetes API.
+//! - [`metrics`]: the Prometheus registry.
+//!
+//! Starting a master: [`Master::start`] opens the data dir, starts Raft and the peer
+//! server, and returns a [`MasterHandle`]; build the Kubernetes API router from
+//! [`MasterHandle::store`] (an `Arc<dyn Store>`) and pass it to [`MasterHandle::serve`].
 
+pub mod api;
+pub mod controllers;
+pub mod metrics;
+pub mod raft;
+pub mod scheduler;
+pub mod server;
 pub mod store;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::{routing::get, Router};
+use axum::serve::ListenerExt;
+use axum::Router;
 use ballast_config::LoadedConfig;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::MasterMetrics;
+use crate::raft::{Leadership, RaftNode, RaftStartError, RaftStore};
+use crate::server::{build_router, ServerState};
+use crate::store::Store;
 
 /// Errors that end a master process.
 #[derive(Debug, thiserror::Error)]
@@ -24,32 +47,177 @@ pub enum MasterError {
         #[source]
         source: std::io::Error,
     },
+    #[error("raft: {0}")]
+    Raft(#[from] RaftStartError),
     #[error("{0}")]
     Other(String),
 }
 
-/// Run master `id` until `shutdown` is cancelled.
+/// Entry point to start a master.
+pub struct Master;
+
+/// A started master (Raft running, peer address served); call [`MasterHandle::serve`]
+/// to serve the API address.
+pub struct MasterHandle {
+    /// This master's id (`m1`).
+    pub id: String,
+    /// The Raft-backed store.
+    pub raft_store: Arc<RaftStore>,
+    /// Leadership: `is_active()`, `subscribe()` to [`raft::LeaderToken`]s.
+    pub leadership: Leadership,
+    /// This master's Prometheus metrics (register more in `metrics.registry`).
+    pub metrics: Arc<MasterMetrics>,
+    /// The loaded cluster config.
+    pub config: LoadedConfig,
+    /// Cancelled when the master must stop.
+    pub shutdown: CancellationToken,
+    node: RaftNode,
+    api_listener: tokio::net::TcpListener,
+}
+
+impl Master {
+    /// Bind the API address, open the data dir and start Raft (and the peer server).
+    pub async fn start(
+        config: LoadedConfig,
+        id: String,
+        shutdown: CancellationToken,
+    ) -> Result<MasterHandle, MasterError> {
+        let me = config
+            .config
+            .master(&id)
+            .ok_or_else(|| MasterError::UnknownId(id.clone()))?
+            .clone();
+        let api_listener = tokio::net::TcpListener::bind(me.api)
+            .await
+            .map_err(|source| MasterError::Bind {
+                what: "api",
+                addr: me.api,
+                source,
+            })?;
+        let metrics = Arc::new(MasterMetrics::new(&id));
+        let node = RaftNode::start(&config, &id, metrics.clone(), shutdown.clone()).await?;
+        let leadership = node.leadership.clone();
+        let raft_store = Arc::new(RaftStore::new(
+            node.raft.clone(),
+            node.applied.clone(),
+            leadership.clone(),
+            node.timings.write_timeout,
+        ));
+        spawn_watchers(&node, &metrics, shutdown.clone());
+        Ok(MasterHandle {
+            id,
+            raft_store,
+            leadership,
+            metrics,
+            config,
+            shutdown,
+            node,
+            api_listener,
+        })
+    }
+}
+
+/// Keep the leadership tokens and the election/leader-change counters up to date.
+fn spawn_watchers(node: &RaftNode, metrics: &Arc<MasterMetrics>, shutdown: CancellationToken) {
+    let m = metrics.clone();
+    let leadership = node.leadership.clone();
+    tokio::spawn(leadership.drive(shutdown.clone(), move |active, term| {
+        m.active.set(active as i64);
+        m.term.set(term as i64);
+        if active {
+            m.raft_activations.inc();
+        }
+    }));
+    let m = metrics.clone();
+    let mut rx = node.raft.metrics();
+    tokio::spawn(async move {
+        let (mut term, mut leader) = {
+            let r = rx.borrow();
+            (r.current_term, r.current_leader)
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+            let r = rx.borrow().clone();
+            if r.current_term > term {
+                m.raft_elections.inc_by(r.current_term - term);
+                term = r.current_term;
+            }
+            if r.current_leader != leader {
+                if r.current_leader.is_some() {
+                    m.raft_leader_changes.inc();
+                }
+                tracing::info!(term = r.current_term, leader = ?r.current_leader, state = ?r.state, "raft leader changed");
+                leader = r.current_leader;
+            }
+            m.term.set(r.current_term as i64);
+        }
+    });
+}
+
+impl MasterHandle {
+    /// The store as the API layer takes it.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.raft_store.clone()
+    }
+
+    /// The state the built-in endpoints use (for [`server::build_router`]).
+    pub fn server_state(&self) -> ServerState {
+        ServerState {
+            leadership: self.leadership.clone(),
+            store: self.raft_store.clone(),
+            metrics: self.metrics.clone(),
+            internal_kv: self.config.config.control.internal_kv,
+        }
+    }
+
+    /// Serve the API address until `shutdown`: the built-in endpoints plus `extra` (the
+    /// Kubernetes API; answered only while active). Then stop Raft.
+    pub async fn serve(self, extra: Router) -> Result<(), MasterError> {
+        let app = build_router(self.server_state(), extra);
+        let api = self.api_listener.local_addr().ok();
+        tracing::info!(id = %self.id, api = ?api, "master serving");
+        let listener = self.api_listener.tap_io(|s| {
+            let _ = s.set_nodelay(true);
+        });
+        let sd = self.shutdown.clone();
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(sd.clone().cancelled_owned());
+        // Long-lived requests (watches) must not hold the process: give them a grace.
+        let res = tokio::select! {
+            r = server => r.map_err(|e| MasterError::Other(format!("api server: {e}"))),
+            _ = async { sd.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => Ok(()),
+        };
+        tracing::info!(id = %self.id, "api server stopped; stopping raft");
+        if let Err(e) = self.node.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        tracing::info!(id = %self.id, "raft stopped");
+        res
+    }
+}
+
+/// Run master `id` until `shutdown` is cancelled: Raft, the built-in endpoints and the
+/// Kubernetes API (answered only while active).
 pub async fn run(
     config: LoadedConfig,
     id: String,
     shutdown: CancellationToken,
 ) -> Result<(), MasterError> {
-    let me = config
-        .config
-        .master(&id)
-        .ok_or_else(|| MasterError::UnknownId(id.clone()))?
-        .clone();
-    let listener = tokio::net::TcpListener::bind(me.api)
-        .await
-        .map_err(|source| MasterError::Bind {
-            what: "api",
-            addr: me.api,
-            source,
-        })?;
-    tracing::info!(id = %id, api = %me.api, "master serving");
-    let app = Router::new().route("/livez", get(|| async { "ok" }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|e| MasterError::Other(e.to_string()))
+    let handle = Master::start(config, id, shutdown).await?;
+    let cfg = &handle.config.config;
+    let mut info = api::ApiInfo::new(cfg.cluster.name.clone(), handle.id.clone());
+    info.server_address = cfg.proxy.api.to_string();
+    // Requests are counted by the server's middleware (every endpoint), not by the API.
+    info.requests_total = None;
+    let kube = api::router(handle.store(), info);
+    controllers::spawn(
+        handle.store(),
+        handle.leadership.clone(),
+        cfg.control.clone(),
+        handle.shutdown.clone(),
+    );
+    handle.serve(kube).await
 }

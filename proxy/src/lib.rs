@@ -1,67 +1,378 @@
-//! The Ballast proxy: routes every API request to the active master, DNS responder,
-//! admin and metrics endpoint.
+//! The Ballast proxy: routes every API request to the active master (pingora), the
+//! DNS responder for the cluster zone (hickory-server) and the admin endpoint
+//! (`/metrics`, `/status`).
+//!
+//! Layout:
+//! - [`health`]: pure health state (rise/fall hysteresis, term ordering) → [`health::Routing`];
+//! - [`checker`]: the `/active` health checks feeding it;
+//! - [`state`]: what everything shares (settings, published routing, hold queue, connections);
+//! - [`proxy`]: the pingora `ProxyHttp` (hold, re-route, retry rules, stream closing);
+//! - [`dns`]: zone answers and the hickory request handler;
+//! - [`admin`]: the admin HTTP endpoint;
+//! - this file: startup, signals (SIGTERM/SIGINT stop, SIGHUP reloads) and shutdown.
+
+pub mod admin;
+pub mod checker;
+pub mod dns;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod state;
+
+#[cfg(test)]
+mod e2e_tests;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::{routing::get, Router};
+use pingora::server::configuration::ServerConf;
+use pingora::services::Service as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-/// Errors that end the proxy process.
+use crate::checker::{ActiveCheck, HttpActiveCheck};
+use crate::state::{Settings, Shared};
+
+/// Errors that end (or refuse to start) the proxy. None of them goes away by retrying
+/// at once, except a bind error whose address is released by another process.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error(transparent)]
     Config(#[from] ballast_config::ConfigError),
-    #[error("cannot bind {what} address {addr}: {source}")]
+    #[error("cannot bind the proxy {what} address {addr}: {source}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Other(String),
+    #[error("proxy {what} on {addr} did not start listening")]
+    NotListening {
+        what: &'static str,
+        addr: SocketAddr,
+    },
+    #[error("invalid DNS zone {zone:?} in proxy.dns_zone: {message}")]
+    Zone { zone: String, message: String },
+    #[error("cannot start the proxy's async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+impl ProxyError {
+    /// Whether starting again (unchanged) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Bind { .. } | ProxyError::NotListening { .. }
+        )
+    }
 }
 
 /// Run the proxy from the config at `path` until SIGTERM/SIGINT. Blocking: the proxy
-/// owns its runtimes and signal handling.
+/// owns its runtime and signal handling. SIGHUP reloads the config.
 pub fn run(path: &Path) -> Result<(), ProxyError> {
-    let config = ballast_config::load(path)?;
-    let rt = tokio::runtime::Runtime::new().map_err(|e| ProxyError::Other(e.to_string()))?;
-    rt.block_on(async move {
-        let px = config.config.proxy.clone();
-        let bind = |what: &'static str, addr: SocketAddr| async move {
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ProxyError::Bind { what, addr, source })
-        };
-        let api = bind("api", px.api).await?;
-        let admin = bind("admin", px.admin).await?;
-        tracing::info!(api = %px.api, admin = %px.admin, "proxy serving");
-        let app = Router::new()
-            .route("/livez", get(|| async { "ok" }))
-            .route("/metrics", get(|| async { "" }));
-        let api_app = Router::new().route("/livez", get(|| async { "ok" }));
-        let token = tokio_util::sync::CancellationToken::new();
-        let a = tokio::spawn(
-            axum::serve(admin, app)
-                .with_graceful_shutdown(token.clone().cancelled_owned())
-                .into_future(),
-        );
-        let b = tokio::spawn(
-            axum::serve(api, api_app)
-                .with_graceful_shutdown(token.clone().cancelled_owned())
-                .into_future(),
-        );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| ProxyError::Other(e.to_string()))?;
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
-        token.cancel();
-        let _ = a.await;
-        let _ = b.await;
+    let loaded = ballast_config::load(path)?;
+    for w in &loaded.warnings {
+        tracing::warn!(config = %path.display(), "{w}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ballast-proxy")
+        .enable_all()
+        .build()
+        .map_err(ProxyError::Runtime)?;
+    let path: PathBuf = path.to_path_buf();
+    let result = rt.block_on(async move {
+        let settings = Settings::from_cluster(&loaded.config);
+        let grace = settings.proxy.shutdown_grace;
+        let running = Running::start(settings, Arc::new(HttpActiveCheck::new())).await?;
+        signal_loop(&running, &path).await?;
+        running.shutdown(grace).await;
         Ok(())
-    })
+    });
+    // streams still open after the grace period are cut here
+    rt.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+async fn signal_loop(running: &Running, path: &Path) -> Result<(), ProxyError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(ProxyError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ProxyError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(ProxyError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
+            _ = hup.recv() => { running.reload(path); }
+        }
+    }
+}
+
+/// A started proxy: API, DNS, admin, health checkers.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    /// Where each listener really is (the config's addresses).
+    pub api: SocketAddr,
+    pub dns: SocketAddr,
+    pub admin: SocketAddr,
+    cancel: CancellationToken,
+    pingora_shutdown: tokio::sync::watch::Sender<bool>,
+    dns_shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Bind everything and start serving on the current tokio runtime.
+    pub async fn start(
+        settings: Settings,
+        check: Arc<dyn ActiveCheck>,
+    ) -> Result<Self, ProxyError> {
+        let px = settings.proxy.clone();
+        dns::zone_name(&px.dns_zone).map_err(|e| ProxyError::Zone {
+            zone: px.dns_zone.clone(),
+            message: e.to_string(),
+        })?;
+        let shared = Shared::new(settings);
+        let cancel = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        // Admin endpoint.
+        let admin_listener = tokio::net::TcpListener::bind(px.admin)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                what: "admin",
+                addr: px.admin,
+                source,
+            })?;
+        let admin_addr = admin_listener.local_addr().unwrap_or(px.admin);
+
+        // DNS responder, UDP and TCP on the same port.
+        let (udp, tcp, dns_addr) = bind_dns(px.dns).await?;
+
+        // API: make sure the address is free before pingora binds it (pingora panics
+        // in its own task instead of returning an error).
+        let api_addr = {
+            let probe = std::net::TcpListener::bind(px.api).map_err(|source| ProxyError::Bind {
+                what: "API",
+                addr: px.api,
+                source,
+            })?;
+            probe.local_addr().unwrap_or(px.api)
+        };
+
+        // Health checkers and the stream closer.
+        tasks.push(tokio::spawn(checker::run_checkers(
+            shared.clone(),
+            check.clone(),
+            cancel.clone(),
+        )));
+        tasks.push(tokio::spawn(proxy::close_stale_connections(
+            shared.clone(),
+            cancel.clone(),
+        )));
+
+        let mut dns_server = hickory_server::Server::new(dns::DnsHandler {
+            shared: shared.clone(),
+        });
+        dns_server.register_socket(udp);
+        dns_server.register_listener(tcp, Duration::from_secs(5), 64 * 1024);
+        let dns_shutdown = dns_server.shutdown_token().clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = dns_server.block_until_done().await {
+                tracing::error!(error = %e, "DNS responder stopped");
+            }
+        }));
+
+        let admin_cancel = cancel.clone();
+        let app = admin::router(shared.clone());
+        tasks.push(tokio::spawn(async move {
+            let serve = axum::serve(admin_listener, app)
+                .with_graceful_shutdown(admin_cancel.cancelled_owned())
+                .into_future();
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "admin endpoint stopped");
+            }
+        }));
+
+        // The pingora proxy service, on this runtime.
+        let conf = ServerConf {
+            max_retries: 32,
+            upstream_keepalive_pool_size: 256,
+            ..ServerConf::default()
+        };
+        let conf = Arc::new(conf);
+        let mut service = pingora::proxy::http_proxy_service_with_name(
+            &conf,
+            proxy::BallastProxy {
+                shared: shared.clone(),
+                check,
+            },
+            "ballast-proxy",
+        );
+        service.add_tcp(&api_addr.to_string());
+        let (pingora_shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        tasks.push(tokio::spawn(async move {
+            service.start_service(None, shutdown_rx, 1).await;
+        }));
+        wait_listening(api_addr)
+            .await
+            .then_some(())
+            .ok_or(ProxyError::NotListening {
+                what: "API",
+                addr: api_addr,
+            })?;
+
+        tracing::info!(api = %api_addr, dns = %dns_addr, admin = %admin_addr,
+            zone = %px.dns_zone, "proxy serving");
+        Ok(Self {
+            shared,
+            api: api_addr,
+            dns: dns_addr,
+            admin: admin_addr,
+            cancel,
+            pingora_shutdown,
+            dns_shutdown,
+            tasks,
+        })
+    }
+
+    /// Re-read the config (SIGHUP). A bad config is refused and the old one kept.
+    pub fn reload(&self, path: &Path) {
+        let loaded = match ballast_config::load(path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "config reload refused; keeping the running config");
+                self.shared
+                    .metrics
+                    .config_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                return;
+            }
+        };
+        let new = Settings::from_cluster(&loaded.config);
+        if let Err(e) = dns::zone_name(&new.proxy.dns_zone) {
+            tracing::error!(error = %e, "config reload refused: bad proxy.dns_zone");
+            self.shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["error"])
+                .inc();
+            return;
+        }
+        self.apply(new);
+        self.shared
+            .metrics
+            .config_reloads
+            .with_label_values(&["ok"])
+            .inc();
+    }
+
+    /// Apply new settings (masters, health timings, hold limits, DNS zone and TTL).
+    /// Listener addresses cannot move without a restart.
+    pub fn apply(&self, mut new: Settings) {
+        let old = self.shared.settings();
+        for (what, was, now) in [
+            ("proxy.api", old.proxy.api, new.proxy.api),
+            ("proxy.dns", old.proxy.dns, new.proxy.dns),
+            ("proxy.admin", old.proxy.admin, new.proxy.admin),
+        ] {
+            if was != now {
+                tracing::warn!(key = what, %was, %now, "address change needs a restart; keeping the old one");
+            }
+        }
+        new.proxy.api = old.proxy.api;
+        new.proxy.dns = old.proxy.dns;
+        new.proxy.admin = old.proxy.admin;
+        if *old == new {
+            tracing::info!("config reloaded, nothing changed");
+            return;
+        }
+        tracing::info!(masters = new.masters.len(), "config reloaded");
+        self.shared.set_settings(new);
+    }
+
+    /// Stop accepting, close streams, give open requests up to `grace`, then stop.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.pingora_shutdown.send(true);
+        self.dns_shutdown.cancel();
+        // streams never end on their own: close them now so clients reconnect elsewhere
+        let closed = self.shared.conns.close_except(None, false);
+        self.shared.metrics.streams_closed.inc_by(closed);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.shared.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.shared.in_flight() > 0 {
+            tracing::warn!(
+                open = self.shared.in_flight(),
+                "shutdown grace over; cutting open requests"
+            );
+        }
+        self.cancel.cancel();
+        for t in self.tasks {
+            if tokio::time::timeout(Duration::from_millis(200), t)
+                .await
+                .is_err()
+            {
+                tracing::debug!("a proxy task did not stop in time");
+            }
+        }
+        tracing::info!("proxy stopped");
+    }
+}
+
+/// Bind UDP and TCP on the same address. Port 0 picks a port free for both.
+async fn bind_dns(
+    addr: SocketAddr,
+) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener, SocketAddr), ProxyError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let udp = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                what: "DNS (UDP)",
+                addr,
+                source,
+            })?;
+        let bound = udp.local_addr().unwrap_or(addr);
+        match tokio::net::TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp, bound)),
+            Err(e)
+                if addr.port() == 0
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && attempts < 20 =>
+            {
+                continue
+            }
+            Err(source) => {
+                return Err(ProxyError::Bind {
+                    what: "DNS (TCP)",
+                    addr: bound,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+async fn wait_listening(addr: SocketAddr) -> bool {
+    let connect_to = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(connect_to).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }

@@ -70,7 +70,9 @@ fn newest_source(root: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().and_then(|s| s.to_str()) == Some("rs") {
+            } else if p.extension().and_then(|s| s.to_str()) == Some("rs")
+                && !p.to_string_lossy().ends_with("tests.rs")
+            {
                 if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
                     if best.as_ref().is_none_or(|(b, _)| t > *b) {
                         best = Some((t, p));
@@ -635,5 +637,120 @@ impl Drop for UpProcess {
         for pid in pids.values() {
             let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
         }
+    }
+}
+
+/// A real kubectl binary, pointed at a cluster's proxy through its own kubeconfig and an
+/// empty HOME (no shared discovery cache).
+pub struct Kubectl {
+    pub bin: PathBuf,
+    pub version: &'static str,
+    kubeconfig: PathBuf,
+    home: PathBuf,
+}
+
+impl Kubectl {
+    /// kubectl `version` ("1.20" or "1.33") for `server` (e.g. the proxy URL); the binaries
+    /// come from `$BALLAST_KUBECTL_120` / `$BALLAST_KUBECTL_133` (set by `./task`).
+    pub fn new(version: &'static str, server: &str, dir: &Path) -> Self {
+        let var = match version {
+            "1.20" => "BALLAST_KUBECTL_120",
+            "1.33" => "BALLAST_KUBECTL_133",
+            v => panic!("no kubectl {v} configured"),
+        };
+        let bin = std::env::var_os(var)
+            .map(PathBuf::from)
+            .or_else(|| {
+                let fallback = match version {
+                    "1.20" => "/var/tmp/ballast-tools/k120/usr/bin/kubectl",
+                    _ => "/usr/lib/google-cloud-sdk/bin/kubectl.1.33",
+                };
+                Path::new(fallback)
+                    .exists()
+                    .then(|| PathBuf::from(fallback))
+            })
+            .unwrap_or_else(|| panic!("kubectl {version} not found: set {var} or run ./task deps"));
+        assert!(
+            bin.exists(),
+            "{} does not exist (run ./task deps)",
+            bin.display()
+        );
+        let home = dir.join(format!("kubectl-home-{version}"));
+        fs::create_dir_all(&home).unwrap();
+        let kubeconfig = home.join("kubeconfig");
+        fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n    namespace: default\ncurrent-context: c\n"
+            ),
+        )
+        .unwrap();
+        Self {
+            bin,
+            version,
+            kubeconfig,
+            home,
+        }
+    }
+
+    /// Run kubectl with `args`; returns the output whatever the exit code.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.home)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()))
+    }
+
+    /// Run kubectl with stdin.
+    pub fn run_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write as _;
+        let mut child = Command::new(&self.bin)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} {:?} failed: {}{}",
+            self.version,
+            args,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Run with stdin and require success.
+    pub fn ok_stdin(&self, args: &[&str], input: &str) -> String {
+        let out = self.run_stdin(args, input);
+        assert!(
+            out.status.success(),
+            "kubectl {} {:?} failed: {}{}",
+            self.version,
+            args,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
     }
 }

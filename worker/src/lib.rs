@@ -1,27 +1,95 @@
 //! The Ballast worker: the node agent.
+//!
+//! - [`node`]: registers the Node, renews its Lease, keeps `Ready` true.
+//! - [`watch`] + [`pods`]: the pods bound to this node run as local processes
+//!   ([`process`]), restarted per policy ([`backoff`]), probed ([`probe`]), with
+//!   size-bounded logs ([`logs`]); their status ([`status`]) goes to the API through a
+//!   latest-wins queue ([`sync`]) that rides out control-plane outages.
+//! - [`state`]: what survives a worker restart (pod → container → pid), so processes are
+//!   adopted, never duplicated.
+//! - [`route`]: the API is reached by URL or by a DNS name resolved at the configured
+//!   server ([`api`]).
+//! - [`server`]: `/livez`, `/metrics`, `/containerLogs/...` on the worker's address.
+//! - [`hollow`]: many simulated nodes in one process (no processes), like kubemark.
+
+pub mod api;
+pub mod backoff;
+pub mod events;
+pub mod hollow;
+pub mod logs;
+pub mod metrics;
+pub mod node;
+pub mod pods;
+pub mod probe;
+pub mod process;
+pub mod route;
+pub mod server;
+pub mod state;
+pub mod status;
+pub mod sync;
+pub mod watch;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::{routing::get, Router};
-use ballast_config::LoadedConfig;
+use ballast_config::{LoadedConfig, WorkerConfig};
 use tokio_util::sync::CancellationToken;
+
+use crate::api::Api;
+use crate::metrics::Metrics;
+use crate::route::Route;
 
 /// Errors that end a worker process.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("unknown worker id `{0}` (not in the config's [[workers]])")]
     UnknownId(String),
-    #[error("cannot bind address {addr}: {source}")]
+    #[error("cannot bind address {addr}: {source} (is another worker running there?)")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot use the data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
     #[error("{0}")]
     Other(String),
 }
 
-/// Run worker `id` until `shutdown` is cancelled.
+fn node_info(config: &LoadedConfig, me: &WorkerConfig, name: String) -> node::NodeInfo {
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    node::NodeInfo {
+        name,
+        ip: me.address.ip(),
+        port: me.address.port(),
+        zone: me.zone.clone(),
+        capacity: me.capacity.clone(),
+        lease_interval: config.config.worker.lease_interval,
+        lease_duration: config.config.control.node_grace_period,
+        boot_id: format!("{:x}-{:x}", std::process::id(), boot.as_nanos()),
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, WorkerError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| WorkerError::Bind { addr, source })
+}
+
+/// Run worker `id` until `shutdown` is cancelled; then stop its pods' processes
+/// gracefully and exit.
 pub async fn run(
     config: LoadedConfig,
     id: String,
@@ -32,16 +100,149 @@ pub async fn run(
         .worker(&id)
         .ok_or_else(|| WorkerError::UnknownId(id.clone()))?
         .clone();
-    let listener = tokio::net::TcpListener::bind(me.address)
-        .await
-        .map_err(|source| WorkerError::Bind {
-            addr: me.address,
+    let data_dir = config.worker_data_dir(&me);
+    // Absolute: container processes run in their own working directories.
+    let data_dir = std::fs::create_dir_all(&data_dir)
+        .and_then(|()| std::fs::canonicalize(&data_dir))
+        .map_err(|source| WorkerError::DataDir {
+            path: data_dir.clone(),
             source,
         })?;
-    tracing::info!(id = %id, address = %me.address, "worker serving");
-    let app = Router::new().route("/livez", get(|| async { "ok" }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|e| WorkerError::Other(e.to_string()))
+    let listener = bind(me.address).await?;
+    let metrics = Metrics::new();
+    let route = Route::new(me.route());
+    tracing::info!(id = %id, address = %me.address, route = %route.describe(), data_dir = %data_dir.display(), "worker starting");
+    let api = Arc::new(Api::new(route, metrics.clone()));
+    let state = Arc::new(state::StateFile::load(data_dir.join("state.json"))?);
+    let statuses = sync::StatusSync::new();
+    let ctx = pods::Ctx::new(
+        id.clone(),
+        me.address.ip(),
+        data_dir.clone(),
+        config.config.worker.max_log_bytes,
+        api.clone(),
+        state,
+        statuses.clone(),
+        metrics.clone(),
+        backoff::BackoffConfig::from_env(),
+        shutdown.clone(),
+    );
+
+    // Background work that outlives the pods' shutdown.
+    let bg = CancellationToken::new();
+    let app = server::router(metrics.clone(), Some(ctx.clone()));
+    let server = tokio::spawn({
+        let bg = bg.clone();
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(bg.cancelled_owned())
+                .await
+        }
+    });
+    let node_task = tokio::spawn(node::run(
+        api.clone(),
+        node_info(&config, &me, id.clone()),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let sync_task = tokio::spawn(statuses.clone().run(api.clone(), bg.clone()));
+    let rotate_task = tokio::spawn(pods::rotate_logs_loop(ctx.clone(), bg.clone()));
+
+    let mut manager = pods::Manager::new(ctx.clone());
+    watch::run(&api, &id, &mut manager, &shutdown).await;
+
+    tracing::info!("stopping the pods' processes");
+    manager.wait_all().await;
+    if !statuses.is_empty() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), statuses.send_all(&api)).await;
+    }
+    bg.cancel();
+    // In-flight API calls are not worth waiting for.
+    node_task.abort();
+    sync_task.abort();
+    let _ = rotate_task.await;
+    match tokio::time::timeout(Duration::from_secs(1), server).await {
+        Ok(Ok(Err(e))) => return Err(WorkerError::Serve(e)),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("HTTP server did not stop in time"),
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Run `count` hollow nodes named `{base_id}-hollow-{i}` (i = 1..=count) in this process:
+/// real registration, leases and pod status (bound pods are reported Running), but no
+/// processes. They use worker `base_id`'s config (route, address, capacity); `/metrics`
+/// and `/livez` are served on its address.
+pub async fn run_hollow(
+    config: LoadedConfig,
+    base_id: String,
+    count: usize,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let me = config
+        .config
+        .worker(&base_id)
+        .ok_or_else(|| WorkerError::UnknownId(base_id.clone()))?
+        .clone();
+    let listener = bind(me.address).await?;
+    let metrics = Metrics::new();
+    let api = Arc::new(Api::new(Route::new(me.route()), metrics.clone()));
+    let statuses = sync::StatusSync::new();
+    tracing::info!(base = %base_id, count, address = %me.address, "hollow nodes starting");
+    let app = server::router(metrics.clone(), None);
+    let server = tokio::spawn({
+        let s = shutdown.clone();
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await
+        }
+    });
+    let mut tasks = vec![tokio::spawn(
+        statuses.clone().run(api.clone(), shutdown.clone()),
+    )];
+    for i in 1..=count {
+        let name = format!("{base_id}-hollow-{i}");
+        tasks.push(tokio::spawn(node::run(
+            api.clone(),
+            node_info(&config, &me, name.clone()),
+            metrics.clone(),
+            shutdown.clone(),
+        )));
+        let h = hollow::HollowNode::new(
+            name,
+            me.address.ip(),
+            api.clone(),
+            statuses.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tasks.push(tokio::spawn(h.run()));
+    }
+    shutdown.cancelled().await;
+    // Nothing to stop gracefully (no processes): in-flight API calls are dropped.
+    for t in tasks {
+        t.abort();
+    }
+    match server.await {
+        Ok(Err(e)) => Err(WorkerError::Serve(e)),
+        _ => Ok(()),
+    }
+}
+
+/// The wall-clock time now, at whole seconds (what Kubernetes `Time` carries).
+pub fn now() -> k8s_openapi::jiff::Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    k8s_openapi::jiff::Timestamp::from_second(d.as_secs() as i64).unwrap_or_default()
+}
+
+/// The wall-clock time now, at microseconds (what `MicroTime` carries).
+pub fn now_micro() -> k8s_openapi::jiff::Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    k8s_openapi::jiff::Timestamp::from_microsecond(d.as_micros() as i64).unwrap_or_default()
 }

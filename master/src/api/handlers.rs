@@ -1,0 +1,735 @@
+//! HTTP handlers: path routing, content negotiation, verbs.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use super::error::{success_status, ApiError};
+use super::patch::PatchType;
+use super::protobuf;
+use super::registry::{
+    ensure_defaults, DeleteOptions, ListOptions, Registry, Subresource, WatchOptions,
+};
+use super::resources::{self, ResourceDef, NODES, PODS};
+use super::selector::{FieldSelector, LabelSelector};
+use super::table::{self, IncludeObject};
+use super::ApiInfo;
+
+/// Shared state of the router.
+pub struct ApiState {
+    pub registry: Registry,
+    pub info: ApiInfo,
+    pub defaults_ready: std::sync::atomic::AtomicBool,
+}
+
+pub type Shared = Arc<ApiState>;
+
+/// A JSON response with `Content-Type: application/json`.
+pub fn json_response(code: StatusCode, v: &Value) -> Response {
+    let mut r = (code, serde_json::to_vec(v).unwrap_or_default()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub async fn version(State(st): State<Shared>) -> Response {
+    let v = &st.info.git_version;
+    let (major, minor) = v
+        .trim_start_matches('v')
+        .split_once('.')
+        .map(|(a, b)| {
+            (
+                a.to_string(),
+                b.split('.').next().unwrap_or("0").to_string(),
+            )
+        })
+        .unwrap_or(("1".into(), "33".into()));
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "major": major, "minor": minor, "gitVersion": v,
+            "gitCommit": "ballast", "gitTreeState": "clean",
+            "buildDate": "2026-01-01T00:00:00Z", "goVersion": "rust",
+            "compiler": "rustc", "platform": "linux/amd64",
+        }),
+    )
+}
+
+pub async fn openapi_v2() -> Response {
+    let mut r = (StatusCode::OK, Body::empty()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    r
+}
+
+pub async fn not_found() -> Response {
+    ApiError::NoRoute.into_response()
+}
+
+/// Where a request points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    ResourceList,
+    Collection {
+        def: &'static ResourceDef,
+        ns: Option<String>,
+    },
+    Item {
+        def: &'static ResourceDef,
+        ns: Option<String>,
+        name: String,
+        sub: Option<String>,
+    },
+}
+
+fn parse_target(group: &str, rest: &[&str]) -> Option<Target> {
+    let find = |plural: &str| ResourceDef::find(group, plural);
+    let item = |def: &'static ResourceDef, ns: Option<&str>, name: &str, sub: Option<&str>| {
+        if sub.is_some_and(|s| !def.has_subresource(s)) {
+            return None;
+        }
+        Some(Target::Item {
+            def,
+            ns: ns.map(String::from),
+            name: name.to_string(),
+            sub: sub.map(String::from),
+        })
+    };
+    match rest {
+        [] => Some(Target::ResourceList),
+        [res] => find(res).map(|def| Target::Collection { def, ns: None }),
+        ["namespaces", ns, res]
+            if group.is_empty() && resources::NAMESPACES.has_subresource(res) =>
+        {
+            item(&resources::NAMESPACES, None, ns, Some(res))
+        }
+        ["namespaces", ns, res] => {
+            let def = find(res).filter(|d| d.namespaced)?;
+            Some(Target::Collection {
+                def,
+                ns: Some((*ns).to_string()),
+            })
+        }
+        [res, name] => {
+            let def = find(res).filter(|d| !d.namespaced)?;
+            item(def, None, name, None)
+        }
+        [res, name, sub] => {
+            let def = find(res).filter(|d| !d.namespaced)?;
+            item(def, None, name, Some(sub))
+        }
+        ["namespaces", ns, res, name] => {
+            let def = find(res).filter(|d| d.namespaced)?;
+            item(def, Some(ns), name, None)
+        }
+        ["namespaces", ns, res, name, sub] => {
+            let def = find(res).filter(|d| d.namespaced)?;
+            item(def, Some(ns), name, Some(sub))
+        }
+        _ => None,
+    }
+}
+
+/// How the client wants objects back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Json,
+    Table,
+    Metadata,
+}
+
+fn output_of(headers: &HeaderMap) -> Output {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    // Take the first acceptable media type in the client's order.
+    for part in accept.split(',') {
+        let p = part.trim();
+        if p.contains("as=Table") {
+            return Output::Table;
+        }
+        if p.contains("as=PartialObjectMetadata") {
+            return Output::Metadata;
+        }
+        if p.starts_with("application/json")
+            || p.starts_with("*/*")
+            || p.starts_with("application/*")
+        {
+            return Output::Json;
+        }
+    }
+    Output::Json
+}
+
+fn to_metadata(o: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+        "metadata": o.get("metadata").cloned().unwrap_or(json!({}))})
+}
+
+fn render_object(def: &ResourceDef, o: &Value, out: Output, include: IncludeObject) -> Value {
+    match out {
+        Output::Json => o.clone(),
+        Output::Metadata => to_metadata(o),
+        Output::Table => {
+            let rv = o
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            table::table(def.kind, std::slice::from_ref(o), &rv, None, include)
+        }
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string()
+}
+
+/// Decode a request body (JSON, or Kubernetes protobuf).
+fn decode_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    let ct = content_type(headers);
+    let base = ct.split(';').next().unwrap_or_default().trim();
+    match base {
+        "application/vnd.kubernetes.protobuf" => protobuf::decode(body),
+        "application/json" | "" | "*/*" => serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("error decoding JSON body: {e}"))),
+        "application/yaml" => serde_json::from_slice(body).map_err(|_| {
+            ApiError::UnsupportedMediaType(
+                "YAML bodies are not supported; send JSON".into(),
+            )
+        }),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/vnd.kubernetes.protobuf (got {other})"
+        ))),
+    }
+}
+
+fn q_bool(q: &HashMap<String, String>, k: &str) -> bool {
+    matches!(q.get(k).map(String::as_str), Some("true" | "1"))
+}
+
+fn list_options(q: &HashMap<String, String>) -> Result<ListOptions, ApiError> {
+    Ok(ListOptions {
+        label_selector: LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+        field_selector: FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+        limit: q
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .unwrap_or(0),
+        continue_token: q.get("continue").cloned(),
+    })
+}
+
+fn delete_options(
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<DeleteOptions, ApiError> {
+    let mut opts: DeleteOptions = if body.iter().all(u8::is_ascii_whitespace) {
+        DeleteOptions::default()
+    } else {
+        serde_json::from_value(decode_body(headers, body)?)
+            .map_err(|e| ApiError::BadRequest(format!("invalid DeleteOptions: {e}")))?
+    };
+    if let Some(g) = q.get("gracePeriodSeconds") {
+        opts.grace_period_seconds = Some(
+            g.parse()
+                .map_err(|_| ApiError::BadRequest(format!("invalid gracePeriodSeconds {g:?}")))?,
+        );
+    }
+    if let Some(p) = q.get("propagationPolicy") {
+        opts.propagation_policy = Some(p.clone());
+    }
+    if q.contains_key("dryRun") {
+        opts.dry_run = vec!["All".into()];
+    }
+    Ok(opts)
+}
+
+fn verb_of(method: &Method, target: &Target, q: &HashMap<String, String>) -> &'static str {
+    match (method.as_str(), target) {
+        ("GET", Target::Collection { .. }) if q_bool(q, "watch") => "watch",
+        ("GET", Target::Collection { .. }) => "list",
+        ("GET", _) => "get",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", Target::Collection { .. }) => "deletecollection",
+        ("DELETE", _) => "delete",
+        _ => "other",
+    }
+}
+
+/// Entry point for everything under `/api` and `/apis`.
+pub async fn dispatch(
+    State(st): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let q: HashMap<String, String> = Query::try_from_uri(&uri)
+        .map(|Query(q)| q)
+        .unwrap_or_default();
+    let path = uri.path().trim_end_matches('/');
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (group, version, rest): (&str, Option<&str>, &[&str]) = match segs.as_slice() {
+        ["api"] => {
+            return json_response(
+                StatusCode::OK,
+                &resources::api_versions(&st.info.server_address),
+            )
+        }
+        ["apis"] => return json_response(StatusCode::OK, &resources::api_group_list()),
+        ["apis", g] => {
+            return match resources::api_group(g) {
+                Some(v) => json_response(StatusCode::OK, &v),
+                None => ApiError::NoRoute.into_response(),
+            }
+        }
+        ["api", v, rest @ ..] => ("", Some(*v), rest),
+        ["apis", g, v, rest @ ..] => (*g, Some(*v), rest),
+        _ => return ApiError::NoRoute.into_response(),
+    };
+    let version = version.unwrap_or("v1");
+    if version != "v1" {
+        return ApiError::NoRoute.into_response();
+    }
+    let Some(target) = parse_target(group, rest) else {
+        return ApiError::NoRoute.into_response();
+    };
+    if target == Target::ResourceList {
+        return match resources::api_resource_list(group, version) {
+            Some(v) => json_response(StatusCode::OK, &v),
+            None => ApiError::NoRoute.into_response(),
+        };
+    }
+    if !st.defaults_ready.load(std::sync::atomic::Ordering::Relaxed) {
+        match ensure_defaults(st.registry.store().as_ref()).await {
+            Ok(()) => st
+                .defaults_ready
+                .store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => return e.into_response(),
+        }
+    }
+    let verb = verb_of(&method, &target, &q);
+    let resource = match &target {
+        Target::Collection { def, .. } => def.plural.to_string(),
+        Target::Item {
+            def, sub: Some(s), ..
+        } => format!("{}/{s}", def.plural),
+        Target::Item { def, .. } => def.plural.to_string(),
+        Target::ResourceList => String::new(),
+    };
+    let resp = match serve(&st, &method, target, &headers, &q, &body).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.code().is_server_error() {
+                tracing::warn!(%method, %uri, error = %e, "api request failed");
+            }
+            e.into_response()
+        }
+    };
+    let mut resp = resp;
+    if let Ok(v) = HeaderValue::from_str(&st.info.master_id) {
+        resp.headers_mut().insert("x-ballast-master", v);
+    }
+    if let Some(m) = &st.info.requests_total {
+        m.with_label_values(&[verb, resource.as_str(), resp.status().as_str()])
+            .inc();
+    }
+    resp
+}
+
+async fn serve(
+    st: &ApiState,
+    method: &Method,
+    target: Target,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let reg = &st.registry;
+    let out = output_of(headers);
+    let include = IncludeObject::parse(q.get("includeObject").map(String::as_str));
+    let dry_run = q.contains_key("dryRun");
+    match target {
+        Target::ResourceList => Err(ApiError::NoRoute),
+        Target::Collection { def, ns } => match *method {
+            Method::GET if q_bool(q, "watch") => {
+                watch(reg, def, ns.as_deref(), q, out, include).await
+            }
+            Method::GET => {
+                let opts = list_options(q)?;
+                let r = reg.list(def, ns.as_deref(), &opts).await?;
+                let rv = r.revision.to_string();
+                let v = match out {
+                    Output::Table => table::table(
+                        def.kind,
+                        &r.items,
+                        &rv,
+                        r.continue_token.as_deref(),
+                        include,
+                    ),
+                    _ => {
+                        let mut meta = json!({"resourceVersion": rv});
+                        if let Some(c) = &r.continue_token {
+                            meta["continue"] = json!(c);
+                        }
+                        let (kind, api_version, items) = if out == Output::Metadata {
+                            (
+                                "PartialObjectMetadataList".to_string(),
+                                "meta.k8s.io/v1".to_string(),
+                                r.items.iter().map(to_metadata).collect::<Vec<_>>(),
+                            )
+                        } else {
+                            (def.list_kind(), def.api_version(), r.items)
+                        };
+                        json!({"kind": kind, "apiVersion": api_version, "metadata": meta, "items": items})
+                    }
+                };
+                Ok(json_response(StatusCode::OK, &v))
+            }
+            Method::POST => {
+                let obj = decode_body(headers, body)?;
+                let created = reg.create(def, ns.as_deref(), obj, dry_run).await?;
+                Ok(json_response(
+                    StatusCode::CREATED,
+                    &render_object(def, &created, out, include),
+                ))
+            }
+            Method::DELETE => {
+                let lopts = list_options(q)?;
+                let dopts = delete_options(q, headers, body)?;
+                let items = reg
+                    .delete_collection(def, ns.as_deref(), &lopts, &dopts)
+                    .await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"kind": def.list_kind(), "apiVersion": def.api_version(),
+                        "metadata": {"resourceVersion": reg.store().revision().to_string()}, "items": items}),
+                ))
+            }
+            _ => Err(ApiError::MethodNotAllowed),
+        },
+        Target::Item { def, ns, name, sub } => {
+            let ns = ns.as_deref();
+            match (sub.as_deref(), method.clone()) {
+                (None | Some("status"), Method::GET) => {
+                    let o = reg.get(def, ns, &name).await?;
+                    Ok(json_response(
+                        StatusCode::OK,
+                        &render_object(def, &o, out, include),
+                    ))
+                }
+                (None | Some("status"), Method::PUT) => {
+                    let s = if sub.is_some() {
+                        Subresource::Status
+                    } else {
+                        Subresource::Main
+                    };
+                    let obj = decode_body(headers, body)?;
+                    let o = reg.update_opts(def, ns, &name, obj, s, dry_run).await?;
+                    Ok(json_response(
+                        StatusCode::OK,
+                        &render_object(def, &o, out, include),
+                    ))
+                }
+                (None | Some("status"), Method::PATCH) => {
+                    let s = if sub.is_some() {
+                        Subresource::Status
+                    } else {
+                        Subresource::Main
+                    };
+                    let ct = content_type(headers);
+                    let kind = PatchType::from_content_type(&ct).ok_or_else(|| {
+                        ApiError::UnsupportedMediaType(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct})"))
+                    })?;
+                    let patch: Value = serde_json::from_slice(body)
+                        .map_err(|e| ApiError::BadRequest(format!("invalid patch body: {e}")))?;
+                    let existed = kind != PatchType::Apply || reg.get(def, ns, &name).await.is_ok();
+                    let o = reg
+                        .patch_opts(def, ns, &name, kind, &patch, s, dry_run)
+                        .await?;
+                    let code = if existed {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::CREATED
+                    };
+                    Ok(json_response(code, &render_object(def, &o, out, include)))
+                }
+                (None, Method::DELETE) => {
+                    let opts = delete_options(q, headers, body)?;
+                    let o = reg.delete(def, ns, &name, &opts).await?;
+                    Ok(json_response(StatusCode::OK, &o))
+                }
+                (Some("scale"), Method::GET) => {
+                    let o = reg.get(def, ns, &name).await?;
+                    Ok(json_response(StatusCode::OK, &Registry::scale_of(&o)))
+                }
+                (Some("scale"), Method::PUT | Method::PATCH) => {
+                    let o = reg.get(def, ns, &name).await?;
+                    let cur = Registry::scale_of(&o);
+                    let input = decode_body_or_patch(headers, body, method)?;
+                    let new = match input {
+                        ScaleInput::Full(v) => v,
+                        ScaleInput::Patch(kind, p) => super::patch::apply(&cur, &p, kind)
+                            .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+                    };
+                    let replicas = new
+                        .pointer("/spec/replicas")
+                        .and_then(Value::as_i64)
+                        .ok_or_else(|| {
+                            ApiError::BadRequest("spec.replicas must be an integer".into())
+                        })?;
+                    let want_rev = new
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .filter(|r| {
+                            Some(*r)
+                                != cur
+                                    .pointer("/metadata/resourceVersion")
+                                    .and_then(Value::as_str)
+                        })
+                        .map(|r| r.parse::<u64>().unwrap_or(0));
+                    let s = reg.set_replicas(def, ns, &name, replicas, want_rev).await?;
+                    Ok(json_response(StatusCode::OK, &s))
+                }
+                (Some("binding"), Method::POST) => {
+                    let b = decode_body(headers, body)?;
+                    let node = b
+                        .pointer("/target/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    reg.bind(ns.unwrap_or("default"), &name, node).await?;
+                    Ok(json_response(StatusCode::CREATED, &success_status(201)))
+                }
+                (Some("log"), Method::GET) => pod_log(st, ns.unwrap_or("default"), &name, q).await,
+                _ => Err(ApiError::MethodNotAllowed),
+            }
+        }
+    }
+}
+
+enum ScaleInput {
+    Full(Value),
+    Patch(PatchType, Value),
+}
+
+fn decode_body_or_patch(
+    headers: &HeaderMap,
+    body: &Bytes,
+    method: &Method,
+) -> Result<ScaleInput, ApiError> {
+    if *method == Method::PUT {
+        return Ok(ScaleInput::Full(decode_body(headers, body)?));
+    }
+    let ct = content_type(headers);
+    let kind = PatchType::from_content_type(&ct)
+        .ok_or_else(|| ApiError::UnsupportedMediaType(format!("unsupported patch type {ct}")))?;
+    let p: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid patch body: {e}")))?;
+    Ok(ScaleInput::Patch(kind, p))
+}
+
+async fn pod_log(
+    st: &ApiState,
+    ns: &str,
+    name: &str,
+    q: &HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    let pod = st.registry.get(&PODS, Some(ns), name).await?;
+    let containers: Vec<String> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str().map(String::from))
+        .collect();
+    let container = match q.get("container") {
+        Some(c) if containers.contains(c) => c.clone(),
+        Some(c) => {
+            return Err(ApiError::BadRequest(format!(
+                "container {c} is not valid for pod {name}"
+            )))
+        }
+        None if containers.len() == 1 => containers[0].clone(),
+        None => {
+            return Err(ApiError::BadRequest(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                containers.join(" ")
+            )))
+        }
+    };
+    let node_name = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if node_name.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "pod {name} does not have a host assigned"
+        )));
+    }
+    let node = st.registry.get(&NODES, None, &node_name).await.ok();
+    match &st.info.logs {
+        Some(logs) => {
+            let req = super::LogRequest {
+                namespace: ns.to_string(),
+                pod: name.to_string(),
+                container,
+                node_name,
+                node,
+                follow: q_bool(q, "follow"),
+                tail_lines: q.get("tailLines").and_then(|t| t.parse().ok()),
+                previous: q_bool(q, "previous"),
+                timestamps: q_bool(q, "timestamps"),
+                since_seconds: q.get("sinceSeconds").and_then(|t| t.parse().ok()),
+            };
+            logs.logs(req).await
+        }
+        None => Err(ApiError::Unavailable(
+            "log proxying to the worker is not available on this master yet".into(),
+        )),
+    }
+}
+
+async fn watch(
+    reg: &Registry,
+    def: &'static ResourceDef,
+    ns: Option<&str>,
+    q: &HashMap<String, String>,
+    out: Output,
+    include: IncludeObject,
+) -> Result<Response, ApiError> {
+    let lopts = list_options(q)?;
+    let rv = match q.get("resourceVersion").map(String::as_str) {
+        None | Some("") => None,
+        Some(r) => Some(
+            r.parse::<u64>()
+                .map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {r:?}")))?,
+        ),
+    };
+    let opts = WatchOptions {
+        label_selector: lopts.label_selector,
+        field_selector: lopts.field_selector,
+        resource_version: rv,
+        allow_bookmarks: q_bool(q, "allowWatchBookmarks"),
+        timeout: q
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(Duration::from_secs),
+        bookmark_interval: None,
+    };
+    let rx = reg.watch(def, ns, opts).await?;
+    let kind = def.kind;
+    let stream = futures::stream::unfold((rx, true), move |(mut rx, first)| async move {
+        let ev = rx.recv().await?;
+        let object = match (out, ev.kind) {
+            (_, "ERROR") => ev.object,
+            (Output::Table, "BOOKMARK") => json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+                "metadata": ev.object["metadata"].clone(), "columnDefinitions": [], "rows": []}),
+            (Output::Table, _) => {
+                let rv = ev
+                    .object
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let mut t =
+                    table::table(kind, std::slice::from_ref(&ev.object), &rv, None, include);
+                if !first {
+                    t["columnDefinitions"] = json!([]);
+                }
+                t
+            }
+            (Output::Metadata, "BOOKMARK") => ev.object,
+            (Output::Metadata, _) => to_metadata(&ev.object),
+            (Output::Json, _) => ev.object,
+        };
+        let next_first = first && ev.kind == "BOOKMARK";
+        let mut line =
+            serde_json::to_vec(&json!({"type": ev.kind, "object": object})).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, Infallible>(Bytes::from(line)), (rx, next_first)))
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            parse_target("", &["namespaces", "default", "pods", "p", "log"]),
+            Some(Target::Item {
+                def: &PODS,
+                ns: Some("default".into()),
+                name: "p".into(),
+                sub: Some("log".into())
+            })
+        );
+        assert!(matches!(
+            parse_target("", &["namespaces", "x", "status"]),
+            Some(Target::Item { sub: Some(_), .. })
+        ));
+        assert!(matches!(
+            parse_target("", &["namespaces", "x"]),
+            Some(Target::Item { sub: None, .. })
+        ));
+        assert!(matches!(
+            parse_target("", &["nodes", "n", "status"]),
+            Some(Target::Item { .. })
+        ));
+        assert!(matches!(
+            parse_target("apps", &["deployments"]),
+            Some(Target::Collection { ns: None, .. })
+        ));
+        assert_eq!(parse_target("", &["pods", "p"]), None);
+        assert_eq!(
+            parse_target("", &["namespaces", "d", "pods", "p", "nope"]),
+            None
+        );
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json"));
+        assert_eq!(output_of(&h), Output::Table);
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.kubernetes.protobuf, */*"),
+        );
+        assert_eq!(output_of(&h), Output::Json);
+    }
+}

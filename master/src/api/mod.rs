@@ -1,0 +1,133 @@
+//! The Kubernetes-compatible API that unmodified `kubectl` uses, served from the [`Store`].
+//!
+//! - [`router`]: the axum `Router` (discovery, `/version`, `/openapi/v2`, the resources).
+//! - [`registry::Registry`]: object semantics over the store (used by the router).
+//! - [`objects::Objects`]: a typed layer over the registry for in-master code
+//!   (controllers, scheduler), generic over k8s-openapi resource types.
+//! - [`gc`]: ownerReference garbage collection and namespace finalization passes.
+//! - pure parts: [`selector`], [`patch`], [`table`], [`validate`], [`protobuf`].
+//!
+//! Wiring (active master): `router(store, info)` merged into the server's router;
+//! [`ensure_defaults`] when becoming active (the router also does it lazily); a
+//! [`gc::run`] task for Foreground/Orphan deletion finalizers and ownerless dependents;
+//! [`requests_total_metric`] registered and set in [`ApiInfo::requests_total`].
+//!
+//! Store layout: `/registry/{plural}/{namespace}/{name}` (namespaced) and
+//! `/registry/{plural}/{name}` (cluster-scoped); values are the object JSON without
+//! `resourceVersion`, which is the key's mod revision on every read.
+
+pub mod error;
+pub mod gc;
+pub mod handlers;
+pub mod logs;
+pub mod objects;
+pub mod patch;
+pub mod protobuf;
+pub mod registry;
+pub mod resources;
+pub mod selector;
+pub mod table;
+pub mod validate;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::response::Response;
+use axum::routing::{any, get};
+use axum::Router;
+use serde_json::Value;
+
+pub use error::ApiError;
+pub use objects::Objects;
+pub use registry::{ensure_defaults, Registry};
+
+use crate::store::Store;
+
+/// A `pods/{name}/log` request, resolved to its container and node.
+#[derive(Debug, Clone)]
+pub struct LogRequest {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub node_name: String,
+    /// The Node object, when it exists (addresses, daemon endpoint port).
+    pub node: Option<Value>,
+    pub follow: bool,
+    pub tail_lines: Option<i64>,
+    pub previous: bool,
+    pub timestamps: bool,
+    pub since_seconds: Option<i64>,
+}
+
+/// Serves pod logs (by proxying to the worker that runs the pod). Plugged into
+/// [`ApiInfo::logs`]; without one the API answers `log` with 503.
+#[async_trait]
+pub trait PodLogs: Send + Sync + 'static {
+    /// Return the response to send (text/plain, streamed when following).
+    async fn logs(&self, req: LogRequest) -> Result<Response, ApiError>;
+}
+
+/// What the API reports about this master and the optional hooks it uses.
+#[derive(Clone)]
+pub struct ApiInfo {
+    pub cluster_name: String,
+    /// Sent as `X-Ballast-Master` on every resource response.
+    pub master_id: String,
+    /// `gitVersion` of `/version`; kubectl's dispatcher picks its minor version from it.
+    pub git_version: String,
+    /// The address clients should use (`serverAddressByClientCIDRs` of `/api`).
+    pub server_address: String,
+    /// Pod log source (default: [`logs::KubeletLogProxy`] to the worker); `None` → 503.
+    pub logs: Option<Arc<dyn PodLogs>>,
+    /// `ballast_master_api_requests_total{verb,resource,code}` if the caller registered it.
+    pub requests_total: Option<prometheus::IntCounterVec>,
+}
+
+impl ApiInfo {
+    pub fn new(cluster_name: impl Into<String>, master_id: impl Into<String>) -> Self {
+        Self {
+            cluster_name: cluster_name.into(),
+            master_id: master_id.into(),
+            git_version: "v1.33.0".into(),
+            server_address: "127.0.0.1:6443".into(),
+            logs: Some(Arc::new(logs::KubeletLogProxy::new())),
+            requests_total: None,
+        }
+    }
+}
+
+/// The metric [`ApiInfo::requests_total`] expects (register it in your registry).
+pub fn requests_total_metric() -> prometheus::IntCounterVec {
+    prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "ballast_master_api_requests_total",
+            "Kubernetes API requests by verb, resource and HTTP code",
+        ),
+        &["verb", "resource", "code"],
+    )
+    .expect("valid metric definition")
+}
+
+/// The Kubernetes API router. Mount it on the active master (it assumes it is active:
+/// store errors such as `NotActive` still map to 503 Status with `Retry-After: 1`).
+pub fn router(store: Arc<dyn Store>, info: ApiInfo) -> Router {
+    let state = Arc::new(handlers::ApiState {
+        registry: Registry::new(store),
+        info,
+        defaults_ready: std::sync::atomic::AtomicBool::new(false),
+    });
+    Router::new()
+        .route("/version", get(handlers::version))
+        .route("/version/", get(handlers::version))
+        .route("/openapi/v2", get(handlers::openapi_v2))
+        .route("/openapi/v3", any(handlers::not_found))
+        .route("/openapi/v3/{*rest}", any(handlers::not_found))
+        .route("/api", any(handlers::dispatch))
+        .route("/api/{*rest}", any(handlers::dispatch))
+        .route("/apis", any(handlers::dispatch))
+        .route("/apis/{*rest}", any(handlers::dispatch))
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests;

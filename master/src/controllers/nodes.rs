@@ -1,0 +1,274 @@
+//! Node lifecycle: a node whose Lease is not renewed within the grace period becomes
+//! `Ready=Unknown` and gets the `node.kubernetes.io/unreachable:NoExecute` taint; its pods
+//! are evicted once their toleration of that taint (or the default eviction timeout)
+//! runs out, so their ReplicaSets replace them on other nodes. When the node reports
+//! `Ready=True` again the taint goes.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
+
+/// What the node lifecycle controller needs.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct NodesPlan {
+    /// Nodes to write back (status and/or taints changed).
+    pub update_nodes: Vec<Node>,
+    /// Pods to delete at once: `(namespace, name)`.
+    pub evict_pods: Vec<(String, String)>,
+}
+
+fn ready_condition(n: &Node) -> Option<&NodeCondition> {
+    n.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+}
+
+fn ts(t: &Time) -> Timestamp {
+    t.0
+}
+
+/// The last time the node was heard from.
+fn last_seen(n: &Node, lease: Option<&Lease>) -> Option<Timestamp> {
+    let lease_t = lease
+        .and_then(|l| l.spec.as_ref())
+        .and_then(|s| s.renew_time.as_ref())
+        .map(|t| t.0);
+    let hb = ready_condition(n).and_then(|c| c.last_heartbeat_time.as_ref().map(ts));
+    let created = n.metadata.creation_timestamp.as_ref().map(ts);
+    [lease_t, hb, created].into_iter().flatten().max()
+}
+
+fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
+    let d = now.duration_since(since);
+    Duration::try_from(d).unwrap_or(Duration::ZERO)
+}
+
+/// Reconcile every node given the leases in `kube-node-lease` and all pods.
+pub fn reconcile(
+    nodes: &[Node],
+    leases: &[Lease],
+    pods: &[Pod],
+    now: Timestamp,
+    grace: Duration,
+    eviction: Duration,
+) -> NodesPlan {
+    let mut plan = NodesPlan::default();
+    for n in nodes {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let lease = leases
+            .iter()
+            .find(|l| l.metadata.name.as_deref() == Some(name.as_str()));
+        let stale = last_seen(n, lease).is_none_or(|t| elapsed(t, now) > grace);
+        let ready_status = ready_condition(n).map(|c| c.status.clone());
+        let taints = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        let tainted = taints.iter().find(|t| t.key == UNREACHABLE_TAINT).cloned();
+        let mut node = n.clone();
+        let mut changed = false;
+        if stale && ready_status.as_deref() != Some("Unknown") {
+            let status = node.status.get_or_insert_with(Default::default);
+            let conds = status.conditions.get_or_insert_with(Vec::new);
+            let new = NodeCondition {
+                type_: "Ready".into(),
+                status: "Unknown".into(),
+                reason: Some("NodeStatusUnknown".into()),
+                message: Some("Kubelet stopped posting node status.".into()),
+                last_transition_time: Some(Time(now)),
+                last_heartbeat_time: conds
+                    .iter()
+                    .find(|c| c.type_ == "Ready")
+                    .and_then(|c| c.last_heartbeat_time.clone()),
+            };
+            conds.retain(|c| c.type_ != "Ready");
+            conds.push(new);
+            changed = true;
+        }
+        let not_ready = stale || ready_status.as_deref() != Some("True");
+        if not_ready && stale && tainted.is_none() {
+            let spec = node.spec.get_or_insert_with(Default::default);
+            spec.taints.get_or_insert_with(Vec::new).push(Taint {
+                key: UNREACHABLE_TAINT.into(),
+                effect: "NoExecute".into(),
+                time_added: Some(Time(now)),
+                value: None,
+            });
+            changed = true;
+        }
+        if !stale && ready_status.as_deref() == Some("True") && tainted.is_some() {
+            if let Some(ts) = node.spec.as_mut().and_then(|s| s.taints.as_mut()) {
+                ts.retain(|t| t.key != UNREACHABLE_TAINT);
+            }
+            changed = true;
+        }
+        if changed {
+            plan.update_nodes.push(node);
+        }
+        // Evict pods from a node tainted unreachable for longer than their toleration.
+        if let Some(t) = tainted.filter(|_| stale) {
+            let since = t.time_added.as_ref().map(ts).unwrap_or(now);
+            for p in pods {
+                if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(name.as_str()) {
+                    continue;
+                }
+                let tolerate = toleration_seconds(p)
+                    .map(Duration::from_secs)
+                    .unwrap_or(eviction);
+                if elapsed(since, now) >= tolerate {
+                    plan.evict_pods.push((
+                        p.metadata.namespace.clone().unwrap_or_default(),
+                        p.metadata.name.clone().unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+    }
+    plan
+}
+
+/// The pod's `tolerationSeconds` for the unreachable taint, if it tolerates it.
+fn toleration_seconds(p: &Pod) -> Option<u64> {
+    let tols = p.spec.as_ref()?.tolerations.as_ref()?;
+    tols.iter()
+        .find(|t| {
+            let key_ok = t.key.as_deref() == Some(UNREACHABLE_TAINT)
+                || (t.key.is_none() && t.operator.as_deref() == Some("Exists"));
+            let effect_ok = t.effect.as_deref().is_none_or(|e| e == "NoExecute");
+            key_ok && effect_ok
+        })
+        .map(|t| t.toleration_seconds.unwrap_or(i64::MAX).max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::api::core::v1::{NodeStatus, Toleration};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+
+    use super::*;
+    use crate::controllers::tests::pod;
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    fn node(name: &str, ready: &str) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                creation_timestamp: Some(Time(at(0))),
+                ..Default::default()
+            },
+            spec: None,
+            status: Some(NodeStatus {
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: ready.into(),
+                    last_heartbeat_time: Some(Time(at(0))),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn lease(name: &str, renew: i64) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(at(renew))),
+                ..Default::default()
+            }),
+        }
+    }
+
+    const G: Duration = Duration::from_secs(40);
+    const E: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn fresh_lease_keeps_node_ready() {
+        let plan = reconcile(&[node("w1", "True")], &[lease("w1", 30)], &[], at(60), G, E);
+        assert!(plan.update_nodes.is_empty());
+    }
+
+    #[test]
+    fn stale_lease_marks_unknown_and_taints() {
+        let plan = reconcile(&[node("w1", "True")], &[lease("w1", 10)], &[], at(60), G, E);
+        let n = &plan.update_nodes[0];
+        assert_eq!(ready_condition(n).unwrap().status, "Unknown");
+        let t = &n.spec.as_ref().unwrap().taints.as_ref().unwrap()[0];
+        assert_eq!(
+            (t.key.as_str(), t.effect.as_str()),
+            (UNREACHABLE_TAINT, "NoExecute")
+        );
+    }
+
+    #[test]
+    fn pods_evicted_after_toleration() {
+        let mut n = node("w1", "Unknown");
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![Taint {
+                key: UNREACHABLE_TAINT.into(),
+                effect: "NoExecute".into(),
+                time_added: Some(Time(at(100))),
+                value: None,
+            }]),
+            ..Default::default()
+        });
+        let mut short = pod("short", Some("r"), Some("w1"), true);
+        short.spec.as_mut().unwrap().tolerations = Some(vec![Toleration {
+            key: Some(UNREACHABLE_TAINT.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoExecute".into()),
+            toleration_seconds: Some(5),
+            value: None,
+        }]);
+        let long = pod("long", Some("r"), Some("w1"), true);
+        let other = pod("other", Some("r"), Some("w2"), true);
+        let pods = [short, long, other];
+        let plan = reconcile(std::slice::from_ref(&n), &[], &pods, at(110), G, E);
+        assert_eq!(
+            plan.evict_pods,
+            vec![("default".to_string(), "short".to_string())]
+        );
+        let plan = reconcile(&[n], &[], &pods, at(100 + 300), G, E);
+        assert_eq!(plan.evict_pods.len(), 2);
+    }
+
+    #[test]
+    fn recovered_node_loses_taint() {
+        let mut n = node("w1", "True");
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![Taint {
+                key: UNREACHABLE_TAINT.into(),
+                effect: "NoExecute".into(),
+                time_added: Some(Time(at(0))),
+                value: None,
+            }]),
+            ..Default::default()
+        });
+        let plan = reconcile(&[n], &[lease("w1", 100)], &[], at(101), G, E);
+        assert!(plan.update_nodes[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .taints
+            .as_ref()
+            .unwrap()
+            .is_empty());
+        assert!(plan.evict_pods.is_empty());
+    }
+}

@@ -1,0 +1,355 @@
+//! Runs the controllers and the scheduler on the active master, for as long as its
+//! leadership token lives: on every store change (debounced) and every second (for
+//! time-based work), read the objects, call the pure reconcile functions, and write the
+//! results through the API [`Registry`] (compare-and-swap, the same semantics as API
+//! clients). The moment the token is revoked the loop stops, before its next write.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_config::ControlConfig;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{deployment, nodes, random_name, replicaset};
+use crate::api::error::ApiError;
+use crate::api::objects::Objects;
+use crate::api::registry::{DeleteOptions, ListOptions, Registry};
+use crate::api::resources::ResourceDef;
+use crate::scheduler;
+
+fn def(group: &str, plural: &str) -> &'static ResourceDef {
+    ResourceDef::find(group, plural).expect("built-in resource")
+}
+
+/// Everything the controllers look at, read once per pass.
+struct World {
+    deployments: Vec<Deployment>,
+    replicasets: Vec<ReplicaSet>,
+    pods: Vec<Pod>,
+    nodes: Vec<Node>,
+    leases: Vec<Lease>,
+}
+
+async fn observe(reg: &Registry) -> Result<World, ApiError> {
+    let objs = Objects::from_registry(reg.clone());
+    let all = ListOptions::default();
+    Ok(World {
+        deployments: objs.list(None, &all).await?.0,
+        replicasets: objs.list(None, &all).await?.0,
+        pods: objs.list(None, &all).await?.0,
+        nodes: objs.list(None, &all).await?.0,
+        leases: objs.list(Some("kube-node-lease"), &all).await?.0,
+    })
+}
+
+fn ns_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    m.namespace.clone().unwrap_or_else(|| "default".into())
+}
+
+/// Run until `cancel` fires (leadership lost or shutdown).
+pub async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: CancellationToken) {
+    tracing::info!("controllers and scheduler started");
+    // Garbage collection (ownerReferences, deletion finalizers, namespaces) lives with the
+    // API's object semantics; it runs under the same leadership token.
+    tokio::spawn(crate::api::gc::run(
+        (*reg).clone(),
+        Duration::from_secs(2),
+        cancel.clone(),
+    ));
+    let mut changes = match reg
+        .store()
+        .watch("/registry/", reg.store().revision())
+        .await
+    {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("controllers: cannot watch the store ({e}); polling only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(1000));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {},
+            ev = async {
+                match changes.as_mut() {
+                    Some(c) => c.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if ev.is_none() || matches!(ev, Some(Err(_))) {
+                    changes = None;
+                }
+                // Debounce: let a burst of writes land, then drain it.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(c) = changes.as_mut() {
+                    while c.try_recv().is_ok() {}
+                }
+            }
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+        if let Err(e) = pass(&reg, &control, &cancel).await {
+            tracing::debug!("controller pass: {e}");
+        }
+    }
+    tracing::info!("controllers and scheduler stopped");
+}
+
+/// One reconcile pass over everything.
+async fn pass(
+    reg: &Registry,
+    control: &ControlConfig,
+    cancel: &CancellationToken,
+) -> Result<(), ApiError> {
+    let w = observe(reg).await?;
+    let now = crate::api::table::now();
+
+    // Deployments → ReplicaSets.
+    for d in &w.deployments {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let ns = ns_of(&d.metadata);
+        let name = d.metadata.name.clone().unwrap_or_default();
+        let rss: Vec<ReplicaSet> = w
+            .replicasets
+            .iter()
+            .filter(|r| ns_of(&r.metadata) == ns)
+            .cloned()
+            .collect();
+        let plan = deployment::reconcile(d, &rss, &w.pods, Time(now));
+        if let Some(rs) = plan.create_rs {
+            let v = serde_json::to_value(&rs).expect("rs serializes");
+            match reg
+                .create(def("apps", "replicasets"), Some(&ns), v, false)
+                .await
+            {
+                Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+                Err(e) => tracing::warn!(deployment = %name, "cannot create replicaset: {e}"),
+            }
+        }
+        for (rs, replicas) in plan.scale {
+            let r = reg
+                .update_with(def("apps", "replicasets"), Some(&ns), &rs, |o| {
+                    o["spec"]["replicas"] = json!(replicas);
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(replicaset = %rs, "cannot scale: {e}");
+            }
+        }
+        if let Some(st) = plan.status {
+            set_status(reg, def("apps", "deployments"), &ns, &name, st).await;
+        }
+    }
+
+    // ReplicaSets → Pods.
+    for rs in &w.replicasets {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let ns = ns_of(&rs.metadata);
+        let name = rs.metadata.name.clone().unwrap_or_default();
+        let plan = replicaset::reconcile(rs, &w.pods, random_name);
+        for p in plan.create_pods {
+            let v = serde_json::to_value(&p).expect("pod serializes");
+            if let Err(e) = reg.create(def("", "pods"), Some(&ns), v, false).await {
+                tracing::warn!(replicaset = %name, "cannot create pod: {e}");
+            }
+        }
+        for p in plan.delete_pods {
+            let _ = reg
+                .delete(def("", "pods"), Some(&ns), &p, &DeleteOptions::default())
+                .await;
+        }
+        if let Some(st) = plan.status {
+            set_status(reg, def("apps", "replicasets"), &ns, &name, st).await;
+        }
+    }
+
+    // Node lifecycle.
+    let np = nodes::reconcile(
+        &w.nodes,
+        &w.leases,
+        &w.pods,
+        now,
+        control.node_grace_period,
+        control.pod_eviction_timeout,
+    );
+    for n in np.update_nodes {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let status = serde_json::to_value(&n.status).unwrap_or(Value::Null);
+        let taints = serde_json::to_value(n.spec.as_ref().and_then(|s| s.taints.clone()))
+            .unwrap_or(Value::Null);
+        let _ = reg
+            .update_with(def("", "nodes"), None, &name, |o| {
+                o["spec"]["taints"] = taints.clone();
+                Ok(())
+            })
+            .await;
+        set_status(reg, def("", "nodes"), "", &name, status).await;
+        tracing::info!(node = %name, "node lifecycle: updated condition/taints");
+    }
+    for (ns, pod) in np.evict_pods {
+        tracing::info!(pod = %pod, namespace = %ns, "evicting pod from unreachable node");
+        let opts = DeleteOptions {
+            grace_period_seconds: Some(0),
+            ..DeleteOptions::default()
+        };
+        let _ = reg.delete(def("", "pods"), Some(&ns), &pod, &opts).await;
+        event(
+            reg,
+            &ns,
+            "Pod",
+            &pod,
+            None,
+            "Normal",
+            "TaintManagerEviction",
+            "Marking for deletion Pod",
+        )
+        .await;
+    }
+
+    // Scheduler.
+    for p in &w.pods {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+        if bound || p.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let ns = ns_of(&p.metadata);
+        let name = p.metadata.name.clone().unwrap_or_default();
+        // Re-read the pods bound so far in this pass (binds change capacity).
+        match scheduler::schedule(p, &w.nodes, &w.pods) {
+            Ok(node) => match reg.bind(&ns, &name, &node).await {
+                Ok(_) => {
+                    event(
+                        reg,
+                        &ns,
+                        "Pod",
+                        &name,
+                        p.metadata.uid.as_deref(),
+                        "Normal",
+                        "Scheduled",
+                        &format!("Successfully assigned {ns}/{name} to {node}"),
+                    )
+                    .await;
+                    // Capacity changed: schedule the rest on the next pass.
+                    break;
+                }
+                Err(e) => tracing::debug!(pod = %name, "bind failed: {e}"),
+            },
+            Err(msg) => {
+                let already = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter().any(|c| {
+                            c.type_ == "PodScheduled"
+                                && c.status == "False"
+                                && c.message.as_deref() == Some(msg.as_str())
+                        })
+                    });
+                if already {
+                    continue;
+                }
+                let cond = json!({
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": msg,
+                    "lastTransitionTime": Time(now),
+                });
+                let _ = reg
+                    .update_with(def("", "pods"), Some(&ns), &name, |o| {
+                        let st = &mut o["status"];
+                        if !st.is_object() {
+                            *st = json!({});
+                        }
+                        st["phase"] = json!("Pending");
+                        let mut conds: Vec<Value> = st["conditions"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|c| c["type"] != "PodScheduled")
+                            .collect();
+                        conds.push(cond.clone());
+                        st["conditions"] = Value::Array(conds);
+                        Ok(())
+                    })
+                    .await;
+                event(
+                    reg,
+                    &ns,
+                    "Pod",
+                    &name,
+                    p.metadata.uid.as_deref(),
+                    "Warning",
+                    "FailedScheduling",
+                    &msg,
+                )
+                .await;
+            }
+        }
+    }
+
+    Ok(())
+}
+
+async fn set_status(reg: &Registry, d: &'static ResourceDef, ns: &str, name: &str, status: Value) {
+    let ns = (!ns.is_empty()).then_some(ns);
+    let r = reg
+        .update_with(d, ns, name, |o| {
+            o["status"] = status.clone();
+            Ok(())
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(kind = d.kind, name, "cannot update status: {e}");
+    }
+}
+
+/// Record an Event about an object.
+#[allow(clippy::too_many_arguments)]
+async fn event(
+    reg: &Registry,
+    ns: &str,
+    kind: &str,
+    name: &str,
+    uid: Option<&str>,
+    type_: &str,
+    reason: &str,
+    message: &str,
+) {
+    let now = Time(crate::api::table::now());
+    let v = json!({
+        "metadata": {"name": random_name(&format!("{name}.")), "namespace": ns},
+        "involvedObject": {"kind": kind, "name": name, "namespace": ns, "apiVersion": "v1", "uid": uid},
+        "reason": reason,
+        "message": message,
+        "type": type_,
+        "source": {"component": if reason.contains("Schedul") { "default-scheduler" } else { "ballast-controller-manager" }},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    });
+    if let Err(e) = reg.create(def("", "events"), Some(ns), v, false).await {
+        tracing::debug!("cannot record event: {e}");
+    }
+}

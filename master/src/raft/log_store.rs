@@ -1,0 +1,257 @@
+//! Durable Raft log + vote + committed pointer in a redb database.
+//!
+//! Every write that openraft must see durable (append, vote, truncate, purge) is a redb
+//! write transaction with `Durability::Immediate`: `commit()` returns only after fsync, so
+//! an entry is acknowledged to the leader only once it survives `kill -9` or power loss.
+//! The committed pointer is saved with `Durability::None` (flushed by the next durable
+//! commit): it is an optimisation only (less re-apply after restart), never needed for
+//! safety, because a master serves nothing until it has applied an entry of its own term.
+//!
+//! redb is blocking; all I/O runs on tokio's blocking pool so the Raft core never stalls a
+//! runtime worker.
+
+// openraft's storage traits fix the error type (`StorageError`, ~200 bytes).
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{
+    AnyError, ErrorSubject, ErrorVerb, LogId, LogState, RaftLogReader, StorageError, Vote,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Entry, NodeId, TypeConfig};
+
+const LOGS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("logs");
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "purged";
+
+type SResult<T> = Result<T, StorageError<NodeId>>;
+
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::fmt::Display,
+) -> StorageError<NodeId> {
+    StorageError::IO {
+        source: openraft::StorageIOError::new(subject, verb, AnyError::error(e.to_string())),
+    }
+}
+
+fn read_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    io_err(ErrorSubject::Logs, ErrorVerb::Read, e)
+}
+
+fn write_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    io_err(ErrorSubject::Logs, ErrorVerb::Write, e)
+}
+
+/// The Raft log store. Cheap to clone: clones share the database (the clone is also the
+/// log reader used by replication tasks).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    /// Open (or create) `path`, creating the tables.
+    pub fn open(path: &Path) -> Result<Self, redb::Error> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(LOGS)?;
+            tx.open_table(META)?;
+        }
+        tx.commit()?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> SResult<T> + Send + 'static,
+    ) -> SResult<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| write_err(format!("log store task failed: {e}")))?
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(db: &Database, key: &str) -> SResult<Option<T>> {
+        let tx = db.begin_read().map_err(read_err)?;
+        let t = tx.open_table(META).map_err(read_err)?;
+        match t.get(key).map_err(read_err)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(read_err)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn write_meta<T: serde::Serialize>(
+        db: &Database,
+        key: &str,
+        value: &T,
+        durable: bool,
+    ) -> SResult<()> {
+        let bytes = serde_json::to_vec(value).map_err(write_err)?;
+        let mut tx = db.begin_write().map_err(write_err)?;
+        if !durable {
+            tx.set_durability(redb::Durability::None)
+                .map_err(write_err)?;
+        }
+        {
+            let mut t = tx.open_table(META).map_err(write_err)?;
+            t.insert(key, bytes.as_slice()).map_err(write_err)?;
+        }
+        tx.commit().map_err(write_err)
+    }
+}
+
+impl LogStore {
+    /// Durably write entries (fsync before returning).
+    async fn write_entries(&self, entries: impl IntoIterator<Item = Entry>) -> SResult<()> {
+        let mut rows = Vec::new();
+        for e in entries {
+            rows.push((e.log_id.index, serde_json::to_vec(&e).map_err(write_err)?));
+        }
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(write_err)?;
+            {
+                let mut t = tx.open_table(LOGS).map_err(write_err)?;
+                for (i, bytes) in &rows {
+                    t.insert(*i, bytes.as_slice()).map_err(write_err)?;
+                }
+            }
+            tx.commit().map_err(write_err)
+        })
+        .await
+    }
+
+    /// Append without openraft's flush callback (tests).
+    #[cfg(test)]
+    pub(crate) async fn append_for_test(&self, entries: Vec<Entry>) -> SResult<()> {
+        self.write_entries(entries).await
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> SResult<Vec<Entry>> {
+        let lo: Bound<u64> = range.start_bound().cloned();
+        let hi: Bound<u64> = range.end_bound().cloned();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(read_err)?;
+            let t = tx.open_table(LOGS).map_err(read_err)?;
+            let mut out = Vec::new();
+            for item in t.range::<u64>((lo, hi)).map_err(read_err)? {
+                let (_, v) = item.map_err(read_err)?;
+                out.push(serde_json::from_slice::<Entry>(v.value()).map_err(read_err)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> SResult<LogState<TypeConfig>> {
+        self.blocking(|db| {
+            let purged: Option<LogId<NodeId>> = Self::read_meta(db, KEY_PURGED)?;
+            let tx = db.begin_read().map_err(read_err)?;
+            let t = tx.open_table(LOGS).map_err(read_err)?;
+            let last = match t.last().map_err(read_err)? {
+                Some((_, v)) => Some(
+                    serde_json::from_slice::<Entry>(v.value())
+                        .map_err(read_err)?
+                        .log_id,
+                ),
+                None => purged,
+            };
+            Ok(LogState {
+                last_purged_log_id: purged,
+                last_log_id: last,
+            })
+        })
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> SResult<()> {
+        let vote = *vote;
+        self.blocking(move |db| {
+            Self::write_meta(db, KEY_VOTE, &vote, true)
+                .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
+        })
+        .await
+    }
+
+    async fn read_vote(&mut self) -> SResult<Option<Vote<NodeId>>> {
+        self.blocking(|db| Self::read_meta(db, KEY_VOTE)).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
+        self.blocking(move |db| Self::write_meta(db, KEY_COMMITTED, &committed, false))
+            .await
+    }
+
+    async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
+        self.blocking(|db| {
+            Ok(Self::read_meta::<Option<LogId<NodeId>>>(db, KEY_COMMITTED)?.flatten())
+        })
+        .await
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let res = self.write_entries(entries).await;
+        match &res {
+            Ok(()) => callback.log_io_completed(Ok(())),
+            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+        }
+        res
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(write_err)?;
+            {
+                let mut t = tx.open_table(LOGS).map_err(write_err)?;
+                t.retain_in(log_id.index.., |_, _| false)
+                    .map_err(write_err)?;
+            }
+            tx.commit().map_err(write_err)
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        self.blocking(move |db| {
+            let bytes = serde_json::to_vec(&log_id).map_err(write_err)?;
+            let tx = db.begin_write().map_err(write_err)?;
+            {
+                let mut m = tx.open_table(META).map_err(write_err)?;
+                m.insert(KEY_PURGED, bytes.as_slice()).map_err(write_err)?;
+                let mut t = tx.open_table(LOGS).map_err(write_err)?;
+                t.retain_in(..=log_id.index, |_, _| false)
+                    .map_err(write_err)?;
+            }
+            tx.commit().map_err(write_err)
+        })
+        .await
+    }
+}

@@ -1,0 +1,386 @@
+//! Inter-master Raft RPC over HTTP/1.1 + JSON on the peer address only.
+//!
+//! - client: [`Network`] (openraft's `RaftNetworkFactory`) with one pooled `reqwest`
+//!   client; every RPC has a timeout (the smaller of openraft's and `raft.rpc_timeout`).
+//!   Accepted `AppendEntries` of this master's own term feed the lease in [`Fence`].
+//! - server: [`peer_router`] with `POST /raft/append`, `/raft/vote`, `/raft/snapshot`.
+//!   Vote requests pass the [`Fence`] vote gate before reaching openraft.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{Backoff, RPCOption};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{Raft, RaftNetwork, RaftNetworkFactory};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::leadership::{Fence, RaftView};
+use super::{Node, NodeId, TypeConfig};
+use crate::metrics::MasterMetrics;
+
+/// Error of one HTTP exchange, before mapping to openraft's `RPCError`.
+#[derive(Debug, thiserror::Error)]
+enum HttpError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("request to {url} failed: {source}")]
+    Request {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url} answered {status}: {body}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
+}
+
+/// Builds peer clients.
+#[derive(Clone)]
+pub struct Network {
+    me: NodeId,
+    http: reqwest::Client,
+    rpc_timeout: Duration,
+    fence: Arc<Fence>,
+    metrics: Arc<MasterMetrics>,
+}
+
+impl Network {
+    pub fn new(
+        me: NodeId,
+        rpc_timeout: Duration,
+        fence: Arc<Fence>,
+        metrics: Arc<MasterMetrics>,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .connect_timeout(rpc_timeout)
+            .build()
+            .expect("reqwest client");
+        Self {
+            me,
+            http,
+            rpc_timeout,
+            fence,
+            metrics,
+        }
+    }
+}
+
+impl Network {
+    /// The pooled HTTP client (for status polls).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
+        PeerClient {
+            net: self.clone(),
+            target,
+            base: format!("http://{}/raft", node.addr),
+        }
+    }
+}
+
+/// RPC client to one peer.
+pub struct PeerClient {
+    net: Network,
+    target: NodeId,
+    base: String,
+}
+
+impl PeerClient {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, HttpError> {
+        let url = format!("{}/{what}", self.base);
+        let started = Instant::now();
+        let res = async {
+            let resp = self
+                .net
+                .http
+                .post(&url)
+                .timeout(timeout)
+                .json(req)
+                .send()
+                .await
+                .map_err(|source| {
+                    if source.is_connect() {
+                        HttpError::Connect {
+                            url: url.clone(),
+                            source,
+                        }
+                    } else {
+                        HttpError::Request {
+                            url: url.clone(),
+                            source,
+                        }
+                    }
+                })?;
+            let status = resp.status();
+            if !status.is_success() {
+                let body = resp.text().await.unwrap_or_default();
+                return Err(HttpError::Status {
+                    url: url.clone(),
+                    status,
+                    body,
+                });
+            }
+            resp.json::<Resp>()
+                .await
+                .map_err(|source| HttpError::Request {
+                    url: url.clone(),
+                    source,
+                })
+        }
+        .await;
+        self.net
+            .metrics
+            .observe_rpc(what, started.elapsed(), res.is_ok());
+        res
+    }
+
+    fn timeout(&self, option: &RPCOption) -> Duration {
+        option
+            .hard_ttl()
+            .min(self.net.rpc_timeout)
+            .max(Duration::from_millis(1))
+    }
+}
+
+fn to_rpc_error<E: std::error::Error>(e: HttpError) -> RPCError<NodeId, Node, E> {
+    match e {
+        HttpError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let term = rpc.vote.leader_id.term;
+        let mine = rpc.vote.committed && rpc.vote.leader_id.node_id == self.net.me;
+        // Taken before the request leaves: the follower accepts it later, never earlier.
+        let sent = Instant::now();
+        let timeout = self.timeout(&option);
+        let res: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = self
+            .call("append", &rpc, timeout)
+            .await
+            .map_err(to_rpc_error)?;
+        let resp = res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))?;
+        if mine
+            && matches!(
+                resp,
+                AppendEntriesResponse::Success
+                    | AppendEntriesResponse::PartialSuccess(_)
+                    | AppendEntriesResponse::Conflict
+            )
+        {
+            self.net.fence.record_ack(term, self.target, sent);
+        }
+        Ok(resp)
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        // Snapshot chunks may be large: openraft's own (longer) timeout applies.
+        let res: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> =
+            self.call("snapshot", &rpc, option.hard_ttl())
+                .await
+                .map_err(to_rpc_error)?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        let timeout = self.timeout(&option);
+        let res: Result<VoteResponse<NodeId>, RaftError<NodeId>> = self
+            .call("vote", &rpc, timeout)
+            .await
+            .map_err(to_rpc_error)?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    fn backoff(&self) -> Backoff {
+        // A restarted peer is retried soon; 500 ms (openraft's default) delays rejoining.
+        Backoff::new(std::iter::repeat(Duration::from_millis(100)))
+    }
+}
+
+/// State of the peer RPC server.
+#[derive(Clone)]
+pub struct PeerState {
+    pub me: NodeId,
+    pub raft: Raft<TypeConfig>,
+    pub fence: Arc<Fence>,
+    /// For the last log id in refused votes.
+    pub log: super::log_store::LogStore,
+}
+
+/// The router served on the peer address.
+pub fn peer_router(state: PeerState) -> Router {
+    Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/snapshot", post(snapshot))
+        .route("/raft/status", axum::routing::get(status))
+        .layer(DefaultBodyLimit::max(256 * 1024 * 1024))
+        .with_state(state)
+}
+
+/// What `GET /raft/status` on the peer address answers (used by a master that starts
+/// with an empty data dir to tell first formation from a lost data dir).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    pub id: NodeId,
+    /// Has a membership (initialized or replicated to).
+    pub initialized: bool,
+    /// Highest log index (0 when empty).
+    pub last_log_index: u64,
+    pub term: u64,
+}
+
+impl PeerStatus {
+    /// Past first formation: holds an entry beyond the initial membership (index 0).
+    pub fn formed(&self) -> bool {
+        self.last_log_index >= 1
+    }
+}
+
+async fn status(State(st): State<PeerState>) -> Json<PeerStatus> {
+    let m = st.raft.metrics().borrow().clone();
+    Json(PeerStatus {
+        id: st.me,
+        initialized: m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .next()
+            .is_some(),
+        last_log_index: m.last_log_index.unwrap_or(0),
+        term: m.current_term,
+    })
+}
+
+/// `GET /raft/status` of a peer, `None` when it does not answer in time.
+pub async fn peer_status(
+    http: &reqwest::Client,
+    addr: &str,
+    timeout: Duration,
+) -> Option<PeerStatus> {
+    http.get(format!("http://{addr}/raft/status"))
+        .timeout(timeout)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+async fn append(
+    State(st): State<PeerState>,
+    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
+) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+    Json(st.raft.append_entries(req).await)
+}
+
+async fn snapshot(
+    State(st): State<PeerState>,
+    Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
+) -> Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+    Json(st.raft.install_snapshot(req).await)
+}
+
+async fn vote(State(st): State<PeerState>, Json(req): Json<VoteRequest<NodeId>>) -> Response {
+    let (view, view_vote) = {
+        let rx = st.raft.metrics();
+        let m = rx.borrow();
+        (RaftView::from_metrics(st.me, &m), m.vote)
+    };
+    if st
+        .fence
+        .begin_vote(&view, req.vote.leader_id.term, Instant::now())
+        .is_err()
+    {
+        // Refuse like openraft's own lease check does: not granted, with this master's
+        // vote and last log id (a candidate with a shorter log then backs off).
+        let mut log = st.log.clone();
+        let last_log_id = match openraft::storage::RaftLogStorage::get_log_state(&mut log).await {
+            Ok(s) => s.last_log_id,
+            Err(e) => {
+                return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+            }
+        };
+        tracing::debug!(
+            candidate = req.vote.leader_id.node_id,
+            term = req.vote.leader_id.term,
+            "vote refused by the fence"
+        );
+        let resp: Result<VoteResponse<NodeId>, RaftError<NodeId>> = Ok(VoteResponse {
+            vote: view_vote,
+            vote_granted: false,
+            last_log_id,
+        });
+        return Json(resp).into_response();
+    }
+    // Run the vote to completion even if the caller goes away, so the gate is always
+    // closed with the real outcome.
+    let raft = st.raft.clone();
+    let fence = st.fence.clone();
+    let cand = (req.vote.leader_id.node_id, req.vote.leader_id.term);
+    let task = tokio::spawn(async move {
+        let res = raft.vote(req).await;
+        let granted = match &res {
+            Ok(r) if r.vote_granted => Some(cand),
+            Ok(_) => None,
+            // Unknown outcome: assume granted (only makes this master more careful).
+            Err(_) => Some(cand),
+        };
+        fence.end_vote(granted);
+        res
+    });
+    match task.await {
+        Ok(res) => Json(res).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

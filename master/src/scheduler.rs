@@ -1,0 +1,318 @@
+//! The scheduler's decision, as a pure function: filter the nodes a pod fits on (Ready,
+//! schedulable, taints tolerated, nodeSelector, cpu / memory / pod count against
+//! allocatable minus what bound pods request), then score them (least requested,
+//! spreading replicas of one owner across nodes and zones) and pick the best.
+//! The runner in `controllers::runner` binds the pod, or records `PodScheduled=False`
+//! with the reason and an Event when nothing fits.
+
+use std::collections::BTreeMap;
+
+use ballast_config::validate::parse_quantity;
+use k8s_openapi::api::core::v1::{Node, Pod, Taint};
+
+use crate::controllers::{controller_uid, is_active};
+
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Requests of a pod: (cpu cores, memory bytes).
+pub fn requests(p: &Pod) -> (f64, f64) {
+    let mut cpu = 0.0;
+    let mut mem = 0.0;
+    for c in p
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or(&[])
+    {
+        if let Some(r) = c.resources.as_ref().and_then(|r| r.requests.as_ref()) {
+            cpu += r
+                .get("cpu")
+                .and_then(|q| parse_quantity(&q.0))
+                .unwrap_or(0.0);
+            mem += r
+                .get("memory")
+                .and_then(|q| parse_quantity(&q.0))
+                .unwrap_or(0.0);
+        }
+    }
+    (cpu, mem)
+}
+
+fn allocatable(n: &Node, key: &str) -> f64 {
+    n.status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()))
+        .and_then(|a| a.get(key))
+        .and_then(|q| parse_quantity(&q.0))
+        .unwrap_or(0.0)
+}
+
+fn is_node_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn tolerates(p: &Pod, t: &Taint) -> bool {
+    if t.effect == "PreferNoSchedule" {
+        return true;
+    }
+    let tols = p.spec.as_ref().and_then(|s| s.tolerations.as_ref());
+    tols.is_some_and(|tols| {
+        tols.iter().any(|tol| {
+            let effect_ok = tol
+                .effect
+                .as_deref()
+                .is_none_or(|e| e.is_empty() || e == t.effect);
+            let op = tol.operator.as_deref().unwrap_or("Equal");
+            let key_ok = match &tol.key {
+                None => op == "Exists",
+                Some(k) if k.is_empty() => op == "Exists",
+                Some(k) => *k == t.key,
+            };
+            let value_ok = op == "Exists"
+                || tol.value.as_deref().unwrap_or("") == t.value.as_deref().unwrap_or("");
+            effect_ok && key_ok && value_ok
+        })
+    })
+}
+
+/// Why a node was filtered out (message fragments as kube-scheduler words them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Reject {
+    NotReady,
+    Unschedulable,
+    Taint,
+    Selector,
+    Pods,
+    Cpu,
+    Memory,
+}
+
+impl Reject {
+    fn text(self) -> &'static str {
+        match self {
+            Reject::NotReady => "node(s) were not ready",
+            Reject::Unschedulable => "node(s) were unschedulable",
+            Reject::Taint => "node(s) had untolerated taint",
+            Reject::Selector => "node(s) didn't match Pod's node affinity/selector",
+            Reject::Pods => "Too many pods",
+            Reject::Cpu => "Insufficient cpu",
+            Reject::Memory => "Insufficient memory",
+        }
+    }
+}
+
+/// Choose a node for `pod`; `Err` carries the `PodScheduled=False` message.
+/// `pods` are all pods in the cluster (bound ones count against their node).
+pub fn schedule(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Result<String, String> {
+    let (cpu, mem) = requests(pod);
+    let selector = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_selector.clone())
+        .unwrap_or_default();
+    let owner = controller_uid(&pod.metadata).map(str::to_string);
+    let mut used: BTreeMap<&str, (f64, f64, usize, usize)> = BTreeMap::new();
+    let mut zone_peers: BTreeMap<String, usize> = BTreeMap::new();
+    let zone_of = |name: &str| -> Option<String> {
+        nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+            .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
+    };
+    for p in pods
+        .iter()
+        .filter(|p| is_active(p) || p.metadata.deletion_timestamp.is_some())
+    {
+        let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
+            continue;
+        };
+        let (c, m) = requests(p);
+        let e = used.entry(node).or_default();
+        e.0 += c;
+        e.1 += m;
+        e.2 += 1;
+        let peer = owner.is_some() && controller_uid(&p.metadata).map(str::to_string) == owner;
+        if peer {
+            e.3 += 1;
+            if let Some(z) = zone_of(node) {
+                *zone_peers.entry(z).or_default() += 1;
+            }
+        }
+    }
+    let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
+    let mut best: Option<(i64, String)> = None;
+    for n in nodes {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let labels = n.metadata.labels.clone().unwrap_or_default();
+        let u = used.get(name.as_str()).copied().unwrap_or_default();
+        let reject = if !is_node_ready(n) {
+            Some(Reject::NotReady)
+        } else if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+            Some(Reject::Unschedulable)
+        } else if n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|ts| ts.iter().any(|t| !tolerates(pod, t)))
+        {
+            Some(Reject::Taint)
+        } else if selector.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+            Some(Reject::Selector)
+        } else if (u.2 + 1) as f64 > allocatable(n, "pods") {
+            Some(Reject::Pods)
+        } else if u.0 + cpu > allocatable(n, "cpu") + 1e-9 {
+            Some(Reject::Cpu)
+        } else if u.1 + mem > allocatable(n, "memory") + 1e-9 {
+            Some(Reject::Memory)
+        } else {
+            None
+        };
+        if let Some(r) = reject {
+            *rejects.entry(r).or_default() += 1;
+            continue;
+        }
+        let free = |used: f64, alloc: f64| {
+            if alloc > 0.0 {
+                (1.0 - used / alloc).max(0.0)
+            } else {
+                0.0
+            }
+        };
+        let least = (free(u.0 + cpu, allocatable(n, "cpu"))
+            + free(u.1 + mem, allocatable(n, "memory")))
+            * 50.0;
+        let zone = labels
+            .get(ZONE_LABEL)
+            .and_then(|z| zone_peers.get(z))
+            .copied()
+            .unwrap_or(0);
+        let score = least as i64 - 1000 * u.3 as i64 - 300 * zone as i64 - u.2 as i64;
+        if best
+            .as_ref()
+            .is_none_or(|(s, b)| score > *s || (score == *s && name < *b))
+        {
+            best = Some((score, name));
+        }
+    }
+    match best {
+        Some((_, n)) => Ok(n),
+        None => {
+            let parts: Vec<String> = rejects
+                .iter()
+                .map(|(r, c)| format!("{c} {}", r.text()))
+                .collect();
+            Err(format!(
+                "0/{} nodes are available: {}.",
+                nodes.len(),
+                if parts.is_empty() {
+                    "no nodes registered".to_string()
+                } else {
+                    parts.join(", ")
+                }
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{
+        NodeCondition, NodeSpec, NodeStatus, ResourceRequirements, Toleration,
+    };
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+    use crate::controllers::tests::pod;
+
+    fn node(name: &str, zone: &str, cpu: &str, ready: bool) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some([(ZONE_LABEL.to_string(), zone.to_string())].into()),
+                ..Default::default()
+            },
+            spec: None,
+            status: Some(NodeStatus {
+                allocatable: Some(
+                    [
+                        ("cpu".to_string(), Quantity(cpu.into())),
+                        ("memory".to_string(), Quantity("8Gi".into())),
+                        ("pods".to_string(), Quantity("110".into())),
+                    ]
+                    .into(),
+                ),
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn requesting(mut p: Pod, cpu: &str) -> Pod {
+        p.spec.as_mut().unwrap().containers[0].resources = Some(ResourceRequirements {
+            requests: Some([("cpu".to_string(), Quantity(cpu.into()))].into()),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn spreads_replicas_across_nodes() {
+        let nodes = [node("w1", "a", "4", true), node("w2", "b", "4", true)];
+        let bound = pod("p1", Some("rs"), Some("w1"), true);
+        let new = pod("p2", Some("rs"), None, false);
+        assert_eq!(schedule(&new, &nodes, &[bound]).unwrap(), "w2");
+    }
+
+    #[test]
+    fn respects_cpu_and_readiness() {
+        let nodes = [node("w1", "a", "1", true), node("w2", "b", "8", false)];
+        let big = requesting(pod("p", None, None, false), "2");
+        let err = schedule(&big, &nodes, &[]).unwrap_err();
+        assert_eq!(
+            err,
+            "0/2 nodes are available: 1 node(s) were not ready, 1 Insufficient cpu."
+        );
+        let small = requesting(pod("p", None, None, false), "500m");
+        assert_eq!(schedule(&small, &nodes, &[]).unwrap(), "w1");
+    }
+
+    #[test]
+    fn node_selector_and_taints() {
+        let mut w1 = node("w1", "a", "4", true);
+        w1.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: "dedicated".into(),
+                value: Some("db".into()),
+                effect: "NoSchedule".into(),
+                time_added: None,
+            }]),
+            ..Default::default()
+        });
+        let w2 = node("w2", "b", "4", true);
+        let mut p = pod("p", None, None, false);
+        p.spec.as_mut().unwrap().node_selector =
+            Some([(ZONE_LABEL.to_string(), "a".to_string())].into());
+        let err = schedule(&p, &[w1.clone(), w2.clone()], &[]).unwrap_err();
+        assert!(
+            err.contains("1 node(s) had untolerated taint")
+                && err.contains("1 node(s) didn't match"),
+            "{err}"
+        );
+        p.spec.as_mut().unwrap().tolerations = Some(vec![Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Equal".into()),
+            value: Some("db".into()),
+            effect: Some("NoSchedule".into()),
+            toleration_seconds: None,
+        }]);
+        assert_eq!(schedule(&p, &[w1, w2], &[]).unwrap(), "w1");
+    }
+}

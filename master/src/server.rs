@@ -1,0 +1,314 @@
+//! The master's HTTP server on its API address: health, `/active`, `/metrics`, the
+//! test-only internal key-value endpoint, and (served only while active) the Kubernetes
+//! API router passed in as `extra`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::metrics::{count_requests, MasterMetrics};
+use crate::raft::{Leadership, RaftStore};
+use crate::store::{Command, CommandResult, KeyValue, Precondition, Store, StoreError};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ServerState {
+    pub leadership: Leadership,
+    pub store: Arc<RaftStore>,
+    pub metrics: Arc<MasterMetrics>,
+    /// Serve `/internal/kv` (tests only; `control.internal_kv`).
+    pub internal_kv: bool,
+}
+
+/// The whole API-address router: health/active/metrics (+ internal KV when enabled),
+/// plus `extra` (the Kubernetes API), which answers only on the active master and
+/// otherwise 503 with a Kubernetes `Status` and `Retry-After: 1`. Every request is
+/// counted in `ballast_master_api_requests_total`.
+pub fn build_router(state: ServerState, extra: Router) -> Router {
+    let gated = extra.layer(middleware::from_fn_with_state(
+        state.clone(),
+        require_active,
+    ));
+    let mut base = Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/active", get(active))
+        .route("/metrics", get(metrics));
+    if state.internal_kv {
+        base = base.route("/internal/kv", get(kv_list)).route(
+            "/internal/kv/{*key}",
+            get(kv_get).put(kv_put).delete(kv_delete),
+        );
+    }
+    base.with_state(state.clone())
+        .merge(gated)
+        .layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            count_requests,
+        ))
+}
+
+/// The Kubernetes `Status` a non-active master answers with.
+pub fn not_active_status(me: &str, leader: Option<&str>) -> Response {
+    let message = match leader {
+        Some(l) => format!("master {me} is not active; the active master is {l}"),
+        None => format!("master {me} is not active; no active master is known"),
+    };
+    let body = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": "ServiceUnavailable",
+        "code": 503,
+    });
+    let mut resp = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+async fn require_active(State(st): State<ServerState>, req: Request, next: Next) -> Response {
+    let status = st.leadership.status();
+    if !status.active {
+        return not_active_status(&status.id, status.leader.as_deref());
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(st): State<ServerState>) -> Response {
+    if st.leadership.is_active() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not active").into_response()
+    }
+}
+
+async fn active(State(st): State<ServerState>) -> Response {
+    let status = st.leadership.status();
+    let code = if status.active {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(status)).into_response()
+}
+
+async fn metrics(State(st): State<ServerState>) -> Response {
+    let m = &st.metrics;
+    m.active.set(st.leadership.is_active() as i64);
+    m.store_revision.set(st.store.revision() as i64);
+    st.store.refresh_raft_metrics(m);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        m.render(),
+    )
+        .into_response()
+}
+
+fn store_error(e: StoreError) -> Response {
+    let (code, leader) = match &e {
+        StoreError::NotActive { leader } => (StatusCode::SERVICE_UNAVAILABLE, leader.clone()),
+        StoreError::Timeout => (StatusCode::GATEWAY_TIMEOUT, None),
+        StoreError::Compacted { .. } => (StatusCode::GONE, None),
+        StoreError::Fatal(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
+    };
+    let mut body = json!({ "error": e.to_string(), "retryable": e.is_retryable() });
+    if let Some(l) = leader {
+        body["leader"] = json!(l);
+    }
+    let mut resp = (code, Json(body)).into_response();
+    if code == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+fn kv_json(kv: &KeyValue) -> serde_json::Value {
+    json!({
+        "key": kv.key,
+        "value": String::from_utf8_lossy(&kv.value),
+        "create_revision": kv.create_revision,
+        "mod_revision": kv.mod_revision,
+    })
+}
+
+/// `?expect=absent|exists|rev:N` (default: no check).
+fn parse_expect(q: &HashMap<String, String>) -> Result<Precondition, Box<Response>> {
+    match q.get("expect").map(String::as_str) {
+        None | Some("") | Some("any") => Ok(Precondition::Any),
+        Some("absent") => Ok(Precondition::Absent),
+        Some("exists") => Ok(Precondition::Exists),
+        Some(s) => match s.strip_prefix("rev:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(Precondition::ModRevision(n)),
+            None => Err(Box::new(
+                (
+                    StatusCode::BAD_REQUEST,
+                    Json(
+                        json!({"error": format!("bad expect `{s}`: use absent, exists or rev:N")}),
+                    ),
+                )
+                    .into_response(),
+            )),
+        },
+    }
+}
+
+fn write_result(res: Result<CommandResult, StoreError>) -> Response {
+    match res {
+        Ok(CommandResult::Ok { revision, prev }) => (
+            StatusCode::OK,
+            Json(json!({
+                "revision": revision,
+                "prev": prev.first().cloned().flatten().as_ref().map(kv_json),
+            })),
+        )
+            .into_response(),
+        Ok(CommandResult::Conflict {
+            key,
+            current,
+            revision,
+        }) => (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": "precondition failed",
+                "key": key,
+                "current": current.as_ref().map(kv_json),
+                "revision": revision,
+            })),
+        )
+            .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn kv_put(
+    State(st): State<ServerState>,
+    Path(key): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let expect = match parse_expect(&q) {
+        Ok(e) => e,
+        Err(r) => return *r,
+    };
+    write_result(
+        st.store
+            .write(Command::Put {
+                key: format!("/{key}"),
+                value: body.to_vec(),
+                expect,
+            })
+            .await,
+    )
+}
+
+async fn kv_delete(
+    State(st): State<ServerState>,
+    Path(key): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let expect = match parse_expect(&q) {
+        Ok(e) => e,
+        Err(r) => return *r,
+    };
+    write_result(
+        st.store
+            .write(Command::Delete {
+                key: format!("/{key}"),
+                expect,
+            })
+            .await,
+    )
+}
+
+async fn kv_get(State(st): State<ServerState>, Path(key): Path<String>) -> Response {
+    let key = format!("/{key}");
+    match st.store.get(&key).await {
+        Ok(Some(kv)) => {
+            let mut body = kv_json(&kv);
+            body["revision"] = json!(st.store.revision());
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "not found", "key": key, "revision": st.store.revision()})),
+        )
+            .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn kv_list(
+    State(st): State<ServerState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let prefix = q.get("prefix").cloned().unwrap_or_else(|| "/".into());
+    let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    match st
+        .store
+        .range(&prefix, q.get("start_after").map(String::as_str), limit)
+        .await
+    {
+        Ok(r) => (
+            StatusCode::OK,
+            Json(json!({
+                "revision": r.revision,
+                "more": r.more,
+                "kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>(),
+            })),
+        )
+            .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn not_active_answers_a_kubernetes_status_with_retry_after() {
+        let resp = not_active_status("m2", Some("m1"));
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["kind"], "Status");
+        assert_eq!(v["apiVersion"], "v1");
+        assert_eq!(v["status"], "Failure");
+        assert_eq!(v["reason"], "ServiceUnavailable");
+        assert_eq!(v["code"], 503);
+        assert_eq!(
+            v["message"],
+            "master m2 is not active; the active master is m1"
+        );
+    }
+
+    #[test]
+    fn expect_parameter() {
+        let q = |s: &str| HashMap::from([("expect".to_string(), s.to_string())]);
+        assert_eq!(parse_expect(&HashMap::new()).unwrap(), Precondition::Any);
+        assert_eq!(parse_expect(&q("absent")).unwrap(), Precondition::Absent);
+        assert_eq!(
+            parse_expect(&q("rev:7")).unwrap(),
+            Precondition::ModRevision(7)
+        );
+        assert!(parse_expect(&q("rev:x")).is_err());
+    }
+}

@@ -1,0 +1,229 @@
+//! Real kubectl (Debian's 1.20 and the machine's 1.33) against real masters, through the
+//! proxy, with real workers running the pods.
+
+use std::time::Duration;
+
+use ballast_tests::*;
+
+const T: Duration = Duration::from_secs(120);
+
+fn deployment_yaml(name: &str, ns: &str, replicas: u32, tag: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels:
+    app: {name}
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels:
+      app: {name}
+  strategy:
+    rollingUpdate:
+      maxSurge: 1
+      maxUnavailable: 0
+  template:
+    metadata:
+      labels:
+        app: {name}
+        tag: "{tag}"
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: main
+        image: busybox:{tag}
+        command: ["sh", "-c", "echo started {tag}; exec sleep 1000"]
+        resources:
+          requests:
+            cpu: 100m
+            memory: 16Mi
+"#
+    )
+}
+
+fn cluster(block: u8) -> Cluster {
+    let c = Cluster::start(ClusterOpts::new(block).workers(2).proxy(true), |_| {});
+    c.wait_one_active(T);
+    c
+}
+
+fn wait_nodes_ready(k: &Kubectl) {
+    wait_until("both nodes Ready", T, || {
+        let out = k.run(&["get", "nodes"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let ready = text
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("Ready"))
+            .count();
+        (ready == 2).then_some(text)
+    });
+}
+
+/// The everyday kubectl workflow, with both kubectl versions, each in its own namespace.
+fn workflow(k: &Kubectl, ns: &str) {
+    let v = k.ok(&["version"]);
+    assert!(v.contains("Server Version"), "{v}");
+    k.ok(&["create", "namespace", ns]);
+    wait_nodes_ready(k);
+
+    // apply (create), rollout status, get with columns.
+    k.ok_stdin(&["apply", "-f", "-"], &deployment_yaml("web", ns, 2, "1"));
+    k.ok(&[
+        "-n",
+        ns,
+        "rollout",
+        "status",
+        "deployment/web",
+        "--timeout=120s",
+    ]);
+    let deploys = k.ok(&["-n", ns, "get", "deploy"]);
+    assert!(
+        deploys.contains("READY") && deploys.contains("2/2"),
+        "{deploys}"
+    );
+    let pods = k.ok(&["-n", ns, "get", "pods", "-o", "wide"]);
+    assert_eq!(
+        pods.lines().filter(|l| l.contains("Running")).count(),
+        2,
+        "{pods}"
+    );
+    assert!(
+        pods.contains("NODE") && (pods.contains(" w1 ") || pods.contains(" w2 ")),
+        "{pods}"
+    );
+
+    // apply (change): a new template rolls out.
+    k.ok_stdin(&["apply", "-f", "-"], &deployment_yaml("web", ns, 3, "2"));
+    k.ok(&[
+        "-n",
+        ns,
+        "rollout",
+        "status",
+        "deployment/web",
+        "--timeout=120s",
+    ]);
+    let pods = k.ok(&["-n", ns, "get", "pods", "-l", "tag=2"]);
+    assert_eq!(
+        pods.lines().filter(|l| l.contains("Running")).count(),
+        3,
+        "{pods}"
+    );
+
+    // scale.
+    k.ok(&["-n", ns, "scale", "deployment/web", "--replicas=1"]);
+    wait_until("scaled to 1", T, || {
+        let p = k.ok(&["-n", ns, "get", "pods", "-l", "app=web", "--no-headers"]);
+        (p.lines().filter(|l| !l.contains("Terminating")).count() == 1).then_some(())
+    });
+
+    // create deployment (protobuf body from 1.33, JSON from 1.20).
+    k.ok(&[
+        "-n",
+        ns,
+        "create",
+        "deployment",
+        "other",
+        "--image=busybox",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let y = k.ok(&["-n", ns, "get", "deployment", "other", "-o", "yaml"]);
+    assert!(y.contains("kind: Deployment") && y.contains("sleep"), "{y}");
+
+    // -A, describe, events.
+    let all = k.ok(&["get", "pods", "-A"]);
+    assert!(all.contains(ns), "{all}");
+    let d = k.ok(&["describe", "node", "w1"]);
+    assert!(d.contains("Name:") && d.contains("w1"), "{d}");
+    let pod = k.ok(&[
+        "-n",
+        ns,
+        "get",
+        "pods",
+        "-l",
+        "app=web",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    let d = k.ok(&["-n", ns, "describe", "pod", pod.trim()]);
+    assert!(d.contains("Node:") && d.contains("Scheduled"), "{d}");
+    let ev = k.ok(&["-n", ns, "get", "events"]);
+    assert!(ev.contains("Scheduled"), "{ev}");
+
+    // Errors as a Kubernetes API server gives them.
+    let out = k.run(&["get", "frobnicators"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the server doesn't have a resource type"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = k.run(&["create", "namespace", ns]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("AlreadyExists"),
+        "{out:?}"
+    );
+    let out = k.run_stdin(
+        &["create", "-f", "-"],
+        &format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: Bad_Name\n  namespace: {ns}\nspec:\n  containers: []\n"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is invalid"), "{err}");
+
+    // delete (kubectl waits for it), garbage collection of the pods.
+    k.ok(&["-n", ns, "delete", "deployment", "web"]);
+    wait_until("web's pods collected", T, || {
+        let p = k.ok(&["-n", ns, "get", "pods", "-l", "app=web", "--no-headers"]);
+        p.trim().is_empty().then_some(())
+    });
+}
+
+#[test]
+fn kubectl_1_33_workflow() {
+    let c = cluster(31);
+    let k = Kubectl::new("1.33", &c.proxy_url(), c.dir());
+    workflow(&k, "k133");
+}
+
+#[test]
+fn kubectl_1_20_workflow() {
+    let c = cluster(32);
+    let k = Kubectl::new("1.20", &c.proxy_url(), c.dir());
+    workflow(&k, "k120");
+}
+
+/// Right after a kill -9 of the active master, kubectl keeps working through the proxy
+/// and nothing is lost.
+#[test]
+fn kubectl_survives_failover() {
+    let mut c = cluster(33);
+    let k = Kubectl::new("1.33", &c.proxy_url(), c.dir());
+    wait_nodes_ready(&k);
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        &deployment_yaml("web", "default", 2, "1"),
+    );
+    k.ok(&["rollout", "status", "deployment/web", "--timeout=120s"]);
+    let before = k.ok(&["get", "pods", "-o", "jsonpath={.items[*].metadata.uid}"]);
+    let (active, term) = c.wait_one_active(T);
+    c.kill(&active);
+    // Every command succeeds (kubectl's own retry on 503 + Retry-After allowed).
+    let deploys = k.ok(&["get", "deploy", "web"]);
+    assert!(deploys.contains("2/2"), "{deploys}");
+    k.ok(&["scale", "deployment/web", "--replicas=3"]);
+    k.ok(&["rollout", "status", "deployment/web", "--timeout=120s"]);
+    let (new_active, new_term) = c.wait_one_active(T);
+    assert_ne!(new_active, active);
+    assert!(new_term > term);
+    let after = k.ok(&["get", "pods", "-o", "jsonpath={.items[*].metadata.uid}"]);
+    for uid in before.split_whitespace() {
+        assert!(
+            after.contains(uid),
+            "pod {uid} lost across failover: {after}"
+        );
+    }
+}

@@ -1,0 +1,461 @@
+//! Workers with real masters, the proxy and real pod processes: the pods' processes do not
+//! go down with the masters, a worker's crash neither kills nor duplicates them, and a
+//! lost worker's pods are replaced on the other one; `kubectl logs` shows their output.
+//!
+//! The tests of this file take a lock: each starts a whole cluster, and the machine has
+//! few cores.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ballast_tests::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(120);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Kills, on drop, every pod process the workers of a test recorded (they outlive a
+/// SIGKILLed worker by design, so the harness alone would leave them behind).
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in recorded_pids(&self.0) {
+            let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+        }
+    }
+}
+
+/// pod name → container pid, from every worker's state file under `dir`.
+fn recorded(dir: &Path) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    let subdirs = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    for d in std::iter::once(dir.to_path_buf()).chain(subdirs) {
+        let state = d.join("state.json");
+        let Ok(text) = std::fs::read_to_string(&state) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        for rec in v["pods"].as_object().into_iter().flat_map(|m| m.values()) {
+            let name = rec["pod"]["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            for c in rec["containers"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
+                if let Some(pid) = c["pid"].as_u64() {
+                    out.insert(name.clone(), pid as u32);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn recorded_pids(dir: &Path) -> Vec<u32> {
+    recorded(dir).into_values().collect()
+}
+
+fn api(c: &Cluster, method: &str, path: &str, body: Option<&Value>) -> Option<Response> {
+    let b = body.map(|v| v.to_string());
+    http(method, &format!("{}{path}", c.proxy_url()), b.as_deref()).ok()
+}
+
+fn pod_body(name: &str, node: &str, script: &str, grace: i64) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": {"test": "worker"}},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": grace,
+            "containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script]}]
+        }
+    })
+}
+
+fn create_pod(c: &Cluster, body: &Value) {
+    wait_until("pod created", T, || {
+        let r = api(c, "POST", "/api/v1/namespaces/default/pods", Some(body))?;
+        (r.status == 201 || r.status == 200 || r.status == 409).then_some(())
+    });
+}
+
+fn get_pod(c: &Cluster, name: &str) -> Option<Value> {
+    let r = api(
+        c,
+        "GET",
+        &format!("/api/v1/namespaces/default/pods/{name}"),
+        None,
+    )?;
+    (r.status == 200).then(|| r.json())
+}
+
+/// The pid in the reported `containerID` (`ballast://PID`) of a running container.
+fn reported_pid(p: &Value) -> Option<u32> {
+    let cs = &p["status"]["containerStatuses"][0];
+    cs["state"]["running"].as_object()?;
+    cs["containerID"]
+        .as_str()?
+        .strip_prefix("ballast://")?
+        .parse()
+        .ok()
+}
+
+fn restarts(p: &Value) -> i64 {
+    p["status"]["containerStatuses"][0]["restartCount"]
+        .as_i64()
+        .unwrap_or(-1)
+}
+
+/// Wait until `name` runs; returns its process id.
+fn wait_running(c: &Cluster, name: &str) -> u32 {
+    wait_until(&format!("pod {name} Running"), T, || {
+        let p = get_pod(c, name)?;
+        (p["status"]["phase"] == "Running").then_some(())?;
+        reported_pid(&p)
+    })
+}
+
+fn node_ready(c: &Cluster, node: &str) -> bool {
+    api(c, "GET", &format!("/api/v1/nodes/{node}"), None)
+        .filter(|r| r.status == 200)
+        .map(|r| {
+            r.json()["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+        .unwrap_or(false)
+}
+
+fn wait_nodes_ready(c: &Cluster, nodes: &[&str]) {
+    wait_until("nodes Ready", T, || {
+        nodes.iter().all(|n| node_ready(c, n)).then_some(())
+    });
+}
+
+fn start(block: u8, workers: usize) -> (Cluster, Reaper) {
+    let c = Cluster::start(ClusterOpts::new(block).workers(workers).proxy(true), |_| {});
+    let reaper = Reaper(c.dir().to_path_buf());
+    c.wait_one_active(T);
+    (c, reaper)
+}
+
+/// kill -9 of the active master, then every master down for 30 s: the pods' processes
+/// are untouched (and one that dies meanwhile is restarted by its worker), statuses catch
+/// up afterwards, w2 (DNS route) follows the active master; logs are served; deleting a
+/// pod stops its process within the grace period.
+#[test]
+fn pods_survive_failover_and_a_control_plane_outage() {
+    let _g = serial();
+    let (mut c, _reaper) = start(41, 2);
+    wait_nodes_ready(&c, &["w1", "w2"]);
+    let script = "echo started; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
+    create_pod(&c, &pod_body("p1", "w1", script, 3));
+    create_pod(&c, &pod_body("p2", "w2", script, 3));
+    let pid1 = wait_running(&c, "p1");
+    let pid2 = wait_running(&c, "p2");
+    assert!(pid_alive(pid1) && pid_alive(pid2));
+
+    // Logs straight from the worker.
+    let logs = wait_until("p1 logs", T, || {
+        let url = format!(
+            "http://{}/containerLogs/default/p1/main?tailLines=50",
+            c.worker_addr("w1")
+        );
+        let r = http("GET", &url, None).ok()?;
+        (r.status == 200 && r.body.contains("tick 1")).then_some(r.body)
+    });
+    assert!(logs.contains("started"), "{logs}");
+
+    // kill -9 of the active master.
+    let (old, _) = c.wait_one_active(T);
+    c.kill(&old);
+    let (new, _) = wait_until("a new active master", T, || {
+        let a = c.active_masters();
+        (a.len() == 1 && a[0].0 != old).then(|| a[0].clone())
+    });
+    // Both workers renew their leases through the new master (w2 by DNS) and keep their
+    // nodes Ready.
+    for w in ["w1", "w2"] {
+        let renew = || {
+            let path =
+                format!("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{w}");
+            let r = api(&c, "GET", &path, None).filter(|r| r.status == 200)?;
+            r.json()["spec"]["renewTime"].as_str().map(str::to_string)
+        };
+        let first = wait_until("a lease read", T, renew);
+        let second = wait_until(&format!("{w} renews its lease"), T, || {
+            renew().filter(|r| *r > first)
+        });
+        wait_until(&format!("{w} renews its lease again"), T, || {
+            renew().filter(|r| *r > second)
+        });
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    wait_nodes_ready(&c, &["w1", "w2"]);
+    for (name, pid) in [("p1", pid1), ("p2", pid2)] {
+        let p = get_pod(&c, name).unwrap();
+        assert_eq!(
+            reported_pid(&p),
+            Some(pid),
+            "{name} kept its process after failover to {new}"
+        );
+        assert_eq!(restarts(&p), 0, "{name}");
+        assert!(pid_alive(pid));
+    }
+
+    // Every master down for 30 s.
+    c.start_node(&old);
+    wait_until("all masters up", T, || {
+        c.master_ids()
+            .iter()
+            .all(|m| status_of(&format!("{}/livez", c.master_url(m))) == 200)
+            .then_some(())
+    });
+    for m in c.master_ids() {
+        c.kill(&m);
+    }
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    // A process that dies meanwhile is restarted by its worker alone.
+    let _ = kill(Pid::from_raw(-(pid1 as i32)), Signal::SIGKILL);
+    let new1 = wait_until("p1 restarted without masters", T, || {
+        recorded(c.dir())
+            .get("p1")
+            .copied()
+            .filter(|p| *p != pid1 && pid_alive(*p))
+    });
+    while down.elapsed() < Duration::from_secs(30) {
+        assert!(pid_alive(pid2), "p2's process must not be touched");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for m in c.master_ids() {
+        c.start_node(&m);
+    }
+    c.wait_one_active(T);
+    // Statuses catch up.
+    wait_until("p1 status caught up", T, || {
+        let p = get_pod(&c, "p1")?;
+        (reported_pid(&p) == Some(new1) && restarts(&p) == 1).then_some(())
+    });
+    let p2 = get_pod(&c, "p2").unwrap();
+    assert_eq!(reported_pid(&p2), Some(pid2));
+    assert_eq!(restarts(&p2), 0);
+    wait_nodes_ready(&c, &["w1", "w2"]);
+
+    // Deleting stops the process within the grace period (3 s), then the object goes.
+    let t0 = Instant::now();
+    let r = api(
+        &c,
+        "DELETE",
+        "/api/v1/namespaces/default/pods/p2",
+        Some(&json!({})),
+    )
+    .unwrap();
+    assert!(r.status == 200 || r.status == 202, "{}", r.body);
+    wait_until("p2 gone", T, || {
+        let r = api(&c, "GET", "/api/v1/namespaces/default/pods/p2", None)?;
+        (r.status == 404).then_some(())
+    });
+    assert!(!pid_alive(pid2), "p2's process stopped");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
+
+fn count_sleepers(marker: &str) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let p = e.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let cmd = std::fs::read(p.join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if comm.trim() == "sleep"
+            && cmd.contains(marker)
+            && pid_alive(e.file_name().to_str().unwrap_or("0").parse().unwrap_or(0))
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// kill -9 of a worker leaves its processes running; the next worker adopts them (no
+/// duplicate); SIGTERM of the worker stops them.
+#[test]
+fn a_restarted_worker_adopts_its_processes_and_sigterm_stops_them() {
+    let _g = serial();
+    let (mut c, _reaper) = start(42, 1);
+    wait_nodes_ready(&c, &["w1"]);
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "s", "namespace": "default"},
+        "spec": {
+            "nodeName": "w1",
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{"name": "main", "image": "busybox", "command": ["sleep", "4242"]}]
+        }
+    });
+    create_pod(&c, &body);
+    let pid = wait_running(&c, "s");
+    assert_eq!(count_sleepers("4242"), 1);
+
+    c.kill("w1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(pid_alive(pid), "the process survives its worker");
+    c.start_node("w1");
+    wait_until("worker back", T, || {
+        (status_of(&format!("http://{}/livez", c.worker_addr("w1"))) == 200).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(pid_alive(pid));
+    assert_eq!(count_sleepers("4242"), 1, "no duplicate after the restart");
+    assert_eq!(recorded(c.dir()).get("s"), Some(&pid));
+    let p = get_pod(&c, "s").unwrap();
+    assert_eq!(reported_pid(&p), Some(pid));
+    assert_eq!(restarts(&p), 0);
+
+    let (_, by_itself) = c.terminate("w1", Duration::from_secs(30));
+    assert!(by_itself, "the worker stops on SIGTERM");
+    assert!(
+        !pid_alive(pid),
+        "SIGTERM of the worker stops its pods' processes"
+    );
+    assert_eq!(count_sleepers("4242"), 0);
+}
+
+/// `kubectl logs` and `logs -f` show a pod's process output (through the master, which
+/// proxies to the worker's `/containerLogs`).
+#[test]
+fn kubectl_logs_show_the_process_output() {
+    let _g = serial();
+    let (c, _reaper) = start(43, 2);
+    wait_nodes_ready(&c, &["w1", "w2"]);
+    let script =
+        "echo hello from $HOSTNAME; i=0; while true; do echo line $i; i=$((i+1)); sleep 1; done";
+    create_pod(&c, &pod_body("talker", "w2", script, 2));
+    wait_running(&c, "talker");
+    let k = Kubectl::new("1.33", &c.proxy_url(), c.dir());
+    let text = wait_until("kubectl logs", T, || {
+        let out = k.run(&["logs", "talker", "--tail=100"]);
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.success() && s.contains("line 1")).then_some(s)
+    });
+    assert!(text.contains("hello from talker"), "{text}");
+    let tail = k.ok(&["logs", "talker", "--tail=1"]);
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    let out = run(
+        "timeout",
+        &[
+            "4",
+            k.bin.to_str().unwrap(),
+            "--kubeconfig",
+            c.dir()
+                .join("kubectl-home-1.33/kubeconfig")
+                .to_str()
+                .unwrap(),
+            "logs",
+            "-f",
+            "talker",
+            "--tail=1",
+        ],
+    );
+    let followed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        followed.lines().filter(|l| l.starts_with("line ")).count() >= 2,
+        "logs -f streams: {followed}"
+    );
+}
+
+/// A killed worker's node becomes NotReady and its deployment pods are replaced on the
+/// other worker.
+#[test]
+fn a_lost_workers_pods_are_replaced() {
+    let _g = serial();
+    let (mut c, _reaper) = start(44, 2);
+    wait_nodes_ready(&c, &["w1", "w2"]);
+    let k = Kubectl::new("1.33", &c.proxy_url(), c.dir());
+    let deploy = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: default
+spec:
+  replicas: 4
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: main
+        image: busybox
+        command: ["sh", "-c", "exec sleep 100000"]
+"#;
+    k.ok_stdin(&["apply", "-f", "-"], deploy);
+    let pods = |node: &str| -> Vec<String> {
+        let out = k.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.phase}{\"\\n\"}{end}",
+        ]);
+        out.lines()
+            .filter(|l| l.ends_with(" Running"))
+            .map(|l| l.split(' ').next().unwrap().to_string())
+            .collect()
+    };
+    wait_until("pods running on both workers", T, || {
+        let (a, b) = (pods("w1"), pods("w2"));
+        (!a.is_empty() && !b.is_empty() && a.len() + b.len() == 4).then_some(())
+    });
+    let w1_pids: Vec<u32> = wait_until("w1's processes recorded", T, || {
+        let p = recorded(&c.dir().join("w1"));
+        (!p.is_empty()).then(|| p.into_values().collect())
+    });
+    c.kill("w1");
+    wait_until("w1 NotReady", T, || (!node_ready(&c, "w1")).then_some(()));
+    wait_until("all 4 replicas on w2", Duration::from_secs(180), || {
+        (pods("w2").len() == 4).then_some(())
+    });
+    // The processes of the lost worker kept running; when it comes back it stops them,
+    // since their pods are no longer its own.
+    assert!(w1_pids.iter().all(|p| pid_alive(*p)));
+    c.start_node("w1");
+    wait_until("w1's old processes stopped", T, || {
+        w1_pids.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    wait_nodes_ready(&c, &["w1", "w2"]);
+}
