@@ -60,6 +60,10 @@ enum Cmd {
         /// This worker's id in the config (e.g. `w1`).
         #[arg(long)]
         id: String,
+        /// Run N simulated nodes (`<id>-hollow-1` .. `<id>-hollow-N`) in this one process:
+        /// real registration, leases and pod status, no processes (like kubemark).
+        #[arg(long, value_name = "N")]
+        hollow: Option<usize>,
     },
     /// Validate a config file: exit 0, or 1 with `FILE:LINE:COL: message`.
     CheckConfig {
@@ -134,13 +138,18 @@ fn run(cmd: Cmd, log_format: LogFormat) -> anyhow::Result<()> {
                     .with_context(|| format!("master {id} failed"))
             })
         }
-        Cmd::Worker { config, id } => {
+        Cmd::Worker { config, id, hollow } => {
             let loaded = load_config(&config)?;
             runtime()?.block_on(async move {
                 let shutdown = shutdown_on_signal();
-                ballast_worker::run(loaded, id.clone(), shutdown)
-                    .await
-                    .with_context(|| format!("worker {id} failed"))
+                match hollow {
+                    Some(n) => ballast_worker::run_hollow(loaded, id.clone(), n, shutdown)
+                        .await
+                        .with_context(|| format!("hollow workers {id} failed")),
+                    None => ballast_worker::run(loaded, id.clone(), shutdown)
+                        .await
+                        .with_context(|| format!("worker {id} failed")),
+                }
             })
         }
         Cmd::CheckConfig { .. } => unreachable!("handled in main"),

@@ -11,7 +11,8 @@
 //! - [`UpProcess`] runs `ballast up` itself.
 //!
 //! Address blocks in use (one per test): 10 harness self-tests and `ballast up`,
-//! 11–19 master tests, 21–29 proxy tests, 31–39 API tests, 41–49 worker tests.
+//! 11–19 master tests, 21–29 proxy tests, 31–39 API tests, 41–49 worker tests, 70–79 the
+//! benchmarks (`examples/bench_*.rs`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -429,6 +430,13 @@ fn die_with_parent(cmd: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// Spawn a helper program (e.g. a load balancer a benchmark compares with) that gets SIGKILL
+/// when this process dies, like the nodes of a [`Cluster`].
+pub fn spawn_tied(cmd: &mut Command) -> std::io::Result<Child> {
+    die_with_parent(cmd);
+    cmd.spawn()
 }
 
 /// Poll `f` every 25 ms until it returns `Some`, or panic naming `what` after `timeout`.

@@ -1,0 +1,114 @@
+//! A real Prometheus server (Debian's `prometheus`) scrapes the proxy, the masters and a
+//! worker, and its query API returns the contract's metrics.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ballast_tests::*;
+
+struct Prometheus(Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn query(base: &str, q: &str) -> Vec<serde_json::Value> {
+    let url = format!("{base}/api/v1/query?query={q}");
+    match http("GET", &url, None) {
+        Ok(r) if r.status == 200 => r.json()["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+        _ => vec![],
+    }
+}
+
+#[test]
+fn prometheus_scrapes_proxy_masters_and_workers() {
+    assert!(
+        have("prometheus"),
+        "Debian's prometheus is required (./task deps)"
+    );
+    let c = Cluster::start(ClusterOpts::new(28).workers(1).proxy(true), |_| {});
+    let (active, _) = c.wait_one_active(Duration::from_secs(60));
+    let masters: Vec<String> = c
+        .master_ids()
+        .iter()
+        .map(|m| format!("'{}'", c.master_api(m)))
+        .collect();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n\
+         - job_name: proxy\n  static_configs:\n  - targets: ['{}']\n\
+         - job_name: masters\n  static_configs:\n  - targets: [{}]\n\
+         - job_name: workers\n  static_configs:\n  - targets: ['{}']\n",
+        c.proxy_admin(),
+        masters.join(", "),
+        c.worker_addr("w1"),
+    );
+    let dir = c.dir().join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let listen = "127.28.0.90:9090";
+    let log = std::fs::File::create(c.dir().join("logs/prometheus.log")).unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={listen}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start prometheus");
+    let _prom = Prometheus(child);
+    let base = format!("http://{listen}");
+
+    // The proxy routes to exactly one master, the one that reports itself active.
+    let routed = wait_until(
+        "prometheus has ballast_proxy_active_master == 1",
+        Duration::from_secs(90),
+        || {
+            let r = query(&base, "ballast_proxy_active_master%3D%3D1");
+            (r.len() == 1).then(|| r[0]["metric"]["master"].as_str().unwrap_or("").to_string())
+        },
+    );
+    assert_eq!(routed, active);
+
+    // Every master is up and exactly one reports itself active.
+    wait_until("all targets up", Duration::from_secs(60), || {
+        let r = query(&base, "up%3D%3D1");
+        (r.len() == 5).then_some(())
+    });
+    let actives = wait_until(
+        "ballast_master_active scraped",
+        Duration::from_secs(60),
+        || {
+            let r = query(&base, "ballast_master_active");
+            (r.len() == 3).then_some(r)
+        },
+    );
+    let sum: f64 = actives
+        .iter()
+        .map(|s| s["value"][1].as_str().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(sum, 1.0, "{actives:?}");
+    for metric in [
+        "ballast_proxy_failovers_total",
+        "ballast_proxy_upstream_healthy",
+        "ballast_master_term",
+        "ballast_master_store_revision",
+        "ballast_worker_pods_running",
+    ] {
+        wait_until(metric, Duration::from_secs(60), || {
+            (!query(&base, metric).is_empty()).then_some(())
+        });
+    }
+}
