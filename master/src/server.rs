@@ -56,7 +56,12 @@ pub fn build_router(state: ServerState, extra: Router) -> Router {
         ))
 }
 
-/// The Kubernetes `Status` a non-active master answers with.
+/// Header on the 503 a non-active master answers *before* acting on a request: the
+/// request never reached the store, so a proxy may send it (even a write) elsewhere.
+/// A 503 without it (e.g. leadership lost during a write) may have been committed.
+pub const REJECTED_HEADER: &str = "x-ballast-rejected";
+
+/// The Kubernetes `Status` a non-active master answers with, before acting on a request.
 pub fn not_active_status(me: &str, leader: Option<&str>) -> Response {
     let message = match leader {
         Some(l) => format!("master {me} is not active; the active master is {l}"),
@@ -74,6 +79,8 @@ pub fn not_active_status(me: &str, leader: Option<&str>) -> Response {
     let mut resp = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     resp.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp.headers_mut()
+        .insert(REJECTED_HEADER, HeaderValue::from_static("not-active"));
     resp
 }
 
@@ -285,6 +292,7 @@ mod tests {
         let resp = not_active_status("m2", Some("m1"));
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(resp.headers()[REJECTED_HEADER], "not-active");
         let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();

@@ -115,12 +115,25 @@ async fn fake_handler(State(st): State<Arc<FakeState>>, req: Request) -> Respons
     if !active {
         let body = serde_json::json!({"kind":"Status","apiVersion":"v1","status":"Failure",
             "reason":"ServiceUnavailable","code":503,"message":"not the active master"});
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+        // like a real master's gate: rejected before acting on it
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("x-ballast-rejected", "not-active")],
+            axum::Json(body),
+        )
+            .into_response();
     }
-    if method == axum::http::Method::POST {
-        st.posts.fetch_add(1, Ordering::SeqCst);
-    } else {
+    if method != axum::http::Method::POST {
         st.gets.fetch_add(1, Ordering::SeqCst);
+    } else {
+        st.posts.fetch_add(1, Ordering::SeqCst);
+    }
+    if path == "/lost-mid-write" && method == axum::http::Method::POST {
+        // leadership lost while the write was in flight: it may have been committed
+        st.active.store(false, Ordering::SeqCst);
+        let body = serde_json::json!({"kind":"Status","apiVersion":"v1","status":"Failure",
+            "reason":"ServiceUnavailable","code":503,"message":"leadership lost"});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
     }
     if path == "/hang" && st.id == "m1" {
         // a frozen master: accepts, never answers
@@ -338,6 +351,27 @@ async fn not_active_answer_is_rerouted_even_for_writes() {
     assert_eq!(r.text().await.unwrap(), "m2 POST /api/v1/namespaces");
     assert_eq!(m2.state.posts.load(Ordering::SeqCst), 1);
     assert_eq!(p.shared.current().active.unwrap().id, "m2");
+    p.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_answered_503_after_reaching_a_master_is_not_replayed() {
+    let m1 = FakeMaster::start("m1", true, 1);
+    let m2 = FakeMaster::start("m2", false, 1);
+    let mut s = settings(&[&m1, &m2], Duration::from_secs(10));
+    s.proxy.health.interval = Duration::from_secs(30);
+    let p = start(s).await;
+    wait_active(&p, "m1").await;
+    m2.set(true, 2);
+    let r = client()
+        .post(format!("http://{}/lost-mid-write", p.api))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(m1.state.posts.load(Ordering::SeqCst), 1);
+    assert_eq!(m2.state.posts.load(Ordering::SeqCst), 0, "never replayed");
     p.shutdown(Duration::from_millis(100)).await;
 }
 

@@ -28,6 +28,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Idle pooled connections to a master are closed after this long.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
+/// See `ballast_master::server::REJECTED_HEADER`.
+const REJECTED_HEADER: &str = "x-ballast-rejected";
 const NOT_ACTIVE: ErrorType = ErrorType::Custom("MasterNotActive");
 
 /// The pingora proxy logic.
@@ -229,11 +231,18 @@ impl ProxyHttp for BallastProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         if resp.status.as_u16() == 503 {
+            // A master that was not active rejects a request before acting on it and says
+            // so; any other 503 to a write may follow a commit, so it is never replayed.
+            let rejected_unacted = resp
+                .headers
+                .get(REJECTED_HEADER)
+                .is_some_and(|v| v.as_bytes() == b"not-active");
+            let replayable = rejected_unacted || is_safe(&session.req_header().method);
             if let Some(m) = ctx.master.clone() {
                 // Did the master lose leadership since the last check? Ask it.
                 let timeout = self.shared.settings().proxy.health.timeout;
@@ -248,7 +257,7 @@ impl ProxyHttp for BallastProxy {
                         false
                     }
                 };
-                if !still_active {
+                if !still_active && replayable {
                     ctx.reroute = true;
                     self.shared
                         .metrics

@@ -701,64 +701,73 @@ impl Kubectl {
         }
     }
 
-    /// Run kubectl with `args`; returns the output whatever the exit code.
-    pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
-            .args(args)
+    /// The kubectl's own HOME (a scratch directory for the test).
+    pub fn home_dir(&self) -> &Path {
+        &self.home
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("HOME", &self.home)
-            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        cmd
+    }
+
+    /// Run kubectl with `args`; returns the output whatever the exit code.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args)
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()))
     }
 
-    /// Run kubectl with stdin.
+    /// Start kubectl (e.g. `get -w`) with its stdout going to `out`; the caller kills it.
+    pub fn spawn(&self, args: &[&str], out: &Path) -> Child {
+        let f = fs::File::create(out).unwrap();
+        let mut cmd = self.command(args);
+        cmd.stdin(Stdio::null()).stdout(f).stderr(Stdio::null());
+        die_with_parent(&mut cmd);
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()))
+    }
+
+    /// Run kubectl with `input` on its stdin.
     pub fn run_stdin(&self, args: &[&str], input: &str) -> Output {
         use std::io::Write as _;
-        let mut child = Command::new(&self.bin)
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", &self.home)
+        let mut child = self
+            .command(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin.write_all(input.as_bytes()).unwrap();
+        drop(stdin);
         child.wait_with_output().unwrap()
+    }
+
+    fn require(&self, args: &[&str], out: Output) -> String {
+        assert!(
+            out.status.success(),
+            "kubectl {} {:?} failed: {}{}",
+            self.version,
+            args,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
     }
 
     /// Run and require success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "kubectl {} {:?} failed: {}{}",
-            self.version,
-            args,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        self.require(args, self.run(args))
     }
 
-    /// Run with stdin and require success.
+    /// Run with stdin and require success; returns stdout.
     pub fn ok_stdin(&self, args: &[&str], input: &str) -> String {
-        let out = self.run_stdin(args, input);
-        assert!(
-            out.status.success(),
-            "kubectl {} {:?} failed: {}{}",
-            self.version,
-            args,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        self.require(args, self.run_stdin(args, input))
     }
 }

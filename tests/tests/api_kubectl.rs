@@ -119,6 +119,16 @@ fn workflow(k: &Kubectl, ns: &str) {
         (p.lines().filter(|l| !l.contains("Terminating")).count() == 1).then_some(())
     });
 
+    // get -w follows changes.
+    let watch_out = k.home_dir().join("watch.out");
+    let mut watch = k.spawn(&["-n", ns, "get", "deployments", "-w"], &watch_out);
+    wait_until("get -w prints the list", T, || {
+        std::fs::read_to_string(&watch_out)
+            .ok()
+            .filter(|t| t.contains("web"))
+            .map(|_| ())
+    });
+
     // create deployment (protobuf body from 1.33, JSON from 1.20).
     k.ok(&[
         "-n",
@@ -133,6 +143,15 @@ fn workflow(k: &Kubectl, ns: &str) {
     ]);
     let y = k.ok(&["-n", ns, "get", "deployment", "other", "-o", "yaml"]);
     assert!(y.contains("kind: Deployment") && y.contains("sleep"), "{y}");
+
+    wait_until("get -w shows the new deployment", T, || {
+        std::fs::read_to_string(&watch_out)
+            .ok()
+            .filter(|t| t.contains("other"))
+            .map(|_| ())
+    });
+    let _ = watch.kill();
+    let _ = watch.wait();
 
     // -A, describe, events.
     let all = k.ok(&["get", "pods", "-A"]);
