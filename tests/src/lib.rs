@@ -6,7 +6,8 @@
 //!   panics, after printing the nodes' logs. Processes also get `PR_SET_PDEATHSIG`, so a
 //!   test runner that dies takes them along.
 //! - Faults: [`Cluster::kill`] (SIGKILL), [`Cluster::pause`] / [`Cluster::resume`]
-//!   (SIGSTOP / SIGCONT), [`Cluster::terminate`] (SIGTERM and wait), restart.
+//!   (SIGSTOP / SIGCONT), [`Cluster::terminate`] (SIGTERM and wait), restart, and
+//!   [`Cluster::partition`] / [`Cluster::heal`] (nftables rules between node addresses).
 //! - [`wait_until`] polls a condition with a generous deadline; tests never assert timings.
 //! - [`UpProcess`] runs `ballast up` itself.
 //!
@@ -130,6 +131,7 @@ pub struct Cluster {
     config: ClusterConfig,
     opts: ClusterOpts,
     procs: BTreeMap<String, Proc>,
+    partitioned: bool,
 }
 
 impl Cluster {
@@ -160,6 +162,7 @@ impl Cluster {
             config,
             opts,
             procs: BTreeMap::new(),
+            partitioned: false,
         }
     }
 
@@ -349,6 +352,47 @@ impl Cluster {
         self.start_node(id);
     }
 
+    /// Cut the network between the nodes of `a` and those of `b` (both directions, every
+    /// port), with an nftables table of this cluster's own (`ballast_<block>`). Node
+    /// traffic leaves from each node's own address, so this is a real partition. Other
+    /// traffic (the test's own requests from 127.0.0.1) still flows. Needs `nft`.
+    pub fn partition(&mut self, a: &[&str], b: &[&str]) {
+        let table = format!("ballast_{}", self.opts.block);
+        let ip = |id: &str| -> String {
+            if id == "proxy" {
+                self.proxy_api().ip().to_string()
+            } else if self.config.master(id).is_some() {
+                self.master_api(id).ip().to_string()
+            } else {
+                self.worker_addr(id).ip().to_string()
+            }
+        };
+        let mut script = format!(
+            "add table ip {table}\nadd chain ip {table} out {{ type filter hook output priority 0 ; }}\n"
+        );
+        for x in a {
+            for y in b {
+                let (x, y) = (ip(x), ip(y));
+                script.push_str(&format!(
+                    "add rule ip {table} out ip saddr {x} ip daddr {y} drop\n"
+                ));
+                script.push_str(&format!(
+                    "add rule ip {table} out ip saddr {y} ip daddr {x} drop\n"
+                ));
+            }
+        }
+        nft(&script);
+        self.partitioned = true;
+    }
+
+    /// Undo every [`Cluster::partition`].
+    pub fn heal(&mut self) {
+        if self.partitioned {
+            nft(&format!("delete table ip ballast_{}\n", self.opts.block));
+            self.partitioned = false;
+        }
+    }
+
     /// The masters whose `/active` currently reports `"active":true`, with their terms.
     pub fn active_masters(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();
@@ -404,6 +448,16 @@ impl Drop for Cluster {
                 self.logs(80)
             );
         }
+        self.heal();
+        // Workers first; their pods deliberately outlive a killed worker, so stop the
+        // pods' process groups from the workers' state files next.
+        let workers: Vec<String> = self.config.workers.iter().map(|w| w.id.clone()).collect();
+        for w in &workers {
+            self.kill(w);
+        }
+        for pid in pod_processes(self.dir.path()).into_values() {
+            let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+        }
         for p in self.procs.values_mut() {
             let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGCONT);
             let _ = p.child.kill();
@@ -414,6 +468,64 @@ impl Drop for Cluster {
             eprintln!("kept {}", path.display());
         }
     }
+}
+
+/// Pod name → container pid, from the worker state files (`state.json`) in `dir` and its
+/// subdirectories (each worker's data dir).
+pub fn pod_processes(dir: &Path) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    let subdirs = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    for d in std::iter::once(dir.to_path_buf()).chain(subdirs) {
+        let Ok(text) = fs::read_to_string(d.join("state.json")) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        for rec in v["pods"].as_object().into_iter().flat_map(|m| m.values()) {
+            let name = rec["pod"]["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let containers = rec["containers"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values());
+            for c in containers {
+                if let Some(pid) = c["pid"].as_u64() {
+                    out.insert(name.clone(), pid as u32);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Run an nftables script (`nft -f -`), panicking on failure.
+fn nft(script: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nft (Debian nftables) is needed for partitions: run ./task deps");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft failed: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Arrange for a child to get SIGKILL if the test process dies.

@@ -5,8 +5,6 @@
 //! The tests of this file take a lock: each starts a whole cluster, and the machine has
 //! few cores.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,57 +21,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Kills, on drop, every pod process the workers of a test recorded (they outlive a
-/// SIGKILLed worker by design, so the harness alone would leave them behind).
-struct Reaper(PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in recorded_pids(&self.0) {
-            let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
-        }
-    }
-}
-
-/// pod name → container pid, from every worker's state file under `dir`.
-fn recorded(dir: &Path) -> BTreeMap<String, u32> {
-    let mut out = BTreeMap::new();
-    let subdirs = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path());
-    for d in std::iter::once(dir.to_path_buf()).chain(subdirs) {
-        let state = d.join("state.json");
-        let Ok(text) = std::fs::read_to_string(&state) else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else {
-            continue;
-        };
-        for rec in v["pods"].as_object().into_iter().flat_map(|m| m.values()) {
-            let name = rec["pod"]["metadata"]["name"]
-                .as_str()
-                .unwrap_or("")
-                .to_string();
-            for c in rec["containers"]
-                .as_object()
-                .into_iter()
-                .flat_map(|m| m.values())
-            {
-                if let Some(pid) = c["pid"].as_u64() {
-                    out.insert(name.clone(), pid as u32);
-                }
-            }
-        }
-    }
-    out
-}
-
-fn recorded_pids(dir: &Path) -> Vec<u32> {
-    recorded(dir).into_values().collect()
-}
-
+/// A cluster that, on drop, first kills its workers, then every pod process they recorded
+/// (those outlive a SIGKILLed worker by design, so the harness alone would leave them
+/// behind), then the rest.
 fn api(c: &Cluster, method: &str, path: &str, body: Option<&Value>) -> Option<Response> {
     let b = body.map(|v| v.to_string());
     http(method, &format!("{}{path}", c.proxy_url()), b.as_deref()).ok()
@@ -154,11 +104,10 @@ fn wait_nodes_ready(c: &Cluster, nodes: &[&str]) {
     });
 }
 
-fn start(block: u8, workers: usize) -> (Cluster, Reaper) {
+fn start(block: u8, workers: usize) -> Cluster {
     let c = Cluster::start(ClusterOpts::new(block).workers(workers).proxy(true), |_| {});
-    let reaper = Reaper(c.dir().to_path_buf());
     c.wait_one_active(T);
-    (c, reaper)
+    c
 }
 
 /// kill -9 of the active master, then every master down for 30 s: the pods' processes
@@ -168,7 +117,7 @@ fn start(block: u8, workers: usize) -> (Cluster, Reaper) {
 #[test]
 fn pods_survive_failover_and_a_control_plane_outage() {
     let _g = serial();
-    let (mut c, _reaper) = start(41, 2);
+    let mut c = start(41, 2);
     wait_nodes_ready(&c, &["w1", "w2"]);
     let script = "echo started; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
     create_pod(&c, &pod_body("p1", "w1", script, 3));
@@ -241,7 +190,7 @@ fn pods_survive_failover_and_a_control_plane_outage() {
     // A process that dies meanwhile is restarted by its worker alone.
     let _ = kill(Pid::from_raw(-(pid1 as i32)), Signal::SIGKILL);
     let new1 = wait_until("p1 restarted without masters", T, || {
-        recorded(c.dir())
+        pod_processes(c.dir())
             .get("p1")
             .copied()
             .filter(|p| *p != pid1 && pid_alive(*p))
@@ -308,7 +257,7 @@ fn count_sleepers(marker: &str) -> usize {
 #[test]
 fn a_restarted_worker_adopts_its_processes_and_sigterm_stops_them() {
     let _g = serial();
-    let (mut c, _reaper) = start(42, 1);
+    let mut c = start(42, 1);
     wait_nodes_ready(&c, &["w1"]);
     let body = json!({
         "apiVersion": "v1",
@@ -334,7 +283,7 @@ fn a_restarted_worker_adopts_its_processes_and_sigterm_stops_them() {
     std::thread::sleep(Duration::from_secs(5));
     assert!(pid_alive(pid));
     assert_eq!(count_sleepers("4242"), 1, "no duplicate after the restart");
-    assert_eq!(recorded(c.dir()).get("s"), Some(&pid));
+    assert_eq!(pod_processes(c.dir()).get("s"), Some(&pid));
     let p = get_pod(&c, "s").unwrap();
     assert_eq!(reported_pid(&p), Some(pid));
     assert_eq!(restarts(&p), 0);
@@ -353,7 +302,7 @@ fn a_restarted_worker_adopts_its_processes_and_sigterm_stops_them() {
 #[test]
 fn kubectl_logs_show_the_process_output() {
     let _g = serial();
-    let (c, _reaper) = start(43, 2);
+    let c = start(43, 2);
     wait_nodes_ready(&c, &["w1", "w2"]);
     let script =
         "echo hello from $HOSTNAME; i=0; while true; do echo line $i; i=$((i+1)); sleep 1; done";
@@ -396,7 +345,7 @@ fn kubectl_logs_show_the_process_output() {
 #[test]
 fn a_lost_workers_pods_are_replaced() {
     let _g = serial();
-    let (mut c, _reaper) = start(44, 2);
+    let mut c = start(44, 2);
     wait_nodes_ready(&c, &["w1", "w2"]);
     let k = Kubectl::new("1.33", &c.proxy_url(), c.dir());
     let deploy = r#"apiVersion: apps/v1
@@ -442,7 +391,7 @@ spec:
         (!a.is_empty() && !b.is_empty() && a.len() + b.len() == 4).then_some(())
     });
     let w1_pids: Vec<u32> = wait_until("w1's processes recorded", T, || {
-        let p = recorded(&c.dir().join("w1"));
+        let p = pod_processes(&c.dir().join("w1"));
         (!p.is_empty()).then(|| p.into_values().collect())
     });
     c.kill("w1");

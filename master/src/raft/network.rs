@@ -64,8 +64,11 @@ pub struct Network {
 }
 
 impl Network {
+    /// Peer RPCs leave from `local_ip` (the master's own peer address), as they would
+    /// from a real host, so a network fault between two masters can be aimed at them.
     pub fn new(
         me: NodeId,
+        local_ip: std::net::IpAddr,
         rpc_timeout: Duration,
         fence: Arc<Fence>,
         metrics: Arc<MasterMetrics>,
@@ -75,6 +78,7 @@ impl Network {
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(30))
             .connect_timeout(rpc_timeout)
+            .local_address(local_ip)
             .build()
             .expect("reqwest client");
         Self {

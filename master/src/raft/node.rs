@@ -174,7 +174,13 @@ impl RaftNode {
             std::time::Instant::now()
                 + Duration::from_millis(timings.openraft.election_timeout_max),
         );
-        let network = Network::new(id, cfg.raft.rpc_timeout, fence.clone(), metrics.clone());
+        let network = Network::new(
+            id,
+            me.peer.ip(),
+            cfg.raft.rpc_timeout,
+            fence.clone(),
+            metrics.clone(),
+        );
         let http = network.http().clone();
 
         let listener = tokio::net::TcpListener::bind(me.peer)
