@@ -100,6 +100,8 @@ pub fn local_cluster(masters: usize, workers: usize, plan: AddressPlan) -> Clust
         proxy,
         worker: WorkerDefaults {
             lease_interval: Duration::from_secs(2),
+            restart_backoff_base: Duration::from_secs(1),
+            restart_backoff_max: Duration::from_secs(30),
             ..WorkerDefaults::default()
         },
         workers,

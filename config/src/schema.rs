@@ -326,6 +326,19 @@ pub struct WorkerDefaults {
     /// Bytes kept per container log file before rotation. Default 10 MiB.
     #[serde(default = "d_log_bytes")]
     pub max_log_bytes: u64,
+    /// First restart delay of a crashing container (doubles each time). Default `10s`.
+    #[serde(with = "humantime_serde", default = "d_backoff_base")]
+    pub restart_backoff_base: Duration,
+    /// Longest restart delay (CrashLoopBackOff). Default `5m`.
+    #[serde(with = "humantime_serde", default = "d_backoff_max")]
+    pub restart_backoff_max: Duration,
+}
+
+fn d_backoff_base() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_backoff_max() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn d_lease_interval() -> Duration {
@@ -340,6 +353,8 @@ impl Default for WorkerDefaults {
         Self {
             lease_interval: d_lease_interval(),
             max_log_bytes: d_log_bytes(),
+            restart_backoff_base: d_backoff_base(),
+            restart_backoff_max: d_backoff_max(),
         }
     }
 }

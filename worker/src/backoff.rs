@@ -61,20 +61,9 @@ impl BackoffConfig {
         }
     }
 
-    /// The kubelet's timings unless `BALLAST_WORKER_BACKOFF_BASE` / `BALLAST_WORKER_BACKOFF_MAX`
-    /// (humantime, e.g. `1s`) say otherwise; tests use short ones.
-    pub fn from_env() -> Self {
-        let d = Self::default();
-        let get = |k: &str, dflt: Duration| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| humantime::parse_duration(v.trim()).ok())
-                .unwrap_or(dflt)
-        };
-        Self::new(
-            get("BALLAST_WORKER_BACKOFF_BASE", d.base),
-            get("BALLAST_WORKER_BACKOFF_MAX", d.max),
-        )
+    /// From the config's `[worker]` restart back-off keys.
+    pub fn from_config(w: &ballast_config::WorkerDefaults) -> Self {
+        Self::new(w.restart_backoff_base, w.restart_backoff_max)
     }
 }
 

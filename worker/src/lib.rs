@@ -124,7 +124,7 @@ pub async fn run(
         state,
         statuses.clone(),
         metrics.clone(),
-        backoff::BackoffConfig::from_env(),
+        backoff::BackoffConfig::from_config(&config.config.worker),
         shutdown.clone(),
     );
 
