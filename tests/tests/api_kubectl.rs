@@ -153,6 +153,16 @@ fn workflow(k: &Kubectl, ns: &str) {
     let _ = watch.kill();
     let _ = watch.wait();
 
+    // A stale resourceVersion is a conflict, as on a Kubernetes API server.
+    let stale = k.ok(&["-n", ns, "get", "deployment", "other", "-o", "json"]);
+    k.ok(&["-n", ns, "label", "deployment", "other", "touched=yes"]);
+    let out = k.run_stdin(&["replace", "-f", "-"], &stale);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the object has been modified"),
+        "{err}"
+    );
+
     // -A, describe, events.
     let all = k.ok(&["get", "pods", "-A"]);
     assert!(all.contains(ns), "{all}");
