@@ -100,12 +100,39 @@ fn prometheus_scrapes_proxy_masters_and_workers() {
         .map(|s| s["value"][1].as_str().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(sum, 1.0, "{actives:?}");
+    // Traffic so that every labelled series exists: an API request through the proxy and
+    // a DNS query.
+    assert_eq!(
+        status_of(&format!("{}/api/v1/namespaces", c.proxy_url())),
+        200
+    );
+    let dns = c.proxy_dns();
+    let out = run(
+        "dig",
+        &[
+            &format!("@{}", dns.ip()),
+            "-p",
+            &dns.port().to_string(),
+            "+short",
+            "api.ballast.local",
+        ],
+    );
+    assert!(out.status.success());
+    // Every metric name the contract fixes.
     for metric in [
+        "ballast_proxy_active_master",
         "ballast_proxy_failovers_total",
+        "ballast_proxy_failover_seconds_count",
+        "ballast_proxy_requests_total",
+        "ballast_proxy_request_duration_seconds_count",
         "ballast_proxy_upstream_healthy",
+        "ballast_dns_queries_total",
+        "ballast_master_active",
         "ballast_master_term",
         "ballast_master_store_revision",
+        "ballast_master_api_requests_total",
         "ballast_worker_pods_running",
+        "ballast_worker_api_errors_total",
     ] {
         wait_until(metric, Duration::from_secs(60), || {
             (!query(&base, metric).is_empty()).then_some(())
