@@ -1,0 +1,654 @@
+//! Proxy benchmarks (issue 4): `./task bench-proxy`.
+//!
+//! One cluster (3 real masters + `ballast proxy`, in `127.71.0.0/16`) and, in front of the
+//! same masters, HAProxy 2.6 (frontends: default checks `inter 2s fall 3 rise 2` on
+//! `127.71.0.2:8080`, tuned checks `inter 100ms fall 1 rise 1` on `127.71.0.2:8081`, tuned +
+//! retries on `127.71.0.2:8082`; all `option httpchk GET /readyz` + `http-check expect status
+//! 200`; the config is written to `<cluster dir>/haproxy/haproxy.cfg`) and nginx (`proxy_pass` to
+//! the active master with an `upstream` keepalive pool, `127.71.0.3:8080`).
+//!
+//! Part A, throughput (`BENCH_PARTS` contains `a`): `wrk $BENCH_WRK_ARGS` (default
+//! `-t2 -c32 -d10s --latency`) against `/readyz` of the active master directly, through
+//! ballast, through HAProxy (default checks) and through nginx, `BENCH_ROUNDS` rounds
+//! (default 2) interleaved; prints req/s and p50/p99 per run, the median over rounds and the
+//! ballast/haproxy ratios.
+//!
+//! Part B, failover seen by clients (`BENCH_PARTS` contains `b`): four client loops run at
+//! once, each `GET /api/v1/namespaces` every 10 ms on its own keep-alive connection, through
+//! ballast, HAProxy-default, HAProxy-tuned and HAProxy-tuned-retry (a third HAProxy frontend,
+//! `127.71.0.2:8082`: tuned checks plus `option redispatch 1`, `retries 20`,
+//! `retry-on all-retryable-errors`, which re-sends a request answered 503 or refused to
+//! another server, like ballast does for reads), while the active master is killed with SIGKILL
+//! `BENCH_KILLS` times (default 20; the killed master is restarted and rejoins each time).
+//! Per kill and front: the longest client-visible stall (a request's start → the first 200
+//! answer to it or to a later request), the longest single request, and the failed requests
+//! (non-200 or transport error).
+//!
+//! Run with a release build: `BALLAST_BIN=$CARGO_TARGET_DIR/release/ballast`.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ballast_tests::{spawn_tied, wait_until, Cluster, ClusterOpts};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BLOCK: u8 = 71;
+const LONG: Duration = Duration::from_secs(30);
+const HAPROXY_DEFAULT: &str = "127.71.0.2:8080";
+const HAPROXY_TUNED: &str = "127.71.0.2:8081";
+const HAPROXY_RETRY: &str = "127.71.0.2:8082";
+const NGINX: &str = "127.71.0.3:8080";
+
+fn env_or<T: FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn client(timeout: Duration) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .timeout(timeout)
+        .build()
+        .expect("http client")
+}
+
+/// Nearest-rank percentile of sorted values.
+fn rank(v: &[f64], p: f64) -> f64 {
+    v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+/// min / p50 / p99 / max by nearest rank, in milliseconds.
+fn summary(samples: &[f64]) -> String {
+    if samples.is_empty() {
+        return "no samples".into();
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    format!(
+        "min {:7.1}  p50 {:7.1}  p99 {:7.1}  max {:7.1}  ms",
+        v[0],
+        rank(&v, 0.5),
+        rank(&v, 0.99),
+        v[v.len() - 1]
+    )
+}
+
+/// A helper process (haproxy, nginx) stopped with SIGTERM (then SIGKILL) on drop.
+struct Helper {
+    name: &'static str,
+    child: Child,
+}
+
+impl Helper {
+    fn start(name: &'static str, cmd: &mut Command, log: &Path) -> Self {
+        let out = fs::File::create(log).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = spawn_tied(cmd).unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { name, child }
+    }
+
+    fn check_running(&mut self, log: &Path) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!(
+                "{} exited ({st}): {}",
+                self.name,
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn haproxy_config(c: &Cluster) -> String {
+    let mut s = String::from(
+        "global\n    maxconn 4096\n\n\
+         defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    \
+         timeout server 60s\n    timeout http-keep-alive 60s\n\n",
+    );
+    for (name, bind, checks, extra) in [
+        ("default", HAPROXY_DEFAULT, "inter 2s fall 3 rise 2", ""),
+        ("tuned", HAPROXY_TUNED, "inter 100ms fall 1 rise 1", ""),
+        (
+            "retry",
+            HAPROXY_RETRY,
+            "inter 100ms fall 1 rise 1",
+            "    option redispatch 1\n    retries 20\n    retry-on all-retryable-errors\n",
+        ),
+    ] {
+        let _ = write!(
+            s,
+            "frontend fe_{name}\n    bind {bind}\n    default_backend be_{name}\n\n\
+             backend be_{name}\n    option httpchk GET /readyz\n    \
+             http-check expect status 200\n    default-server {checks}\n{extra}"
+        );
+        for id in c.master_ids() {
+            let _ = writeln!(s, "    server {id} {} check", c.master_api(&id));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn nginx_config(dir: &Path, active: &str) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 2;\n\
+         error_log {d}/error.log warn;\n\
+         pid {d}/nginx.pid;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n\
+         \x20   access_log off;\n\
+         \x20   client_body_temp_path {d}/body;\n\
+         \x20   proxy_temp_path {d}/proxy;\n\
+         \x20   upstream active {{ server {active}; keepalive 64; }}\n\
+         \x20   server {{\n\
+         \x20       listen {NGINX};\n\
+         \x20       location / {{\n\
+         \x20           proxy_pass http://active;\n\
+         \x20           proxy_http_version 1.1;\n\
+         \x20           proxy_set_header Connection \"\";\n\
+         \x20       }}\n\
+         \x20   }}\n\
+         }}\n"
+    )
+}
+
+/// The master the ballast proxy routes to now.
+fn proxy_active(c: &Cluster) -> Option<String> {
+    let r = ballast_tests::http_timeout(
+        "GET",
+        &format!("http://{}/status", c.proxy_admin()),
+        None,
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+    v["active"].as_str().map(str::to_string)
+}
+
+/// `n` consecutive 200s for `url`.
+fn wait_streak(url: &str, n: usize) {
+    let http = client(Duration::from_secs(2));
+    let mut streak = 0;
+    wait_until(&format!("{n} consecutive 200s from {url}"), LONG, || {
+        let ok = http
+            .get(url)
+            .send()
+            .map(|r| r.status().as_u16() == 200)
+            .unwrap_or(false);
+        streak = if ok { streak + 1 } else { 0 };
+        if !ok {
+            thread::sleep(Duration::from_millis(50));
+        }
+        (streak >= n).then_some(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Part A: wrk
+
+#[derive(Debug, Clone, Default)]
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    non2xx: u64,
+    errors: String,
+}
+
+fn parse_duration_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    for (suffix, scale) in [("us", 1e-3), ("ms", 1.0), ("m", 60e3), ("s", 1e3)] {
+        if let Some(n) = s.strip_suffix(suffix) {
+            return n.parse::<f64>().ok().map(|v| v * scale);
+        }
+    }
+    None
+}
+
+fn parse_wrk(out: &str) -> Wrk {
+    let mut w = Wrk::default();
+    for line in out.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            w.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = t.strip_prefix("50%") {
+            w.p50_ms = parse_duration_ms(v).unwrap_or(f64::NAN);
+        } else if let Some(v) = t.strip_prefix("99%") {
+            w.p99_ms = parse_duration_ms(v).unwrap_or(f64::NAN);
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            w.non2xx = v.trim().parse().unwrap_or(0);
+        } else if t.starts_with("Socket errors:") {
+            w.errors = t.to_string();
+        }
+    }
+    w
+}
+
+fn run_wrk(args: &[String], url: &str) -> Wrk {
+    let out = Command::new("wrk")
+        .args(args)
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "wrk failed: {text}");
+    parse_wrk(&text)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn part_a(c: &Cluster, active: &str) {
+    let args: Vec<String> = std::env::var("BENCH_WRK_ARGS")
+        .unwrap_or_else(|_| "-t2 -c32 -d10s --latency".into())
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let rounds: usize = env_or("BENCH_ROUNDS", 2);
+    let targets = [
+        ("direct", format!("{}/readyz", c.master_url(active))),
+        ("ballast", format!("{}/readyz", c.proxy_url())),
+        ("haproxy", format!("http://{HAPROXY_DEFAULT}/readyz")),
+        ("nginx", format!("http://{NGINX}/readyz")),
+    ];
+    println!(
+        "\n== part A: wrk {} against /readyz of the active master ({active}) ==",
+        args.join(" ")
+    );
+    // warm up every path (connection pools, page cache)
+    let warm: Vec<String> = ["-t2", "-c32", "-d2s"].map(String::from).to_vec();
+    for (_, url) in &targets {
+        run_wrk(&warm, url);
+    }
+    let mut results: Vec<Vec<Wrk>> = vec![Vec::new(); targets.len()];
+    for round in 1..=rounds {
+        for (i, (name, url)) in targets.iter().enumerate() {
+            thread::sleep(Duration::from_millis(500));
+            let w = run_wrk(&args, url);
+            println!(
+                "round {round} {name:8} {:9.0} req/s  p50 {:6.2} ms  p99 {:6.2} ms  non-2xx {}  {}",
+                w.rps, w.p50_ms, w.p99_ms, w.non2xx, w.errors
+            );
+            results[i].push(w);
+        }
+    }
+    let (now, _) = c.wait_one_active(LONG);
+    if now != active {
+        println!("WARNING: the active master changed during part A ({active} -> {now})");
+    }
+    println!("\nmedian over {rounds} round(s):");
+    println!("| path | req/s | p50 ms | p99 ms |");
+    println!("| --- | ---: | ---: | ---: |");
+    let med: Vec<(f64, f64, f64)> = results
+        .iter()
+        .map(|r| {
+            (
+                median(r.iter().map(|w| w.rps).collect()),
+                median(r.iter().map(|w| w.p50_ms).collect()),
+                median(r.iter().map(|w| w.p99_ms).collect()),
+            )
+        })
+        .collect();
+    for ((name, _), (rps, p50, p99)) in targets.iter().zip(&med) {
+        println!("| {name} | {rps:.0} | {p50:.2} | {p99:.2} |");
+    }
+    let (b, h) = (med[1], med[2]);
+    println!(
+        "ballast/haproxy: req/s {:.2}x (goal >= 1.0: {}), p99 {:.2}x (goal <= 1.0: {})",
+        b.0 / h.0,
+        if b.0 >= h.0 { "met" } else { "NOT met" },
+        b.2 / h.2,
+        if b.2 <= h.2 { "met" } else { "NOT met" },
+    );
+    println!(
+        "ballast/nginx: req/s {:.2}x, p99 {:.2}x; ballast/direct: req/s {:.2}x",
+        b.0 / med[3].0,
+        b.2 / med[3].2,
+        b.0 / med[0].0
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Part B: failover seen by clients
+
+#[derive(Clone)]
+struct Req {
+    start: Instant,
+    end: Instant,
+    ok: bool,
+}
+
+struct Front {
+    name: &'static str,
+    url: String,
+    log: Mutex<Vec<Req>>,
+    errors: Mutex<Vec<String>>,
+}
+
+fn client_loop(front: Arc<Front>, stop: Arc<AtomicBool>) {
+    let http = client(Duration::from_secs(15));
+    let pace = Duration::from_millis(10);
+    while !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        let res = http.get(&front.url).send().and_then(|r| {
+            let status = r.status().as_u16();
+            r.bytes().map(|_| status)
+        });
+        let end = Instant::now();
+        let ok = matches!(res, Ok(200));
+        if !ok {
+            let what = match res {
+                Ok(s) => format!("HTTP {s}"),
+                Err(e) => format!("{e}"),
+            };
+            front.errors.lock().unwrap().push(what);
+        }
+        front.log.lock().unwrap().push(Req { start, end, ok });
+        if let Some(rest) = (start + pace).checked_duration_since(Instant::now()) {
+            thread::sleep(rest);
+        }
+    }
+}
+
+/// Whether the last `n` requests of a front all succeeded and started after `after`.
+fn recent_ok(f: &Front, n: usize, after: Instant) -> bool {
+    let log = f.log.lock().unwrap();
+    log.len() >= n && log[log.len() - n..].iter().all(|r| r.ok && r.start > after)
+}
+
+fn ok_after(f: &Front, after: Instant) -> bool {
+    f.log
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .take_while(|r| r.start > after)
+        .any(|r| r.ok)
+}
+
+/// Per kill window `[kills[i] - 1 s, kills[i+1] - 1 s)` (by request start, so a request
+/// sent just before the kill counts for it): (longest stall, longest request, failed
+/// requests).
+fn per_kill(log: &[Req], kills: &[Instant], end: Instant) -> Vec<(f64, f64, usize)> {
+    let lead = Duration::from_secs(1);
+    // next_ok[i]: completion of the first successful request at or after i
+    let mut next_ok = vec![None; log.len()];
+    let mut nxt: Option<Instant> = None;
+    for i in (0..log.len()).rev() {
+        if log[i].ok {
+            nxt = Some(log[i].end);
+        }
+        next_ok[i] = nxt;
+    }
+    kills
+        .iter()
+        .enumerate()
+        .map(|(k, kill_at)| {
+            let from = *kill_at - lead;
+            let to = kills.get(k + 1).map(|t| *t - lead).unwrap_or(end);
+            let (mut stall, mut longest, mut failed) = (0f64, 0f64, 0usize);
+            for (i, r) in log.iter().enumerate() {
+                if r.start < from || r.start >= to {
+                    continue;
+                }
+                let until = next_ok[i].unwrap_or(end);
+                stall = stall.max((until - r.start).as_secs_f64() * 1e3);
+                longest = longest.max((r.end - r.start).as_secs_f64() * 1e3);
+                failed += usize::from(!r.ok);
+            }
+            (stall, longest, failed)
+        })
+        .collect()
+}
+
+fn part_b(c: &mut Cluster) {
+    let kills: usize = env_or("BENCH_KILLS", 20);
+    let path = "/api/v1/namespaces";
+    let fronts: Vec<Arc<Front>> = [
+        ("ballast", format!("{}{path}", c.proxy_url())),
+        ("haproxy-default", format!("http://{HAPROXY_DEFAULT}{path}")),
+        ("haproxy-tuned", format!("http://{HAPROXY_TUNED}{path}")),
+        (
+            "haproxy-tuned-retry",
+            format!("http://{HAPROXY_RETRY}{path}"),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, url)| {
+        Arc::new(Front {
+            name,
+            url,
+            log: Mutex::new(Vec::new()),
+            errors: Mutex::new(Vec::new()),
+        })
+    })
+    .collect();
+    println!(
+        "\n== part B: GET {path} every 10 ms through each front, {kills} kills of the active ==",
+    );
+    for f in &fronts {
+        wait_streak(&f.url, 20);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles: Vec<_> = fronts
+        .iter()
+        .map(|f| {
+            let (f, stop) = (f.clone(), stop.clone());
+            thread::spawn(move || client_loop(f, stop))
+        })
+        .collect();
+    let poll = client(Duration::from_millis(300));
+    let ids = c.master_ids();
+    let mut kill_times = Vec::new();
+    let mut to_active = Vec::new();
+    let settle_min = Duration::from_millis(env_or("BENCH_SETTLE_MS", 1000));
+    thread::sleep(Duration::from_secs(1));
+    for k in 0..kills {
+        let (active, _) = c.wait_one_active(LONG);
+        let kill_at = Instant::now();
+        c.kill(&active);
+        kill_times.push(kill_at);
+        let new_active = wait_until("a new active master", LONG, || {
+            for id in ids.iter().filter(|i| **i != active) {
+                let r = poll.get(format!("{}/active", c.master_url(id))).send().ok();
+                if r.is_some_and(|r| r.status().as_u16() == 200) {
+                    return Some(id.clone());
+                }
+            }
+            thread::sleep(Duration::from_millis(5));
+            None
+        });
+        let t_active = kill_at.elapsed();
+        to_active.push(t_active.as_secs_f64() * 1e3);
+        // every client served again (bounded: a front may never recover by itself)
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !fronts.iter().all(|f| ok_after(f, kill_at)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        c.start_node(&active);
+        wait_until(&format!("{active} rejoins"), LONG, || {
+            let r = poll
+                .get(format!("{}/active", c.master_url(&active)))
+                .send()
+                .ok()?;
+            let v: serde_json::Value = r.json().ok()?;
+            (v["leader"].as_str() == Some(new_active.as_str())).then_some(())
+        });
+        let rejoined = Instant::now();
+        thread::sleep(settle_min);
+        // settled: the last 50 requests (~0.5 s) of every front succeeded
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !fronts.iter().all(|f| recent_ok(f, 50, rejoined)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        println!(
+            "kill {:2}: {active} killed, {new_active} active after {:6.1} ms, cycle {:5.1} s",
+            k + 1,
+            t_active.as_secs_f64() * 1e3,
+            kill_at.elapsed().as_secs_f64()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let end = Instant::now();
+    for h in handles {
+        h.join().unwrap();
+    }
+
+    println!("\nkill -> new /active 200: {}", summary(&to_active));
+    println!("\n| front | stall per kill (min / p50 / p99 / max ms) | longest request per kill (max ms) | failed requests (total; kills with failures) | requests |");
+    println!("| --- | --- | ---: | --- | ---: |");
+    for f in &fronts {
+        let log = f.log.lock().unwrap();
+        let pk = per_kill(&log, &kill_times, end);
+        let stalls: Vec<f64> = pk.iter().map(|x| x.0).collect();
+        let longest = pk.iter().map(|x| x.1).fold(0f64, f64::max);
+        let failed: usize = pk.iter().map(|x| x.2).sum();
+        let kills_failed = pk.iter().filter(|x| x.2 > 0).count();
+        let mut s = stalls.clone();
+        s.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "| {} | {:.0} / {:.0} / {:.0} / {:.0} | {longest:.0} | {failed}; {kills_failed} of {} | {} |",
+            f.name,
+            s[0],
+            rank(&s, 0.5),
+            rank(&s, 0.99),
+            s[s.len() - 1],
+            pk.len(),
+            log.len()
+        );
+    }
+    println!();
+    for f in &fronts {
+        let errors = f.errors.lock().unwrap();
+        let mut kinds: Vec<(String, usize)> = Vec::new();
+        for e in errors.iter() {
+            match kinds.iter_mut().find(|(k, _)| k == e) {
+                Some((_, n)) => *n += 1,
+                None => kinds.push((e.clone(), 1)),
+            }
+        }
+        kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+        for (k, n) in kinds.iter().take(4) {
+            println!("{}: {n} x {k}", f.name);
+        }
+    }
+    let b = per_kill(&fronts[0].log.lock().unwrap(), &kill_times, end);
+    let mut s: Vec<f64> = b.iter().map(|x| x.0).collect();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let failed: usize = b.iter().map(|x| x.2).sum();
+    println!(
+        "ballast goals: stall p99 <= 1 s {}; zero failed reads {}",
+        if rank(&s, 0.99) <= 1000.0 {
+            "met"
+        } else {
+            "NOT met"
+        },
+        if failed == 0 { "met" } else { "NOT met" },
+    );
+}
+
+fn main() {
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "ab".into());
+    println!(
+        "bench-proxy: 3 masters + ballast proxy in 127.{BLOCK}.0.0/16, haproxy {HAPROXY_DEFAULT} \
+         (default checks) / {HAPROXY_TUNED} (tuned), nginx {NGINX}; binary {}",
+        ballast_tests::ballast_bin().display()
+    );
+    let mut c = Cluster::start(ClusterOpts::new(BLOCK).proxy(true), |_| {});
+    let (active, _) = c.wait_one_active(LONG);
+    wait_until("the proxy routes to the active master", LONG, || {
+        (proxy_active(&c).as_deref() == Some(active.as_str())).then_some(())
+    });
+
+    let hdir = c.dir().join("haproxy");
+    fs::create_dir_all(&hdir).unwrap();
+    fs::write(hdir.join("haproxy.cfg"), haproxy_config(&c)).unwrap();
+    let hlog = hdir.join("haproxy.log");
+    let mut haproxy = Helper::start(
+        "haproxy",
+        Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(hdir.join("haproxy.cfg")),
+        &hlog,
+    );
+
+    let mut nginx = None;
+    if parts.contains('a') {
+        let ndir = c.dir().join("nginx");
+        fs::create_dir_all(&ndir).unwrap();
+        fs::write(
+            ndir.join("nginx.conf"),
+            nginx_config(&ndir, &c.master_api(&active).to_string()),
+        )
+        .unwrap();
+        let nlog = ndir.join("nginx.out");
+        nginx = Some((
+            Helper::start(
+                "nginx",
+                Command::new("nginx")
+                    .arg("-p")
+                    .arg(&ndir)
+                    .arg("-c")
+                    .arg(ndir.join("nginx.conf"))
+                    .arg("-g")
+                    .arg("daemon off;"),
+                &nlog,
+            ),
+            nlog,
+        ));
+    }
+    thread::sleep(Duration::from_millis(500));
+    haproxy.check_running(&hlog);
+    if let Some((n, log)) = nginx.as_mut() {
+        n.check_running(log);
+    }
+    wait_streak(&format!("http://{HAPROXY_DEFAULT}/readyz"), 20);
+    wait_streak(&format!("http://{HAPROXY_TUNED}/readyz"), 20);
+    wait_streak(&format!("http://{HAPROXY_RETRY}/readyz"), 20);
+    if nginx.is_some() {
+        wait_streak(&format!("http://{NGINX}/readyz"), 20);
+    }
+
+    if parts.contains('a') {
+        part_a(&c, &active);
+    }
+    drop(nginx);
+    if parts.contains('b') {
+        part_b(&mut c);
+    }
+    haproxy.check_running(&hlog);
+}
