@@ -4,6 +4,11 @@
 
 mod up;
 
+/// mimalloc instead of glibc malloc: the proxy and the API allocate per request, and glibc's
+/// malloc showed up as ~12 % of the proxy's profile under load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
