@@ -51,6 +51,14 @@ fn ns_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Stri
     m.namespace.clone().unwrap_or_else(|| "default".into())
 }
 
+/// Least time between two passes triggered by store changes.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Whether a change of this store key should trigger a reconcile pass.
+fn triggers_pass(key: &str) -> bool {
+    !(key.starts_with("/registry/leases/") || key.starts_with("/registry/events/"))
+}
+
 /// Run until `cancel` fires (leadership lost or shutdown).
 pub async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: CancellationToken) {
     tracing::info!("controllers and scheduler started");
@@ -73,6 +81,7 @@ pub async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: Cancellatio
         }
     };
     let mut tick = tokio::time::interval(Duration::from_millis(1000));
+    let mut last_pass = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -83,11 +92,18 @@ pub async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: Cancellatio
                     None => std::future::pending().await,
                 }
             } => {
-                if ev.is_none() || matches!(ev, Some(Err(_))) {
-                    changes = None;
+                match ev {
+                    // Lease renewals and events change nothing the controllers act on at
+                    // once (node lifecycle is time-based and runs on the tick).
+                    Some(Ok(e)) if !triggers_pass(e.key()) => continue,
+                    Some(Ok(_)) => {}
+                    _ => changes = None,
                 }
-                // Debounce: let a burst of writes land, then drain it.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Debounce: let a burst of writes land (at most one pass per
+                // MIN_PASS_INTERVAL), then drain it.
+                let wait = (last_pass + MIN_PASS_INTERVAL)
+                    .max(tokio::time::Instant::now() + Duration::from_millis(20));
+                tokio::time::sleep_until(wait).await;
                 if let Some(c) = changes.as_mut() {
                     while c.try_recv().is_ok() {}
                 }
@@ -96,6 +112,7 @@ pub async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: Cancellatio
         if cancel.is_cancelled() {
             break;
         }
+        last_pass = tokio::time::Instant::now();
         if let Err(e) = pass(&reg, &control, &cancel).await {
             tracing::debug!("controller pass: {e}");
         }
@@ -222,7 +239,9 @@ async fn pass(
         .await;
     }
 
-    // Scheduler.
+    // Scheduler. Binds made in this pass are recorded in `placed` so that later pods of
+    // the same pass see the capacity they take.
+    let mut placed = w.pods.clone();
     for p in &w.pods {
         if cancel.is_cancelled() {
             return Ok(());
@@ -233,10 +252,16 @@ async fn pass(
         }
         let ns = ns_of(&p.metadata);
         let name = p.metadata.name.clone().unwrap_or_default();
-        // Re-read the pods bound so far in this pass (binds change capacity).
-        match scheduler::schedule(p, &w.nodes, &w.pods) {
+        match scheduler::schedule(p, &w.nodes, &placed) {
             Ok(node) => match reg.bind(&ns, &name, &node).await {
                 Ok(_) => {
+                    if let Some(spec) = placed
+                        .iter_mut()
+                        .find(|q| q.metadata.uid == p.metadata.uid)
+                        .and_then(|q| q.spec.as_mut())
+                    {
+                        spec.node_name = Some(node.clone());
+                    }
                     event(
                         reg,
                         &ns,
@@ -248,8 +273,6 @@ async fn pass(
                         &format!("Successfully assigned {ns}/{name} to {node}"),
                     )
                     .await;
-                    // Capacity changed: schedule the rest on the next pass.
-                    break;
                 }
                 Err(e) => tracing::debug!(pod = %name, "bind failed: {e}"),
             },
