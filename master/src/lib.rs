@@ -95,7 +95,20 @@ impl Master {
                 source,
             })?;
         let metrics = Arc::new(MasterMetrics::new(&id));
-        let node = RaftNode::start(&config, &id, metrics.clone(), shutdown.clone()).await?;
+        // Raft (core, peer server, peer clients, lease bookkeeping) runs on a runtime of its
+        // own, so a busy API cannot delay heartbeats and cost the active master its lease.
+        let rt = raft_runtime();
+        let node = {
+            let (config, id, metrics, shutdown) = (
+                config.clone(),
+                id.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
+            rt.spawn(async move { RaftNode::start(&config, &id, metrics, shutdown).await })
+                .await
+                .map_err(|e| MasterError::Other(format!("raft start task failed: {e}")))??
+        };
         let leadership = node.leadership.clone();
         let raft_store = Arc::new(RaftStore::new(
             node.raft.clone(),
@@ -103,7 +116,10 @@ impl Master {
             leadership.clone(),
             node.timings.write_timeout,
         ));
-        spawn_watchers(&node, &metrics, shutdown.clone());
+        {
+            let _raft = rt.enter();
+            spawn_watchers(&node, &metrics, shutdown.clone());
+        }
         Ok(MasterHandle {
             id,
             raft_store,
@@ -118,6 +134,19 @@ impl Master {
 }
 
 /// Keep the leadership tokens and the election/leader-change counters up to date.
+/// The process-wide runtime Raft runs on (two threads of its own; never dropped).
+fn raft_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("raft")
+            .enable_all()
+            .build()
+            .expect("cannot start the Raft runtime")
+    })
+}
+
 fn spawn_watchers(node: &RaftNode, metrics: &Arc<MasterMetrics>, shutdown: CancellationToken) {
     let m = metrics.clone();
     let leadership = node.leadership.clone();
