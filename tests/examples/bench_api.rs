@@ -29,33 +29,17 @@
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ballast_tests::bench::{client, env_or, rank};
 use ballast_tests::{ballast_bin, spawn_tied, wait_until, Cluster, ClusterOpts};
 
 const BLOCK: u8 = 80;
 const ETCD_BLOCK: u8 = 81;
 const SCHED_BLOCK: u8 = 89;
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn client(timeout: Duration) -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .timeout(timeout)
-        .build()
-        .expect("http client")
-}
 
 /// p50 / p99 / max by nearest rank, in milliseconds.
 fn summary(samples: &[Duration]) -> String {
@@ -64,7 +48,7 @@ fn summary(samples: &[Duration]) -> String {
     }
     let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     v.sort_by(|a, b| a.total_cmp(b));
-    let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    let rank = |p: f64| rank(&v, p);
     format!(
         "p50 {:7.1}  p99 {:7.1}  max {:7.1} ms (n={})",
         rank(0.50),

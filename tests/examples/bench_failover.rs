@@ -21,32 +21,16 @@
 //!
 //! Run with a release build: `BALLAST_BIN=$CARGO_TARGET_DIR/release/ballast`.
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ballast_tests::bench::{client, env_or, rank};
 use ballast_tests::{wait_until, Cluster, ClusterOpts};
 
 const BLOCK: u8 = 70;
 const LONG: Duration = Duration::from_secs(30);
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn client(timeout: Duration) -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .timeout(timeout)
-        .build()
-        .expect("http client")
-}
 
 /// min / p50 / p99 / max by nearest rank, in milliseconds.
 fn summary(samples: &[Duration]) -> String {
@@ -55,7 +39,7 @@ fn summary(samples: &[Duration]) -> String {
     }
     let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     v.sort_by(|a, b| a.total_cmp(b));
-    let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    let rank = |p: f64| rank(&v, p);
     format!(
         "min {:7.1}  p50 {:7.1}  p99 {:7.1}  max {:7.1}  ms  (n={})",
         v[0],

@@ -21,35 +21,15 @@
 
 use std::fs::{self, OpenOptions};
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ballast_tests::bench::{client, env_or, rank};
 use ballast_tests::{ballast_bin, spawn_tied, wait_until, Cluster, ClusterOpts};
 
 const FIRST_BLOCK: u8 = 82;
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn client(timeout: Duration) -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .timeout(timeout)
-        .build()
-        .expect("http client")
-}
-
-fn rank(v: &[f64], p: f64) -> f64 {
-    v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
-}
 
 /// (p50, p99, max) in ms.
 fn pcts(samples: &[Duration]) -> Option<(f64, f64, f64)> {

@@ -30,12 +30,12 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ballast_tests::bench::{client, env_or, rank};
 use ballast_tests::{spawn_tied, wait_until, Cluster, ClusterOpts};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -47,27 +47,7 @@ const HAPROXY_TUNED: &str = "127.71.0.2:8081";
 const HAPROXY_RETRY: &str = "127.71.0.2:8082";
 const NGINX: &str = "127.71.0.3:8080";
 
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn client(timeout: Duration) -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .timeout(timeout)
-        .build()
-        .expect("http client")
-}
-
 /// Nearest-rank percentile of sorted values.
-fn rank(v: &[f64], p: f64) -> f64 {
-    v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
-}
-
 /// min / p50 / p99 / max by nearest rank, in milliseconds.
 fn summary(samples: &[f64]) -> String {
     if samples.is_empty() {

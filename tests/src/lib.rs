@@ -883,3 +883,32 @@ impl Kubectl {
         self.require(args, self.run_stdin(args, input))
     }
 }
+
+/// Helpers the benchmark programs (`tests/examples/bench_*.rs`) share.
+pub mod bench {
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    /// `$name` parsed, or `default` when unset or unparsable.
+    pub fn env_or<T: FromStr>(name: &str, default: T) -> T {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// A blocking HTTP client for load loops: no proxy, `TCP_NODELAY`, `timeout` per request.
+    pub fn client(timeout: Duration) -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .timeout(timeout)
+            .build()
+            .expect("http client")
+    }
+
+    /// Nearest-rank percentile `p` (0..=1) of sorted, non-empty samples.
+    pub fn rank(sorted: &[f64], p: f64) -> f64 {
+        sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+    }
+}
