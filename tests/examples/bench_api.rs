@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ballast_tests::bench::{client, env_or, rank};
+use ballast_tests::bench::{client, env_or, rank, sorted_millis};
 use ballast_tests::{ballast_bin, spawn_tied, wait_until, Cluster, ClusterOpts};
 
 const BLOCK: u8 = 80;
@@ -46,8 +46,7 @@ fn summary(samples: &[Duration]) -> String {
     if samples.is_empty() {
         return "no samples".into();
     }
-    let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    v.sort_by(|a, b| a.total_cmp(b));
+    let v = sorted_millis(samples);
     let rank = |p: f64| rank(&v, p);
     format!(
         "p50 {:7.1}  p99 {:7.1}  max {:7.1} ms (n={})",
@@ -387,24 +386,7 @@ fn start_ballast(block: u8) -> (Cluster, String, String) {
 
 /// `ballast worker --id w1 --hollow N`, its output appended to the cluster's `logs/w1.log`.
 fn start_hollow(c: &Cluster, nodes: usize) -> Tied {
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(c.log_path("w1"))
-        .unwrap();
-    let mut cmd = Command::new(ballast_bin());
-    cmd.arg("worker")
-        .arg("--config")
-        .arg(c.config_path())
-        .args(["--id", "w1", "--hollow", &nodes.to_string()])
-        .current_dir(c.dir())
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
+    let mut cmd = c.node_command("w1", &["--hollow", &nodes.to_string()]);
     Tied(spawn_tied(&mut cmd).expect("spawn hollow worker"))
 }
 

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ballast_tests::bench::{client, env_or, rank};
+use ballast_tests::bench::{client, env_or, rank, sorted_millis};
 use ballast_tests::{wait_until, Cluster, ClusterOpts};
 
 const BLOCK: u8 = 70;
@@ -37,8 +37,7 @@ fn summary(samples: &[Duration]) -> String {
     if samples.is_empty() {
         return "no samples".into();
     }
-    let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    v.sort_by(|a, b| a.total_cmp(b));
+    let v = sorted_millis(samples);
     let rank = |p: f64| rank(&v, p);
     format!(
         "min {:7.1}  p50 {:7.1}  p99 {:7.1}  max {:7.1}  ms  (n={})",

@@ -19,14 +19,14 @@
 //!
 //! Run with a release build: `BALLAST_BIN=$CARGO_TARGET_DIR/release/ballast`.
 
-use std::fs::{self, OpenOptions};
-use std::process::{Child, Command, Stdio};
+use std::fs;
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ballast_tests::bench::{client, env_or, rank};
+use ballast_tests::bench::{client, env_or, rank, sorted_millis};
 use ballast_tests::{ballast_bin, spawn_tied, wait_until, Cluster, ClusterOpts};
 
 const FIRST_BLOCK: u8 = 82;
@@ -36,8 +36,7 @@ fn pcts(samples: &[Duration]) -> Option<(f64, f64, f64)> {
     if samples.is_empty() {
         return None;
     }
-    let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    v.sort_by(|a, b| a.total_cmp(b));
+    let v = sorted_millis(samples);
     Some((rank(&v, 0.5), rank(&v, 0.99), v[v.len() - 1]))
 }
 
@@ -267,24 +266,7 @@ fn run_scale(block: u8, nodes: usize, lease: Duration) -> Row {
     );
 
     // 1. Registration.
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(c.log_path("w1"))
-        .unwrap();
-    let mut cmd = Command::new(ballast_bin());
-    cmd.arg("worker")
-        .arg("--config")
-        .arg(c.config_path())
-        .args(["--id", "w1", "--hollow", &nodes.to_string()])
-        .current_dir(c.dir())
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
+    let mut cmd = c.node_command("w1", &["--hollow", &nodes.to_string()]);
     let t0 = Instant::now();
     let hollow = Tied(spawn_tied(&mut cmd).expect("spawn hollow worker"));
     let hollow_pid = hollow.0.id();

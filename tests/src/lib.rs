@@ -260,14 +260,24 @@ impl Cluster {
         if self.is_running(id) {
             panic!("{id} is already running");
         }
-        let log_path = self.log_path(id);
+        let mut cmd = self.node_command(id, &[]);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().expect("spawn ballast");
+        self.procs.insert(id.to_string(), Proc { child });
+    }
+
+    /// The command that runs node `id` (plus `extra` arguments, e.g. `--hollow N`) in the
+    /// cluster's directory, its output appended to `logs/<id>.log`. For processes a
+    /// caller manages itself; [`Cluster::start_node`] uses it too.
+    pub fn node_command(&self, id: &str, extra: &[&str]) -> Command {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log_path)
+            .open(self.log_path(id))
             .unwrap();
         let mut cmd = Command::new(ballast_bin());
         cmd.args(self.args_for(id))
+            .args(extra)
             .current_dir(self.dir.path())
             .env(
                 "RUST_LOG",
@@ -276,9 +286,7 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        die_with_parent(&mut cmd);
-        let child = cmd.spawn().expect("spawn ballast");
-        self.procs.insert(id.to_string(), Proc { child });
+        cmd
     }
 
     /// Whether the node's process is alive (reaps it when it exited).
@@ -905,6 +913,13 @@ pub mod bench {
             .timeout(timeout)
             .build()
             .expect("http client")
+    }
+
+    /// The samples in milliseconds, sorted (for [`rank`]).
+    pub fn sorted_millis(samples: &[Duration]) -> Vec<f64> {
+        let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
     }
 
     /// Nearest-rank percentile `p` (0..=1) of sorted, non-empty samples.
