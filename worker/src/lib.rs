@@ -172,7 +172,8 @@ pub async fn run(
 
 /// Run `count` hollow nodes named `{base_id}-hollow-{i}` (i = 1..=count) in this process:
 /// real registration, leases and pod status (bound pods are reported Running), but no
-/// processes. They use worker `base_id`'s config (route, address, capacity); `/metrics`
+/// processes. Their starts are spread over one `lease_interval`. They use worker
+/// `base_id`'s config (route, address, capacity); `/metrics`
 /// and `/livez` are served on its address.
 pub async fn run_hollow(
     config: LoadedConfig,
@@ -202,15 +203,15 @@ pub async fn run_hollow(
     let mut tasks = vec![tokio::spawn(
         statuses.clone().run(api.clone(), shutdown.clone()),
     )];
+    // Start the nodes spread evenly over one lease interval, as a real fleet boots over
+    // time: registration does not arrive as one storm, and the nodes' lease renewals
+    // stay spread over the interval afterwards.
+    let spread = config.config.worker.lease_interval / count.max(1) as u32;
     for i in 1..=count {
         let name = format!("{base_id}-hollow-{i}");
-        tasks.push(tokio::spawn(node::run(
-            api.clone(),
-            node_info(&config, &me, name.clone()),
-            metrics.clone(),
-            shutdown.clone(),
-        )));
-        let h = hollow::HollowNode::new(
+        let info = node_info(&config, &me, name.clone());
+        let delay = spread * (i - 1) as u32;
+        let pods = hollow::HollowNode::new(
             name,
             me.address.ip(),
             api.clone(),
@@ -218,7 +219,16 @@ pub async fn run_hollow(
             metrics.clone(),
             shutdown.clone(),
         );
-        tasks.push(tokio::spawn(h.run()));
+        tasks.push(tokio::spawn({
+            let (api, metrics, shutdown) = (api.clone(), metrics.clone(), shutdown.clone());
+            async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                tokio::join!(node::run(api, info, metrics, shutdown), pods.run());
+            }
+        }));
     }
     shutdown.cancelled().await;
     // Nothing to stop gracefully (no processes): in-flight API calls are dropped.

@@ -1251,6 +1251,7 @@ impl Registry {
             let mut last_rev = start;
             let matches =
                 |o: &Value| opts.label_selector.matches_object(o) && opts.field_selector.matches(o);
+            let needle = opts.field_selector.required_json();
             loop {
                 let sleep_until = deadline.unwrap_or_else(|| {
                     tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
@@ -1281,7 +1282,7 @@ impl Registry {
                             Some(Ok(ev)) => ev,
                         };
                         last_rev = ev.revision();
-                        let out = match convert_event(def, &ev, &matches) {
+                        let out = match convert_event(def, &ev, needle.as_deref(), &matches) {
                             Ok(Some(e)) => e,
                             Ok(None) => continue,
                             Err(e) => WatchEvent { kind: "ERROR", object: e.status() },
@@ -1306,15 +1307,23 @@ fn strip_rv(o: &Value) -> Value {
 fn convert_event(
     def: &ResourceDef,
     ev: &Event,
+    needle: Option<&[u8]>,
     matches: &dyn Fn(&Value) -> bool,
 ) -> Result<Option<WatchEvent>, ApiError> {
+    // An object whose JSON lacks the selector's required bytes cannot match: skip
+    // decoding it (most events, when each node watches only its own pods).
+    let may_match =
+        |kv: &KeyValue| needle.is_none_or(|n| memchr::memmem::find(&kv.value, n).is_some());
     Ok(match ev {
         Event::Put { kv, prev } => {
-            let new = Registry::decode(def, kv)?;
             let old_matched = match prev {
-                Some(p) => matches(&Registry::decode(def, p)?),
-                None => false,
+                Some(p) if may_match(p) => matches(&Registry::decode(def, p)?),
+                _ => false,
             };
+            if !old_matched && !may_match(kv) {
+                return Ok(None);
+            }
+            let new = Registry::decode(def, kv)?;
             let kind = match (old_matched, matches(&new)) {
                 (false, true) => "ADDED",
                 (true, true) => "MODIFIED",
@@ -1324,6 +1333,9 @@ fn convert_event(
             Some(WatchEvent { kind, object: new })
         }
         Event::Delete { prev, revision } => {
+            if !may_match(prev) {
+                return Ok(None);
+            }
             let mut o = Registry::decode(def, prev)?;
             meta_mut(&mut o).insert("resourceVersion".into(), json!(revision.to_string()));
             matches(&o).then_some(WatchEvent {

@@ -322,6 +322,24 @@ impl FieldSelector {
             .map(|r| r.value.as_str())
     }
 
+    /// Bytes that the JSON of every matching object contains: `"value"` of an
+    /// equality whose value can only be a JSON string (not a number, bool or null) and
+    /// needs no escaping. Lets a watch skip decoding objects that cannot match.
+    pub fn required_json(&self) -> Option<Vec<u8>> {
+        self.requirements
+            .iter()
+            .find(|r| {
+                !r.negate
+                    && !r.value.is_empty()
+                    && r.value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+                    && r.value.parse::<f64>().is_err()
+                    && !matches!(r.value.as_str(), "true" | "false" | "null")
+            })
+            .map(|r| format!("\"{}\"", r.value).into_bytes())
+    }
+
     pub fn matches(&self, obj: &Value) -> bool {
         self.requirements.iter().all(|r| {
             let v = field_value(obj, &r.field);
@@ -395,6 +413,26 @@ mod tests {
         .unwrap();
         assert_eq!(s.to_string(), "app=web,tier in (a,b)");
         assert_eq!(LabelSelector::parse(&s.to_string()).unwrap(), s);
+    }
+
+    #[test]
+    fn required_json_only_for_string_equalities() {
+        let req = |s: &str| FieldSelector::parse(s).unwrap().required_json();
+        assert_eq!(req("spec.nodeName=w1"), Some(b"\"w1\"".to_vec()));
+        assert_eq!(
+            req("status.phase!=Failed,spec.nodeName=n-1.z"),
+            Some(b"\"n-1.z\"".to_vec())
+        );
+        for none in [
+            "spec.nodeName=",
+            "spec.replicas=3",
+            "spec.x=true",
+            "a!=b",
+            "a=x y",
+            "",
+        ] {
+            assert_eq!(req(none), None, "{none}");
+        }
     }
 
     #[test]

@@ -880,3 +880,45 @@ async fn namespace_deletion_waits_for_graceful_pods() {
     let (c, _) = a.req("DELETE", "/api/v1/namespaces/default", None).await;
     assert_eq!(c, 403);
 }
+
+#[tokio::test]
+async fn node_name_watch_sees_binds_and_deletes_of_its_pods_only() {
+    let a = start().await;
+    let mut resp = a
+        .http
+        .get(format!(
+            "{}/api/v1/pods?watch=true&fieldSelector=spec.nodeName%3Dn1&timeoutSeconds=5",
+            a.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    let bind = |node: &str| {
+        json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "x"},
+            "target": {"kind": "Node", "name": node}})
+    };
+    a.req("POST", PODS, Some(pod("mine"))).await;
+    a.req("POST", PODS, Some(pod("other"))).await;
+    a.req("POST", &format!("{PODS}/other/binding"), Some(bind("n10")))
+        .await;
+    a.req("POST", &format!("{PODS}/mine/binding"), Some(bind("n1")))
+        .await;
+    a.req("DELETE", &format!("{PODS}/other"), None).await;
+    a.req("DELETE", &format!("{PODS}/mine"), None).await;
+    let mut buf = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(e) = next_line(&mut resp, &mut buf).await {
+        seen.push(format!(
+            "{} {}",
+            e["type"].as_str().unwrap(),
+            e["object"]["metadata"]["name"].as_str().unwrap()
+        ));
+    }
+    // Graceful deletion of a bound pod first sets deletionTimestamp (MODIFIED).
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("ADDED mine"),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|s| s.ends_with(" mine")), "{seen:?}");
+}

@@ -21,6 +21,7 @@ use crate::api::objects::Objects;
 use crate::api::registry::{DeleteOptions, ListOptions, Registry};
 use crate::api::resources::ResourceDef;
 use crate::scheduler;
+use crate::store::Event;
 
 fn def(group: &str, plural: &str) -> &'static ResourceDef {
     ResourceDef::find(group, plural).expect("built-in resource")
@@ -54,9 +55,41 @@ fn ns_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Stri
 /// Least time between two passes triggered by store changes.
 const MIN_PASS_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Whether a change of this store key should trigger a reconcile pass.
-fn triggers_pass(key: &str) -> bool {
-    !(key.starts_with("/registry/leases/") || key.starts_with("/registry/events/"))
+/// Whether a store change should trigger a reconcile pass. Lease renewals, events and
+/// node heartbeats (a node status whose only change is `lastHeartbeatTime`) do not:
+/// node lifecycle is time-based and runs on the tick, and with thousands of nodes
+/// heartbeating they would keep the controllers relisting.
+fn triggers_pass(ev: &Event) -> bool {
+    let key = ev.key();
+    if key.starts_with("/registry/leases/") || key.starts_with("/registry/events/") {
+        return false;
+    }
+    match ev {
+        Event::Put {
+            kv,
+            prev: Some(prev),
+        } if key.starts_with("/registry/nodes/") => node_beat(&prev.value) != node_beat(&kv.value),
+        _ => true,
+    }
+}
+
+/// A node object without what a heartbeat changes (unparseable → `Null`, which makes
+/// any change trigger).
+fn node_beat(raw: &[u8]) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_slice(raw).unwrap_or_default();
+    if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        m.remove("resourceVersion");
+        m.remove("managedFields");
+    }
+    if let Some(cs) = v
+        .pointer_mut("/status/conditions")
+        .and_then(|c| c.as_array_mut())
+    {
+        for c in cs.iter_mut().filter_map(|c| c.as_object_mut()) {
+            c.remove("lastHeartbeatTime");
+        }
+    }
+    v
 }
 
 /// Run until `cancel` fires (leadership lost or shutdown).
@@ -95,9 +128,10 @@ pub async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: Cancellatio
                 match ev {
                     // Lease renewals and events change nothing the controllers act on at
                     // once (node lifecycle is time-based and runs on the tick).
-                    Some(Ok(e)) if !triggers_pass(e.key()) => continue,
+                    Some(Ok(e)) if !triggers_pass(&e) => continue,
                     Some(Ok(_)) => {}
-                    _ => changes = None,
+                    // Ended (fell behind, or leadership lost): follow from now on.
+                    _ => changes = reg.store().watch("/registry/", reg.store().revision()).await.ok(),
                 }
                 // Debounce: let a burst of writes land (at most one pass per
                 // MIN_PASS_INTERVAL), then drain it.
@@ -105,7 +139,7 @@ pub async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: Cancellatio
                     .max(tokio::time::Instant::now() + Duration::from_millis(20));
                 tokio::time::sleep_until(wait).await;
                 if let Some(c) = changes.as_mut() {
-                    while c.try_recv().is_ok() {}
+                    c.discard_queued();
                 }
             }
         }
@@ -374,5 +408,64 @@ async fn event(
     });
     if let Err(e) = reg.create(def("", "events"), Some(ns), v, false).await {
         tracing::debug!("cannot record event: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::KeyValue;
+
+    fn put(key: &str, prev: Option<Value>, new: Value) -> Event {
+        let kv = |v: &Value| KeyValue {
+            key: key.into(),
+            value: serde_json::to_vec(v).unwrap(),
+            create_revision: 1,
+            mod_revision: 2,
+        };
+        Event::Put {
+            kv: kv(&new),
+            prev: prev.as_ref().map(kv),
+        }
+    }
+
+    fn node(ready: &str, beat: &str) -> Value {
+        json!({"metadata": {"name": "n1", "resourceVersion": beat},
+            "status": {"conditions": [{"type": "Ready", "status": ready,
+                "lastHeartbeatTime": beat, "lastTransitionTime": "t0"}]}})
+    }
+
+    #[test]
+    fn heartbeats_leases_and_events_do_not_trigger_passes() {
+        let k = "/registry/nodes/n1";
+        assert!(!triggers_pass(&put(
+            k,
+            Some(node("True", "t1")),
+            node("True", "t2")
+        )));
+        assert!(triggers_pass(&put(
+            k,
+            Some(node("True", "t1")),
+            node("False", "t2")
+        )));
+        assert!(
+            triggers_pass(&put(k, None, node("True", "t1"))),
+            "a new node"
+        );
+        assert!(!triggers_pass(&put(
+            "/registry/leases/kube-node-lease/n1",
+            None,
+            json!({})
+        )));
+        assert!(!triggers_pass(&put(
+            "/registry/events/default/e",
+            None,
+            json!({})
+        )));
+        assert!(triggers_pass(&put(
+            "/registry/pods/default/p",
+            None,
+            json!({})
+        )));
     }
 }

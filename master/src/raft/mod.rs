@@ -9,6 +9,7 @@
 //! - [`store`]: [`RaftStore`], the [`crate::store::Store`] the API uses.
 //! - [`node`]: starting a master's Raft node from the cluster config.
 
+pub mod campaign;
 #[cfg(test)]
 mod group_tests;
 pub mod leadership;

@@ -26,6 +26,7 @@ use openraft::{Raft, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::campaign::LeaderContact;
 use super::leadership::{Fence, RaftView};
 use super::{Node, NodeId, TypeConfig};
 use crate::metrics::MasterMetrics;
@@ -258,6 +259,8 @@ pub struct PeerState {
     pub fence: Arc<Fence>,
     /// For the last log id in refused votes.
     pub log: super::log_store::LogStore,
+    /// When a leader's `AppendEntries` was last accepted here.
+    pub contact: Arc<LeaderContact>,
 }
 
 /// The router served on the peer address.
@@ -281,6 +284,13 @@ pub struct PeerStatus {
     /// Highest log index (0 when empty).
     pub last_log_index: u64,
     pub term: u64,
+    /// Term of the last log entry.
+    #[serde(default)]
+    pub last_log_term: u64,
+    /// Milliseconds since it last accepted an `AppendEntries` from a leader (0 when it
+    /// is the leader; `None` when neither since it started).
+    #[serde(default)]
+    pub leader_contact_ms: Option<u64>,
 }
 
 impl PeerStatus {
@@ -290,8 +300,14 @@ impl PeerStatus {
     }
 }
 
-async fn status(State(st): State<PeerState>) -> Json<PeerStatus> {
+async fn status(State(st): State<PeerState>) -> Response {
     let m = st.raft.metrics().borrow().clone();
+    let mut log = st.log.clone();
+    let last = match openraft::storage::RaftLogStorage::get_log_state(&mut log).await {
+        Ok(s) => s.last_log_id,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let leader = m.state == openraft::ServerState::Leader && m.vote.committed;
     Json(PeerStatus {
         id: st.me,
         initialized: m
@@ -300,9 +316,16 @@ async fn status(State(st): State<PeerState>) -> Json<PeerStatus> {
             .voter_ids()
             .next()
             .is_some(),
-        last_log_index: m.last_log_index.unwrap_or(0),
+        last_log_index: last.map(|l| l.index).unwrap_or(0),
         term: m.current_term,
+        last_log_term: last.map(|l| l.leader_id.term).unwrap_or(0),
+        leader_contact_ms: if leader {
+            Some(0)
+        } else {
+            st.contact.age_ms(Instant::now())
+        },
     })
+    .into_response()
 }
 
 /// `GET /raft/status` of a peer, `None` when it does not answer in time.
@@ -325,7 +348,17 @@ async fn append(
     State(st): State<PeerState>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
 ) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    Json(st.raft.append_entries(req).await)
+    let res = st.raft.append_entries(req).await;
+    if matches!(
+        res,
+        Ok(AppendEntriesResponse::Success
+            | AppendEntriesResponse::PartialSuccess(_)
+            | AppendEntriesResponse::Conflict)
+    ) {
+        // After openraft took it: its leader lease started no later than this.
+        st.contact.record(Instant::now());
+    }
+    Json(res)
 }
 
 async fn snapshot(

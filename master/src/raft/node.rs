@@ -12,6 +12,7 @@ use openraft::error::{InitializeError, RaftError};
 use openraft::{Config, Raft, SnapshotPolicy};
 use tokio_util::sync::CancellationToken;
 
+use super::campaign::{self, CampaignConfig, LeaderContact};
 use super::leadership::{Fence, Leadership};
 use super::log_store::LogStore;
 use super::network::{peer_router, Network, PeerState};
@@ -91,6 +92,9 @@ pub fn timings(rc: &RaftConfig) -> Result<Timings, RaftStartError> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(rc.snapshot_after_logs.max(1)),
         max_in_snapshot_log_to_keep: rc.snapshot_after_logs.min(1000),
         snapshot_max_chunk_size: 1024 * 1024,
+        // openraft 0.9 gives every AppendEntries one heartbeat interval to complete:
+        // keep batches small enough to be sent, fsynced and answered in that time.
+        max_payload_entries: 64,
         ..Default::default()
     }
     .validate()
@@ -202,22 +206,35 @@ impl RaftNode {
         .map_err(|e| RaftStartError::Raft(e.to_string()))?;
 
         // Same for campaigning: no election of its own before the lease it may have
-        // acknowledged has run out (openraft would campaign at its first tick).
+        // acknowledged has run out (openraft would campaign at its first tick); the
+        // campaign loop turns elections on when that is safe (see `campaign::run`).
         raft.runtime_config().elect(false);
-        {
-            let raft = raft.clone();
-            let quiet = Duration::from_millis(timings.openraft.election_timeout_max);
-            tokio::spawn(async move {
-                tokio::time::sleep(quiet).await;
-                raft.runtime_config().elect(true);
-            });
-        }
 
+        let contact = Arc::new(LeaderContact::default());
+        tokio::spawn(campaign::run(
+            CampaignConfig {
+                me: id,
+                peers: members
+                    .iter()
+                    .filter(|(rid, _)| **rid != id)
+                    .map(|(rid, n)| (*rid, n.addr.clone()))
+                    .collect(),
+                lease: Duration::from_millis(timings.openraft.election_timeout_max),
+                heartbeat: Duration::from_millis(timings.openraft.heartbeat_interval),
+                rpc_timeout: cfg.raft.rpc_timeout,
+            },
+            raft.clone(),
+            contact.clone(),
+            log_reader.clone(),
+            http.clone(),
+            shutdown.clone(),
+        ));
         let router = peer_router(PeerState {
             me: id,
             raft: raft.clone(),
             fence: fence.clone(),
             log: log_reader,
+            contact,
         });
         let listener = listener.tap_io(|s| {
             let _ = s.set_nodelay(true);

@@ -17,7 +17,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
-use tokio::sync::mpsc;
 
 use super::leadership::Leadership;
 use super::TypeConfig;
@@ -130,32 +129,10 @@ impl Store for RaftStore {
 
     async fn watch(&self, prefix: &str, after: u64) -> Result<WatchReceiver, StoreError> {
         let token = self.leadership.token().ok_or_else(|| self.not_active())?;
-        let mut inner = self.applied.watch(prefix, after)?;
+        let inner = self.applied.watch(prefix, after)?;
         self.ensure_active()?;
-        let (tx, rx) = mpsc::channel(1024);
         let me = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = token.revoked() => {
-                        let _ = tx.send(Err(me.not_active())).await;
-                        return;
-                    }
-                    ev = inner.recv() => match ev {
-                        Some(ev) => {
-                            let end = ev.is_err();
-                            if tx.send(ev).await.is_err() || end {
-                                return;
-                            }
-                        }
-                        None => return,
-                    },
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(rx)
+        Ok(inner.ended_by(token.cancellation(), move || me.not_active()))
     }
 
     fn revision(&self) -> u64 {

@@ -1,0 +1,357 @@
+//! Prompt, orderly elections after the leader is lost: one nominated candidate.
+//!
+//! openraft 0.9 lets every follower campaign on its own randomized timer. After a
+//! leader dies, two followers whose timers fire close together split the vote, and a
+//! follower with a shorter log campaigns in vain; either costs a whole second election
+//! timeout (the slow tail of failover). openraft 0.9 has no pre-vote to avoid that.
+//!
+//! So each follower runs [`run`]: as soon as it has not heard from a leader for the
+//! leader lease (plus a margin) — the earliest instant any election can succeed, see
+//! `leadership.rs` — it asks the other voters for their `/raft/status` and [`decide`]s,
+//! from the same facts on every follower, who should campaign:
+//!
+//! - a voter that still hears from a leader means the leader is alive (this follower
+//!   is cut off): nobody is nominated (no disruption, like pre-vote);
+//! - otherwise, among this follower and the voters that answered (at least a quorum),
+//!   the one with the most up-to-date log (the only kind that can win), ties to the
+//!   lowest id. It campaigns once every voter's lease has run out; the others hold
+//!   their own timers for one lease meanwhile.
+//!
+//! openraft's own timers stay on as the fallback (nominee dead, a lost vote request):
+//! this only makes the common case fast and free of split votes. Safety is Raft's own:
+//! a nomination only chooses who asks first.
+
+use std::cmp::Reverse;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use openraft::storage::RaftLogStorage;
+use openraft::{Raft, ServerState};
+use tokio_util::sync::CancellationToken;
+
+use super::log_store::LogStore;
+use super::network::{peer_status, PeerStatus};
+use super::{NodeId, TypeConfig};
+
+/// When this master last accepted an `AppendEntries` from a leader (a follower's view
+/// of openraft's leader lease, recorded after openraft processed the request).
+#[derive(Debug, Default)]
+pub struct LeaderContact(Mutex<Option<Instant>>);
+
+impl LeaderContact {
+    pub fn record(&self, at: Instant) {
+        let mut c = self.0.lock().expect("leader contact lock");
+        if c.is_none_or(|p| p < at) {
+            *c = Some(at);
+        }
+    }
+    pub fn last(&self) -> Option<Instant> {
+        *self.0.lock().expect("leader contact lock")
+    }
+    /// Milliseconds since the last contact (`None`: none since this process started).
+    pub fn age_ms(&self, now: Instant) -> Option<u64> {
+        self.last()
+            .map(|t| now.saturating_duration_since(t).as_millis() as u64)
+    }
+}
+
+/// One voter as the nomination sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub id: NodeId,
+    /// Last log id as (term, index).
+    pub last_log: (u64, u64),
+    /// Time since it last heard from a leader (`None`: not since it started).
+    pub contact_age: Option<Duration>,
+}
+
+impl Seen {
+    fn from_status(s: &PeerStatus) -> Self {
+        Self {
+            id: s.id,
+            last_log: (s.last_log_term, s.last_log_index),
+            contact_age: s.leader_contact_ms.map(Duration::from_millis),
+        }
+    }
+}
+
+/// What a follower that lost its leader should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Campaign after this wait (until every answering voter's lease has run out).
+    Campaign { after: Duration },
+    /// Another voter is the nominee: hold this master's own timer for a while.
+    Defer { to: NodeId },
+    /// A voter still hears from a leader: do nothing.
+    LeaderAlive,
+    /// Fewer than a quorum answered: leave it to openraft's timers.
+    NoQuorum,
+}
+
+/// Pure nomination rule. `alive_within`: a voter that heard from a leader this recently
+/// is taken as proof the leader lives; `lease`: openraft's follower leader lease.
+pub fn decide(
+    me: &Seen,
+    peers: &[Seen],
+    voters: usize,
+    lease: Duration,
+    alive_within: Duration,
+) -> Decision {
+    if peers
+        .iter()
+        .any(|p| p.contact_age.is_some_and(|a| a < alive_within))
+    {
+        return Decision::LeaderAlive;
+    }
+    if 1 + peers.len() < voters / 2 + 1 {
+        return Decision::NoQuorum;
+    }
+    let best = std::iter::once(me)
+        .chain(peers)
+        .max_by_key(|s| (s.last_log, Reverse(s.id)))
+        .expect("at least me");
+    if best.id != me.id {
+        return Decision::Defer { to: best.id };
+    }
+    // Every voter refuses votes until its own lease (from its own last contact) ends.
+    let margin = Duration::from_millis(5);
+    let after = peers
+        .iter()
+        .filter_map(|p| p.contact_age)
+        .map(|a| (lease + margin).saturating_sub(a))
+        .max()
+        .unwrap_or_default();
+    Decision::Campaign { after }
+}
+
+/// Settings of the nomination loop.
+pub struct CampaignConfig {
+    pub me: NodeId,
+    /// Peer addresses of the other voters.
+    pub peers: Vec<(NodeId, String)>,
+    /// openraft's follower leader lease.
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    pub rpc_timeout: Duration,
+}
+
+/// Watch for a lost leader and nominate one candidate (see the module docs).
+pub async fn run(
+    cfg: CampaignConfig,
+    raft: Raft<TypeConfig>,
+    contact: std::sync::Arc<LeaderContact>,
+    mut log: LogStore,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+) {
+    let voters = cfg.peers.len() + 1;
+    // A leader that sends heartbeats every `heartbeat` is silent this long only when
+    // it is gone (or cut off from this master).
+    let silent = cfg.lease + cfg.heartbeat / 2;
+    let alive_within = cfg.heartbeat * 2;
+    let status_timeout = cfg.rpc_timeout.min(Duration::from_millis(150));
+    rejoin(&cfg, &raft, &contact, &http, &shutdown).await;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acted_for: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(last) = contact.last() else { continue };
+        if acted_for == Some(last) || last.elapsed() < silent {
+            continue;
+        }
+        if raft.metrics().borrow().state != ServerState::Follower {
+            continue;
+        }
+        acted_for = Some(last);
+        let answers = futures::future::join_all(
+            cfg.peers
+                .iter()
+                .map(|(_, addr)| peer_status(&http, addr, status_timeout)),
+        )
+        .await;
+        let peers: Vec<Seen> = answers.iter().flatten().map(Seen::from_status).collect();
+        let last_log = match log.get_log_state().await {
+            Ok(s) => s
+                .last_log_id
+                .map(|l| (l.leader_id.term, l.index))
+                .unwrap_or_default(),
+            Err(_) => continue,
+        };
+        let me = Seen {
+            id: cfg.me,
+            last_log,
+            contact_age: Some(last.elapsed()),
+        };
+        let decision = decide(&me, &peers, voters, cfg.lease, alive_within);
+        tracing::info!(
+            ?decision,
+            silent_ms = last.elapsed().as_millis() as u64,
+            "leader lost"
+        );
+        match decision {
+            Decision::Campaign { after } => {
+                tokio::time::sleep(after).await;
+                // Still leaderless here (no newer contact) and still a follower.
+                if contact.last() == Some(last)
+                    && raft.metrics().borrow().state == ServerState::Follower
+                {
+                    let _ = raft.trigger().elect().await;
+                }
+            }
+            Decision::Defer { .. } => {
+                // Give the nominee one lease to win before this master's own timer may
+                // fire and split the vote; then openraft's timers are the fallback.
+                raft.runtime_config().elect(false);
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(cfg.lease) => {}
+                }
+                raft.runtime_config().elect(true);
+            }
+            Decision::LeaderAlive | Decision::NoQuorum => {}
+        }
+    }
+}
+
+/// After a start, turn openraft's own elections on (they start off) once that cannot
+/// disrupt a working leader: after one lease (one this master may have acknowledged
+/// before it stopped), and then only when it has heard from a leader, or no other voter
+/// has (the whole group is starting). Without this a restarted master whose first
+/// `AppendEntries` is late campaigns with a higher term and deposes a healthy leader
+/// (openraft 0.9 has no pre-vote). Bounded: after ~3 s elections are on regardless.
+async fn rejoin(
+    cfg: &CampaignConfig,
+    raft: &Raft<TypeConfig>,
+    contact: &LeaderContact,
+    http: &reqwest::Client,
+    shutdown: &CancellationToken,
+) {
+    let status_timeout = cfg.rpc_timeout.min(Duration::from_millis(150));
+    let alive_within = cfg.heartbeat * 2;
+    let deadline = Instant::now() + cfg.lease + Duration::from_secs(3);
+    let mut wait = cfg.lease;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = cfg.heartbeat;
+        if contact.last().is_some() || Instant::now() >= deadline {
+            break;
+        }
+        let answers = futures::future::join_all(
+            cfg.peers
+                .iter()
+                .map(|(_, addr)| peer_status(http, addr, status_timeout)),
+        )
+        .await;
+        let leader_alive = answers.iter().flatten().any(|s| {
+            s.leader_contact_ms
+                .is_some_and(|ms| ms < alive_within.as_millis() as u64)
+        });
+        if !leader_alive {
+            break;
+        }
+    }
+    raft.runtime_config().elect(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_millis(350);
+    const ALIVE: Duration = Duration::from_millis(120);
+
+    fn seen(id: NodeId, term: u64, index: u64, age_ms: Option<u64>) -> Seen {
+        Seen {
+            id,
+            last_log: (term, index),
+            contact_age: age_ms.map(Duration::from_millis),
+        }
+    }
+
+    #[test]
+    fn the_longest_log_campaigns_and_the_other_defers() {
+        let a = seen(2, 3, 100, Some(385));
+        let b = seen(3, 3, 101, Some(380));
+        assert_eq!(
+            decide(&a, std::slice::from_ref(&b), 3, LEASE, ALIVE),
+            Decision::Defer { to: 3 }
+        );
+        assert_eq!(
+            decide(&b, std::slice::from_ref(&a), 3, LEASE, ALIVE),
+            Decision::Campaign {
+                after: Duration::ZERO
+            }
+        );
+    }
+
+    #[test]
+    fn equal_logs_go_to_the_lowest_id_and_both_agree() {
+        let a = seen(2, 3, 100, Some(385));
+        let b = seen(3, 3, 100, Some(385));
+        assert_eq!(
+            decide(&a, std::slice::from_ref(&b), 3, LEASE, ALIVE),
+            Decision::Campaign {
+                after: Duration::ZERO
+            }
+        );
+        assert_eq!(
+            decide(&b, std::slice::from_ref(&a), 3, LEASE, ALIVE),
+            Decision::Defer { to: 2 }
+        );
+    }
+
+    #[test]
+    fn a_higher_last_term_beats_a_longer_log() {
+        let a = seen(1, 4, 10, Some(400));
+        let b = seen(2, 3, 50, Some(400));
+        assert_eq!(
+            decide(&b, std::slice::from_ref(&a), 3, LEASE, ALIVE),
+            Decision::Defer { to: 1 }
+        );
+    }
+
+    #[test]
+    fn waits_for_the_peers_lease_to_end() {
+        let me = seen(1, 3, 10, Some(380));
+        let peer = seen(2, 3, 10, Some(300));
+        assert_eq!(
+            decide(&me, &[peer], 3, LEASE, ALIVE),
+            Decision::Campaign {
+                after: Duration::from_millis(55)
+            }
+        );
+    }
+
+    #[test]
+    fn a_peer_hearing_the_leader_or_too_few_answers_stops_it() {
+        let me = seen(1, 3, 10, Some(400));
+        assert_eq!(
+            decide(&me, &[seen(2, 3, 9, Some(30))], 3, LEASE, ALIVE),
+            Decision::LeaderAlive
+        );
+        assert_eq!(decide(&me, &[], 3, LEASE, ALIVE), Decision::NoQuorum);
+        assert_eq!(
+            decide(&me, &[seen(2, 3, 9, None)], 5, LEASE, ALIVE),
+            Decision::NoQuorum
+        );
+        assert_eq!(
+            decide(
+                &me,
+                &[seen(2, 3, 9, None), seen(3, 3, 9, Some(500))],
+                5,
+                LEASE,
+                ALIVE
+            ),
+            Decision::Campaign {
+                after: Duration::ZERO
+            }
+        );
+    }
+}
