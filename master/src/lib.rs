@@ -87,13 +87,11 @@ impl Master {
             .master(&id)
             .ok_or_else(|| MasterError::UnknownId(id.clone()))?
             .clone();
-        let api_listener = tokio::net::TcpListener::bind(me.api)
-            .await
-            .map_err(|source| MasterError::Bind {
-                what: "api",
-                addr: me.api,
-                source,
-            })?;
+        let api_listener = listen(me.api).map_err(|source| MasterError::Bind {
+            what: "api",
+            addr: me.api,
+            source,
+        })?;
         let metrics = Arc::new(MasterMetrics::new(&id));
         // Raft (core, peer server, peer clients, lease bookkeeping) runs on a runtime of its
         // own, so a busy API cannot delay heartbeats and cost the active master its lease.
@@ -249,4 +247,18 @@ pub async fn run(
         handle.shutdown.clone(),
     );
     handle.serve(kube).await
+}
+
+/// Bind a listener with a deep accept queue: thousands of nodes (re)connecting through
+/// the proxy at once must not overflow it (tokio's `bind` uses 1024; the kernel caps it
+/// at `net.core.somaxconn`).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(8192)
 }

@@ -217,8 +217,16 @@ impl ProxyHttp for BallastProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the master: any request may be sent again, to the next active.
+        // A refused connect means the master process is gone: route away at once. Other
+        // failures (a timeout, a full accept queue) can be load: re-check the master now
+        // and let the health check's hysteresis decide, rather than fail over (and hold
+        // every request) on one slow connect.
         if let Some(m) = &ctx.master {
-            self.shared.mark_down(&m.id);
+            if matches!(e.etype(), ErrorType::ConnectRefused) {
+                self.shared.mark_down(&m.id);
+            } else {
+                self.shared.suspect(&m.id);
+            }
         }
         self.shared
             .metrics
@@ -306,10 +314,12 @@ impl ProxyHttp for BallastProxy {
         } else if ctx.response_started || *e.esource() != ErrorSource::Upstream {
             false
         } else if safe {
-            // the master died mid-request before answering: GET/HEAD/OPTIONS repeat safely
+            // the master died mid-request before answering: GET/HEAD/OPTIONS repeat
+            // safely. Whether it is gone shows on the retry's connect (refused) or on the
+            // re-check; an error on one connection alone does not fail it over.
             if !client_reused {
                 if let Some(m) = &ctx.master {
-                    self.shared.mark_down(&m.id);
+                    self.shared.suspect(&m.id);
                 }
             }
             !truncated

@@ -125,6 +125,13 @@ impl Shared {
         self.recheck.notify_waiters();
     }
 
+    /// A request to `id` failed in a way that may be load rather than death: re-check
+    /// every master now, keep routing as the checks say.
+    pub fn suspect(&self, id: &str) {
+        tracing::debug!(master = id, "request to the master failed; re-checking");
+        self.recheck.notify_waiters();
+    }
+
     /// `id` answered "not active": route away from it at once and re-check all.
     pub fn mark_not_active(&self, id: &str) {
         tracing::info!(master = id, "master answered not active, re-routing");

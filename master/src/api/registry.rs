@@ -488,6 +488,7 @@ impl Registry {
             None
         };
         let meta = meta_mut(&mut o);
+        let mut generate = None;
         if meta
             .get("name")
             .and_then(Value::as_str)
@@ -495,6 +496,7 @@ impl Registry {
             .is_empty()
         {
             if let Some(g) = meta.get("generateName").and_then(Value::as_str) {
+                generate = Some(g.to_string());
                 let name = format!("{g}{}", random_suffix(5));
                 meta.insert("name".into(), json!(name));
             }
@@ -522,26 +524,41 @@ impl Registry {
         if dry_run {
             return Ok(o);
         }
-        let key = Self::key(def, ns.as_deref(), &name);
-        match self
-            .store
-            .write(Command::Put {
-                key,
-                value: Self::encode(&o),
-                expect: Precondition::Absent,
-            })
-            .await?
-        {
-            CommandResult::Ok { revision, .. } => {
-                let mut o = o;
-                meta_mut(&mut o).insert("resourceVersion".into(), json!(revision.to_string()));
-                Ok(o)
+        let mut o = o;
+        let mut name = name;
+        // A generated name that is taken is generated again (like kube-apiserver since
+        // 1.32, up to 8 tries) rather than answered 409.
+        let mut tries = 0;
+        loop {
+            let key = Self::key(def, ns.as_deref(), &name);
+            match self
+                .store
+                .write(Command::Put {
+                    key,
+                    value: Self::encode(&o),
+                    expect: Precondition::Absent,
+                })
+                .await?
+            {
+                CommandResult::Ok { revision, .. } => {
+                    meta_mut(&mut o).insert("resourceVersion".into(), json!(revision.to_string()));
+                    return Ok(o);
+                }
+                CommandResult::Conflict { .. } => match &generate {
+                    Some(g) if tries < 7 => {
+                        tries += 1;
+                        name = format!("{g}{}", random_suffix(5));
+                        meta_mut(&mut o).insert("name".into(), json!(name));
+                    }
+                    _ => {
+                        return Err(ApiError::AlreadyExists {
+                            group: def.group.into(),
+                            resource: def.qualified(),
+                            name,
+                        })
+                    }
+                },
             }
-            CommandResult::Conflict { .. } => Err(ApiError::AlreadyExists {
-                group: def.group.into(),
-                resource: def.qualified(),
-                name,
-            }),
         }
     }
 

@@ -419,7 +419,7 @@ mod tests {
     fn put(key: &str, prev: Option<Value>, new: Value) -> Event {
         let kv = |v: &Value| KeyValue {
             key: key.into(),
-            value: serde_json::to_vec(v).unwrap(),
+            value: serde_json::to_vec(v).unwrap().into(),
             create_revision: 1,
             mod_revision: 2,
         };

@@ -1,11 +1,10 @@
-//! Durable Raft log + vote + committed pointer in a redb database.
+//! Durable Raft log + vote in a redb database.
 //!
 //! Every write that openraft must see durable (append, vote, truncate, purge) is a redb
 //! write transaction with `Durability::Immediate`: `commit()` returns only after fsync, so
 //! an entry is acknowledged to the leader only once it survives `kill -9` or power loss.
-//! The committed pointer is saved with `Durability::None` (flushed by the next durable
-//! commit): it is an optimisation only (less re-apply after restart), never needed for
-//! safety, because a master serves nothing until it has applied an entry of its own term.
+//! Purges are the exception (see [`LogStore::purge`]). The committed pointer is not
+//! saved: a master serves nothing until it has applied an entry of its own term.
 //!
 //! redb is blocking; all I/O runs on tokio's blocking pool so the Raft core never stalls a
 //! runtime worker.
@@ -30,7 +29,6 @@ const LOGS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("logs");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
 const KEY_VOTE: &str = "vote";
-const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "purged";
 
 type SResult<T> = Result<T, StorageError<NodeId>>;
@@ -231,17 +229,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.blocking(|db| Self::read_meta(db, KEY_VOTE)).await
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
-        self.blocking(move |db| Self::write_meta(db, KEY_COMMITTED, &committed, false))
-            .await
-    }
-
-    async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
-        self.blocking(|db| {
-            Ok(Self::read_meta::<Option<LogId<NodeId>>>(db, KEY_COMMITTED)?.flatten())
-        })
-        .await
-    }
+    // `save_committed` keeps openraft's default (not saved): writing the committed
+    // pointer was one more redb transaction per commit on every master, serialized with
+    // the appends. After a restart a master applies what the leader tells it is
+    // committed; it serves nothing before it has applied an entry of its own term.
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
     where
@@ -273,8 +264,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// small transactions: openraft runs `purge` inline in its core loop, and deleting a
     /// whole snapshot's worth of entries (10 000 by default) in one fsynced transaction
     /// stalled heartbeats and appends for ~0.4 s — long enough to lose the active lease.
-    /// Neither write is fsynced: the next durable append carries them (redb commits in
-    /// order), and a crash before that only keeps entries that are already in a snapshot.
+    /// The purge point is not fsynced (the next durable append carries it; a crash before
+    /// that only keeps entries that are already in a snapshot).
     async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
         self.blocking(move |db| Self::write_meta(db, KEY_PURGED, &log_id, false))
             .await?;
@@ -285,7 +276,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             loop {
                 let db = db.clone();
                 match tokio::task::spawn_blocking(move || delete_purged_chunk(&db)).await {
-                    Ok(Ok(true)) => tokio::task::yield_now().await,
+                    // Leave the log to appends between chunks.
+                    Ok(Ok(true)) => tokio::time::sleep(PURGE_PAUSE).await,
                     Ok(Ok(false)) => break,
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "deleting purged log entries failed");
@@ -299,8 +291,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// Entries deleted per background purge transaction.
+/// Entries deleted per background purge transaction, and the pause between two.
 const PURGE_CHUNK: u64 = 256;
+const PURGE_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Delete up to [`PURGE_CHUNK`] entries at or below the recorded purge point; `true`
 /// when more remain.
@@ -308,9 +301,9 @@ fn delete_purged_chunk(db: &Database) -> SResult<bool> {
     let Some(purged) = LogStore::read_meta::<LogId<NodeId>>(db, KEY_PURGED)? else {
         return Ok(false);
     };
-    let mut tx = db.begin_write().map_err(write_err)?;
-    tx.set_durability(redb::Durability::None)
-        .map_err(write_err)?;
+    // Durable: a run of non-durable deletes makes the next durable append carry all
+    // their freed pages at once.
+    let tx = db.begin_write().map_err(write_err)?;
     let more;
     {
         let mut t = tx.open_table(LOGS).map_err(write_err)?;

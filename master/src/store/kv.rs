@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Serde of stored values in the Raft log, its messages and snapshots: a string when
@@ -20,15 +21,16 @@ mod text_bytes {
     use serde::de::{Error, SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer, T: AsRef<[u8]>>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        let v = v.as_ref();
         match std::str::from_utf8(v) {
             Ok(t) => s.serialize_str(t),
             Err(_) => s.serialize_bytes(v),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        d.deserialize_any(TextOrBytes)
+    pub fn deserialize<'de, D: Deserializer<'de>, T: From<Vec<u8>>>(d: D) -> Result<T, D::Error> {
+        d.deserialize_any(TextOrBytes).map(T::from)
     }
 
     struct TextOrBytes;
@@ -65,8 +67,9 @@ mod text_bytes {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     pub key: String,
+    /// Shared, so that the history, watch events and snapshots do not copy values.
     #[serde(with = "text_bytes")]
-    pub value: Vec<u8>,
+    pub value: Bytes,
     pub create_revision: u64,
     pub mod_revision: u64,
 }
@@ -251,10 +254,14 @@ impl KvState {
                 oldest: self.compacted,
             });
         }
+        // The history is in revision order: skip to the first event after `after`
+        // (binary search) instead of scanning the whole window under the state lock —
+        // thousands of watches start at once when nodes register or re-watch.
+        let start = self.history.partition_point(|e| e.revision() <= after);
         Ok(self
             .history
-            .iter()
-            .filter(|e| e.revision() > after && e.key().starts_with(prefix))
+            .range(start..)
+            .filter(|e| e.key().starts_with(prefix))
             .cloned()
             .collect())
     }
@@ -321,7 +328,7 @@ impl KvState {
                     let prev = self.data.get(key).cloned();
                     let kv = KeyValue {
                         key: key.clone(),
-                        value: value.clone(),
+                        value: Bytes::copy_from_slice(value),
                         create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
                         mod_revision: rev,
                     };
