@@ -172,7 +172,8 @@ pub async fn run(
 
 /// Run `count` hollow nodes named `{base_id}-hollow-{i}` (i = 1..=count) in this process:
 /// real registration, leases and pod status (bound pods are reported Running), but no
-/// processes. Their starts are spread over one `lease_interval`. They use worker
+/// processes. Their starts are spread over one `lease_interval`, at most 100 a second.
+/// They use worker
 /// `base_id`'s config (route, address, capacity); `/metrics`
 /// and `/livez` are served on its address.
 pub async fn run_hollow(
@@ -203,10 +204,11 @@ pub async fn run_hollow(
     let mut tasks = vec![tokio::spawn(
         statuses.clone().run(api.clone(), shutdown.clone()),
     )];
-    // Start the nodes spread evenly over one lease interval, as a real fleet boots over
-    // time: registration does not arrive as one storm, and the nodes' lease renewals
-    // stay spread over the interval afterwards.
-    let spread = config.config.worker.lease_interval / count.max(1) as u32;
+    // Start the nodes spread evenly over one lease interval, and at most 100 a second,
+    // as a real fleet boots over time: registration (~3 writes a node) does not arrive
+    // as one storm, and the nodes' lease renewals stay spread out afterwards.
+    let spread = (config.config.worker.lease_interval / count.max(1) as u32)
+        .max(std::time::Duration::from_millis(10));
     for i in 1..=count {
         let name = format!("{base_id}-hollow-{i}");
         let info = node_info(&config, &me, name.clone());
