@@ -1,12 +1,14 @@
 //! The masters' Raft group (openraft 0.9): durable log in redb, the key-value state
 //! machine with file snapshots, HTTP peer RPC, and the active-master fencing.
 //!
-//! - [`log_store`]: log + vote + committed pointer (redb, fsync before acknowledging).
+//! - [`log_store`]: log + vote (redb, fsync before acknowledging; purges in the background).
 //! - [`state_machine`]: [`crate::store::Applied`] driven by committed entries; snapshots.
 //! - [`network`]: peer RPC client and server (peer address only).
 //! - [`leadership`]: the definition of *active*, its lease/fencing argument, and
 //!   [`LeaderToken`]s.
 //! - [`store`]: [`RaftStore`], the [`crate::store::Store`] the API uses.
+//! - [`campaign`]: after the leader is lost, the survivors nominate one candidate (no
+//!   split votes); a restarted master does not depose a working leader.
 //! - [`node`]: starting a master's Raft node from the cluster config.
 
 pub mod campaign;

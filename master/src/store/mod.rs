@@ -4,6 +4,8 @@
 //! - [`Store`]: the async interface the API, controllers and scheduler use. The real
 //!   implementation replicates through Raft (see `crate::raft`); [`MemStore`] is a
 //!   single-node in-memory implementation for unit tests.
+//! - [`Applied`]: the applied state plus the watch hub, which routes each applied event
+//!   only to the watches whose key prefix it falls under ([`WatchReceiver`]).
 //!
 //! Errors split like openraft's `RaftError`: [`StoreError::is_retryable`] tells a caller
 //! whether trying again (possibly on another master) can help.
