@@ -120,7 +120,7 @@ pub struct RaftNode {
 
 impl RaftNode {
     /// Open the data dir, start Raft and serve the peer address until `shutdown`.
-    /// Initializes the group on first start (see [`guard_pristine`]).
+    /// Initializes the group on first start (see `guard_pristine`).
     pub async fn start(
         loaded: &LoadedConfig,
         name: &str,
