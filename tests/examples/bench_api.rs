@@ -294,19 +294,7 @@ fn bench_etcd(clients: usize, total: usize) -> Option<f64> {
 // Ballast
 
 fn store_revision(c: &Cluster, id: &str) -> Option<u64> {
-    let r = ballast_tests::http_timeout(
-        "GET",
-        &format!("{}/metrics", c.master_url(id)),
-        None,
-        Duration::from_secs(2),
-    )
-    .ok()?;
-    r.body
-        .lines()
-        .find(|l| l.starts_with("ballast_master_store_revision"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
+    c.master_gauge(id, "ballast_master_store_revision")
 }
 
 /// Wait until the store revision has not moved for `quiet`; returns how long that took.

@@ -186,19 +186,7 @@ fn lease_count(proxy: &str) -> Option<usize> {
 }
 
 fn store_revision(c: &Cluster, id: &str) -> Option<u64> {
-    let r = ballast_tests::http_timeout(
-        "GET",
-        &format!("{}/metrics", c.master_url(id)),
-        None,
-        Duration::from_secs(2),
-    )
-    .ok()?;
-    r.body
-        .lines()
-        .find(|l| l.starts_with("ballast_master_store_revision"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
+    c.master_gauge(id, "ballast_master_store_revision")
 }
 
 struct Row {

@@ -401,6 +401,18 @@ impl Cluster {
         }
     }
 
+    /// The value of an unlabelled gauge or counter on one master's `/metrics`.
+    pub fn master_gauge(&self, id: &str, name: &str) -> Option<u64> {
+        let url = format!("{}/metrics", self.master_url(id));
+        let r = http_timeout("GET", &url, None, Duration::from_secs(5)).ok()?;
+        r.body
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| v as u64)
+    }
+
     /// The masters whose `/active` currently reports `"active":true`, with their terms.
     pub fn active_masters(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();

@@ -312,23 +312,6 @@ fn two_of_three_down_refuses_writes_promptly_and_one_back_restores_service() {
     assert_all_present(&c, &want);
 }
 
-/// A gauge of one master's `/metrics`.
-fn gauge(c: &Cluster, id: &str, name: &str) -> Option<u64> {
-    let r = http_timeout(
-        "GET",
-        &format!("{}/metrics", c.master_url(id)),
-        None,
-        Duration::from_secs(5),
-    )
-    .ok()?;
-    r.body
-        .lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-}
-
 #[test]
 fn lagging_master_catches_up_from_a_snapshot_and_restarts_load_snapshots() {
     let mut c = Cluster::start(ClusterOpts::new(17).masters(3), |cfg| {
@@ -342,16 +325,20 @@ fn lagging_master_catches_up_from_a_snapshot_and_restarts_load_snapshots() {
     // The log the lagging master misses is compacted away on the active one.
     wait_until("log purged on the active master", LONG, || {
         let (a, _) = the_active(&c)?;
-        (gauge(&c, &a, "ballast_master_raft_purged_index")? > 40).then_some(())
+        (c.master_gauge(&a, "ballast_master_raft_purged_index")? > 40).then_some(())
     });
     c.start_node(&lagging);
     wait_until("the lagging master caught up", LONG, || {
         let (a, _) = the_active(&c)?;
-        let target = gauge(&c, &a, "ballast_master_raft_applied_index")?;
-        let got = gauge(&c, &lagging, "ballast_master_raft_applied_index")?;
+        let target = c.master_gauge(&a, "ballast_master_raft_applied_index")?;
+        let got = c.master_gauge(&lagging, "ballast_master_raft_applied_index")?;
         (got >= target).then_some(())
     });
-    assert!(gauge(&c, &lagging, "ballast_master_raft_snapshot_index").unwrap_or(0) > 0);
+    assert!(
+        c.master_gauge(&lagging, "ballast_master_raft_snapshot_index")
+            .unwrap_or(0)
+            > 0
+    );
     // Without one of the up-to-date masters, the quorum depends on the caught-up one.
     for m in c.master_ids() {
         if m != lagging {
@@ -408,8 +395,8 @@ fn master_with_a_lost_data_dir_catches_up_before_it_votes() {
     //    losing another master.
     wait_until("the wiped master caught up", LONG, || {
         let (a, _) = the_active(&c)?;
-        let target = gauge(&c, &a, "ballast_master_raft_applied_index")?;
-        let got = gauge(&c, &lost, "ballast_master_raft_applied_index")?;
+        let target = c.master_gauge(&a, "ballast_master_raft_applied_index")?;
+        let got = c.master_gauge(&lost, "ballast_master_raft_applied_index")?;
         (got >= target).then_some(())
     });
     let (now_active, _) = c.wait_one_active(LONG);

@@ -518,14 +518,12 @@ impl Registry {
             meta.remove(f);
         }
         apply_create_defaults(def, &mut o);
-        let o = normalize(def, o)?;
+        let mut o = normalize(def, o)?;
         validate(def, &o)?;
-        let name = meta_str(&o, "name").unwrap_or_default().to_string();
+        let mut name = meta_str(&o, "name").unwrap_or_default().to_string();
         if dry_run {
             return Ok(o);
         }
-        let mut o = o;
-        let mut name = name;
         // A generated name that is taken is generated again (like kube-apiserver since
         // 1.32, up to 8 tries) rather than answered 409.
         let mut tries = 0;

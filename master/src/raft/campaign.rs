@@ -22,7 +22,7 @@
 //! a nomination only chooses who asks first.
 
 use std::cmp::Reverse;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::storage::RaftLogStorage;
@@ -66,6 +66,11 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// It heard from a leader within `alive_within`: the leader is alive.
+    fn hears_leader(&self, alive_within: Duration) -> bool {
+        self.contact_age.is_some_and(|a| a < alive_within)
+    }
+
     fn from_status(s: &PeerStatus) -> Self {
         Self {
             id: s.id,
@@ -97,10 +102,7 @@ pub fn decide(
     lease: Duration,
     alive_within: Duration,
 ) -> Decision {
-    if peers
-        .iter()
-        .any(|p| p.contact_age.is_some_and(|a| a < alive_within))
-    {
+    if peers.iter().any(|p| p.hears_leader(alive_within)) {
         return Decision::LeaderAlive;
     }
     if 1 + peers.len() < voters / 2 + 1 {
@@ -135,11 +137,34 @@ pub struct CampaignConfig {
     pub rpc_timeout: Duration,
 }
 
+impl CampaignConfig {
+    /// A voter that heard from a leader this recently proves the leader alive.
+    fn alive_within(&self) -> Duration {
+        self.heartbeat * 2
+    }
+
+    /// The other voters that answer `/raft/status` now (short timeout: a dead one
+    /// must not delay the decision).
+    async fn peers_seen(&self, http: &reqwest::Client) -> Vec<Seen> {
+        let timeout = self.rpc_timeout.min(Duration::from_millis(150));
+        futures::future::join_all(
+            self.peers
+                .iter()
+                .map(|(_, addr)| peer_status(http, addr, timeout)),
+        )
+        .await
+        .iter()
+        .flatten()
+        .map(Seen::from_status)
+        .collect()
+    }
+}
+
 /// Watch for a lost leader and nominate one candidate (see the module docs).
 pub async fn run(
     cfg: CampaignConfig,
     raft: Raft<TypeConfig>,
-    contact: std::sync::Arc<LeaderContact>,
+    contact: Arc<LeaderContact>,
     mut log: LogStore,
     http: reqwest::Client,
     shutdown: CancellationToken,
@@ -148,8 +173,6 @@ pub async fn run(
     // A leader that sends heartbeats every `heartbeat` is silent this long only when
     // it is gone (or cut off from this master).
     let silent = cfg.lease + cfg.heartbeat / 2;
-    let alive_within = cfg.heartbeat * 2;
-    let status_timeout = cfg.rpc_timeout.min(Duration::from_millis(150));
     rejoin(&cfg, &raft, &contact, &http, &shutdown).await;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -167,13 +190,7 @@ pub async fn run(
             continue;
         }
         acted_for = Some(last);
-        let answers = futures::future::join_all(
-            cfg.peers
-                .iter()
-                .map(|(_, addr)| peer_status(&http, addr, status_timeout)),
-        )
-        .await;
-        let peers: Vec<Seen> = answers.iter().flatten().map(Seen::from_status).collect();
+        let peers = cfg.peers_seen(&http).await;
         let last_log = match log.get_log_state().await {
             Ok(s) => s
                 .last_log_id
@@ -186,7 +203,7 @@ pub async fn run(
             last_log,
             contact_age: Some(last.elapsed()),
         };
-        let decision = decide(&me, &peers, voters, cfg.lease, alive_within);
+        let decision = decide(&me, &peers, voters, cfg.lease, cfg.alive_within());
         tracing::info!(
             ?decision,
             silent_ms = last.elapsed().as_millis() as u64,
@@ -230,8 +247,6 @@ async fn rejoin(
     http: &reqwest::Client,
     shutdown: &CancellationToken,
 ) {
-    let status_timeout = cfg.rpc_timeout.min(Duration::from_millis(150));
-    let alive_within = cfg.heartbeat * 2;
     let deadline = Instant::now() + cfg.lease + Duration::from_secs(3);
     let mut wait = cfg.lease;
     loop {
@@ -243,17 +258,8 @@ async fn rejoin(
         if contact.last().is_some() || Instant::now() >= deadline {
             break;
         }
-        let answers = futures::future::join_all(
-            cfg.peers
-                .iter()
-                .map(|(_, addr)| peer_status(http, addr, status_timeout)),
-        )
-        .await;
-        let leader_alive = answers.iter().flatten().any(|s| {
-            s.leader_contact_ms
-                .is_some_and(|ms| ms < alive_within.as_millis() as u64)
-        });
-        if !leader_alive {
+        let peers = cfg.peers_seen(http).await;
+        if !peers.iter().any(|p| p.hears_leader(cfg.alive_within())) {
             break;
         }
     }

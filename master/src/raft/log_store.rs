@@ -150,33 +150,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let lo: Bound<u64> = range.start_bound().cloned();
         let hi: Bound<u64> = range.end_bound().cloned();
         self.blocking(move |db| {
-            let tx = db.begin_read().map_err(read_err)?;
             // Purged entries not deleted yet are not part of the log.
-            let lo = match tx
-                .open_table(META)
-                .map_err(read_err)?
-                .get(KEY_PURGED)
-                .map_err(read_err)?
-            {
-                Some(v) => {
-                    let p: LogId<NodeId> = serde_json::from_slice(v.value()).map_err(read_err)?;
-                    match lo {
-                        Bound::Included(i) if i > p.index => lo,
-                        Bound::Excluded(i) if i >= p.index => lo,
-                        _ => Bound::Excluded(p.index),
-                    }
-                }
-                None => lo,
-            };
+            let purged = Self::read_meta::<LogId<NodeId>>(db, KEY_PURGED)?.map(|p| p.index);
+            let tx = db.begin_read().map_err(read_err)?;
             let t = tx.open_table(LOGS).map_err(read_err)?;
             let mut out = Vec::new();
-            if matches!((lo, hi), (Bound::Excluded(l), Bound::Included(h)) if l >= h)
-                || matches!((lo, hi), (Bound::Excluded(l), Bound::Excluded(h)) if l + 1 >= h)
-            {
-                return Ok(out);
-            }
             for item in t.range::<u64>((lo, hi)).map_err(read_err)? {
-                let (_, v) = item.map_err(read_err)?;
+                let (k, v) = item.map_err(read_err)?;
+                if purged.is_some_and(|p| k.value() <= p) {
+                    continue;
+                }
                 out.push(serde_json::from_slice::<Entry>(v.value()).map_err(read_err)?);
             }
             Ok(out)
