@@ -124,6 +124,10 @@ pub struct Running {
     pingora_shutdown: tokio::sync::watch::Sender<bool>,
     dns_shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// The API proxy's threads (see [`spawn_io_threads`]).
+    io_threads: Vec<std::thread::JoinHandle<()>>,
+    /// Stops the API proxy's threads when the proxy is dropped without `shutdown`.
+    _io_stop: tokio_util::sync::DropGuard,
 }
 
 impl Running {
@@ -199,26 +203,10 @@ impl Running {
             }
         }));
 
-        // The pingora proxy service, on this runtime.
-        let conf = ServerConf {
-            max_retries: 32,
-            upstream_keepalive_pool_size: 256,
-            ..ServerConf::default()
-        };
-        let conf = Arc::new(conf);
-        let mut service = pingora::proxy::http_proxy_service_with_name(
-            &conf,
-            proxy::BallastProxy {
-                shared: shared.clone(),
-                check,
-            },
-            "ballast-proxy",
-        );
-        service.add_tcp(&api_addr.to_string());
+        // The pingora proxy service, on its own threads.
         let (pingora_shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
-        tasks.push(tokio::spawn(async move {
-            service.start_service(None, shutdown_rx, 1).await;
-        }));
+        let io_stop = CancellationToken::new();
+        let io_threads = spawn_io_threads(&shared, &check, api_addr, shutdown_rx, io_stop.clone())?;
         wait_listening(api_addr)
             .await
             .then_some(())
@@ -238,6 +226,8 @@ impl Running {
             pingora_shutdown,
             dns_shutdown,
             tasks,
+            io_threads,
+            _io_stop: io_stop.drop_guard(),
         })
     }
 
@@ -315,6 +305,19 @@ impl Running {
             );
         }
         self.cancel.cancel();
+        drop(self._io_stop);
+        let io_threads = self.io_threads;
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in io_threads {
+                let _ = t.join();
+            }
+        });
+        if tokio::time::timeout(Duration::from_millis(500), joined)
+            .await
+            .is_err()
+        {
+            tracing::debug!("an API proxy thread did not stop in time");
+        }
         for t in self.tasks {
             if tokio::time::timeout(Duration::from_millis(200), t)
                 .await
@@ -325,6 +328,62 @@ impl Running {
         }
         tracing::info!("proxy stopped");
     }
+}
+
+/// Start the API proxy: one thread per core, each with its own single-threaded tokio
+/// runtime, its own `SO_REUSEPORT` listener on `api` (the kernel spreads connections
+/// over them) and its own pingora service, so its own upstream connection pool. A
+/// request, and the pooled connection it reuses, never leave the thread that accepted
+/// the client: no cross-thread wake-ups per request (pingora hands every connection it
+/// returns to its pool to a new idle-watch task, and with a shared runtime or pool that
+/// task and the next request using the connection run on different threads). Each
+/// thread runs until `stop` (after the shutdown grace), so requests in flight when
+/// `shutdown` flips can finish.
+fn spawn_io_threads(
+    shared: &Arc<Shared>,
+    check: &Arc<dyn ActiveCheck>,
+    api: SocketAddr,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    stop: CancellationToken,
+) -> Result<Vec<std::thread::JoinHandle<()>>, ProxyError> {
+    let conf = Arc::new(ServerConf {
+        max_retries: 32,
+        upstream_keepalive_pool_size: 256,
+        ..ServerConf::default()
+    });
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+    let mut handles = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ProxyError::Runtime)?;
+        let mut service = pingora::proxy::http_proxy_service_with_name(
+            &conf,
+            proxy::BallastProxy {
+                shared: shared.clone(),
+                check: check.clone(),
+            },
+            "ballast-proxy",
+        );
+        let mut sock = pingora::listeners::TcpSocketOptions::default();
+        sock.so_reuseport = Some(true);
+        service.add_tcp_with_settings(&api.to_string(), sock);
+        let shutdown = shutdown.clone();
+        let stop = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("ballast-api-{i}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    service.start_service(None, shutdown, 1).await;
+                    // keep serving the requests already accepted until the grace is over
+                    stop.cancelled().await;
+                });
+            })
+            .map_err(ProxyError::Runtime)?;
+        handles.push(handle);
+    }
+    Ok(handles)
 }
 
 /// Bind UDP and TCP on the same address. Port 0 picks a port free for both.

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub failovers: IntCounter,
     pub failover_seconds: Histogram,
     pub requests: IntCounterVec,
+    /// `requests` by status code, looked up once per code (not hashed per request).
+    requests_by_code: Box<[std::sync::OnceLock<IntCounter>]>,
     pub request_duration: Histogram,
     pub dns_queries: IntCounterVec,
     pub held_requests: IntGauge,
@@ -149,6 +151,7 @@ impl Metrics {
             failovers,
             failover_seconds,
             requests,
+            requests_by_code: (0..600).map(|_| std::sync::OnceLock::new()).collect(),
             request_duration,
             dns_queries,
             held_requests,
@@ -156,6 +159,23 @@ impl Metrics {
             streams_closed,
             upstream_retries,
             config_reloads,
+        }
+    }
+
+    /// Count one answered request (`code` 0: no answer, labelled "000").
+    pub fn count_request(&self, code: u16) {
+        let label = || {
+            if code == 0 {
+                "000".to_string()
+            } else {
+                code.to_string()
+            }
+        };
+        match self.requests_by_code.get(usize::from(code)) {
+            Some(slot) => slot
+                .get_or_init(|| self.requests.with_label_values(&[label().as_str()]))
+                .inc(),
+            None => self.requests.with_label_values(&[label().as_str()]).inc(),
         }
     }
 

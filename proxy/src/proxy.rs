@@ -401,13 +401,8 @@ impl ProxyHttp for BallastProxy {
             .map(|r| r.status.as_u16())
             .or(ctx.error_code)
             .unwrap_or(0);
-        let label = if code == 0 {
-            "000".to_string()
-        } else {
-            code.to_string()
-        };
         let m = &self.shared.metrics;
-        m.requests.with_label_values(&[label.as_str()]).inc();
+        m.count_request(code);
         m.request_duration
             .observe(ctx.start.elapsed().as_secs_f64());
         if let Some(e) = e {

@@ -269,15 +269,25 @@ pub struct ConnRegistry {
 
 impl ConnRegistry {
     pub fn begin(&self, fd: RawFd, master: &str, addr: SocketAddr, stream: bool) {
-        self.conns.lock().expect("conns lock").insert(
-            fd,
-            ConnEntry {
-                master: master.to_string(),
-                addr,
-                in_flight: true,
-                stream,
-            },
-        );
+        let mut conns = self.conns.lock().expect("conns lock");
+        match conns.get_mut(&fd) {
+            // a pooled connection used again: no new entry
+            Some(e) if e.master == master && e.addr == addr => {
+                e.in_flight = true;
+                e.stream = stream;
+            }
+            _ => {
+                conns.insert(
+                    fd,
+                    ConnEntry {
+                        master: master.to_string(),
+                        addr,
+                        in_flight: true,
+                        stream,
+                    },
+                );
+            }
+        }
     }
 
     pub fn end(&self, fd: RawFd) {
