@@ -89,6 +89,38 @@ async fn token_and_watch_end_when_the_quorum_is_lost() {
     assert!(matches!(ev, Event::Put { ref kv, .. } if kv.key == "/t/a"));
     assert!(store.get("/t/a").await.unwrap().is_some());
 
+    // Concurrent writes are grouped into shared Raft entries, yet each gets its own
+    // result: its own revision, or its own conflict.
+    let writes = (0..200).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let key = format!("/t/many/{}", i % 100);
+            let cmd = Command::Put {
+                key: key.clone(),
+                value: b"v".to_vec(),
+                expect: Precondition::Absent,
+            };
+            (key, store.write(cmd).await.expect("write on the active"))
+        })
+    });
+    let mut revisions = std::collections::BTreeSet::new();
+    let mut created = std::collections::BTreeSet::new();
+    let mut conflicts = 0;
+    for w in writes.collect::<Vec<_>>() {
+        match w.await.unwrap() {
+            (key, crate::store::CommandResult::Ok { revision, .. }) => {
+                assert!(revisions.insert(revision), "revision {revision} twice");
+                assert!(created.insert(key.clone()), "{key} created twice");
+                assert_eq!(
+                    store.get(&key).await.unwrap().unwrap().create_revision,
+                    revision
+                );
+            }
+            (_, crate::store::CommandResult::Conflict { .. }) => conflicts += 1,
+        }
+    }
+    assert_eq!((created.len(), conflicts), (100, 100));
+
     // Followers refuse reads and writes and name the active master.
     for (i, (_, _, _, s, _)) in masters.iter().enumerate() {
         if i == active {

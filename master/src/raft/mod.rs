@@ -36,7 +36,8 @@ openraft::declare_raft_types!(
     /// The masters' Raft types.
     pub TypeConfig:
         D = Command,
-        R = CommandResult,
+        // one result per command of the entry (several for a `Command::Batch`)
+        R = Vec<CommandResult>,
         NodeId = NodeId,
         Node = Node,
         Entry = openraft::Entry<TypeConfig>,

@@ -93,8 +93,10 @@ pub fn timings(rc: &RaftConfig) -> Result<Timings, RaftStartError> {
         max_in_snapshot_log_to_keep: rc.snapshot_after_logs.min(1000),
         snapshot_max_chunk_size: 1024 * 1024,
         // openraft 0.9 gives every AppendEntries one heartbeat interval to complete:
-        // keep batches small enough to be sent, fsynced and answered in that time.
-        max_payload_entries: 64,
+        // keep batches small enough to be sent, fsynced and answered in that time. An
+        // entry can be a batch of writes (up to `super::store::MAX_BATCH_BYTES`): at most
+        // ~1 MiB per AppendEntries.
+        max_payload_entries: 16,
         ..Default::default()
     }
     .validate()

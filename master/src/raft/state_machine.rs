@@ -202,7 +202,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((self.last_applied, self.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<CommandResult>>
+    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<Vec<CommandResult>>>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -211,17 +211,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for e in entries {
             self.last_applied = Some(e.log_id);
             let res = match e.payload {
-                EntryPayload::Blank => CommandResult::Ok {
+                EntryPayload::Blank => vec![CommandResult::Ok {
                     revision: self.applied.state.lock().expect("kv state lock").revision(),
                     prev: vec![],
-                },
-                EntryPayload::Normal(cmd) => self.applied.apply(&cmd),
+                }],
+                EntryPayload::Normal(cmd) => self.applied.apply_entry(&cmd),
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(e.log_id), m);
-                    CommandResult::Ok {
+                    vec![CommandResult::Ok {
                         revision: self.applied.state.lock().expect("kv state lock").revision(),
                         prev: vec![],
-                    }
+                    }]
                 }
             };
             out.push(res);

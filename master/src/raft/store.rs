@@ -1,7 +1,12 @@
 //! [`RaftStore`]: the [`Store`] the API uses, backed by the Raft group.
 //!
 //! - Writes go through `client_write` on the active master only; they return once the
-//!   command is committed on a quorum and applied here.
+//!   command is committed on a quorum and applied here. Concurrent writes are grouped
+//!   into one Raft entry ([`Command::Batch`], group commit): openraft 0.9 appends (and
+//!   fsyncs) every `client_write` on its own, inside its core loop, which capped the
+//!   store at one local fsync per write. A batch is proposed as soon as the previous
+//!   one is answered ([`IN_FLIGHT_BATCHES`]), carrying every write queued meanwhile, so
+//!   a lone write waits for nothing and a busy store sends fewer, larger entries.
 //! - Reads are served from the local state machine **only while this master is active**,
 //!   checked before and after reading. By the lease argument in
 //!   [`super::leadership`], no other master can have been elected (let alone have
@@ -17,6 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::leadership::Leadership;
 use super::TypeConfig;
@@ -24,27 +30,58 @@ use crate::store::{
     Applied, Command, CommandResult, KeyValue, RangeResult, Store, StoreError, WatchReceiver,
 };
 
+/// Batches proposed at once; more writes wait for a slot and go in the next batch. One
+/// is best with openraft 0.9, whose core appends each proposal on its own: a second
+/// batch in flight only splits the writes over more fsyncs (`wrk -c16` pod creates
+/// through the proxy: 2 200/s with one, 1 900/s with two, 1 340/s with eight).
+pub const IN_FLIGHT_BATCHES: usize = 1;
+/// Most writes in one batch (one Raft entry).
+pub const MAX_BATCH: usize = 128;
+/// A batch is closed once its keys and values reach this many bytes.
+pub const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// Writes waiting for a batch; callers wait for room beyond this.
+const QUEUE: usize = 4096;
+
+type Reply = oneshot::Sender<Result<CommandResult, StoreError>>;
+
 /// The Raft-backed store.
 #[derive(Clone)]
 pub struct RaftStore {
     raft: Raft<TypeConfig>,
     applied: Arc<Applied>,
     leadership: Leadership,
+    proposals: mpsc::Sender<(Command, Reply)>,
+}
+
+/// Proposes batches of writes (the batcher task owns one; it ends when every
+/// [`RaftStore`], so every sender, is gone).
+#[derive(Clone)]
+struct Proposer {
+    raft: Raft<TypeConfig>,
+    leadership: Leadership,
     write_timeout: Duration,
 }
 
 impl RaftStore {
+    /// Starts the write batcher on the current tokio runtime.
     pub fn new(
         raft: Raft<TypeConfig>,
         applied: Arc<Applied>,
         leadership: Leadership,
         write_timeout: Duration,
     ) -> Self {
+        let (proposals, rx) = mpsc::channel(QUEUE);
+        let proposer = Proposer {
+            raft: raft.clone(),
+            leadership: leadership.clone(),
+            write_timeout,
+        };
+        tokio::spawn(proposer.batcher(rx));
         Self {
             raft,
             applied,
             leadership,
-            write_timeout,
+            proposals,
         }
     }
 
@@ -90,10 +127,68 @@ impl RaftStore {
     }
 }
 
-#[async_trait]
-impl Store for RaftStore {
-    async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
-        self.ensure_active()?;
+impl Proposer {
+    /// Collect queued writes into batches and propose them, at most
+    /// [`IN_FLIGHT_BATCHES`] at a time. Ends when every `RaftStore` is dropped.
+    async fn batcher(self, mut rx: mpsc::Receiver<(Command, Reply)>) {
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES));
+        while let Some(first) = rx.recv().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            // everything that queued up while waiting for the slot goes in this batch
+            let mut bytes = first.0.size();
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        bytes += p.0.size();
+                        batch.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.propose(batch).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Propose one batch and answer each of its writers.
+    async fn propose(&self, batch: Vec<(Command, Reply)>) {
+        let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+        let n = cmds.len();
+        let cmd = if n == 1 {
+            cmds.into_iter().next().expect("one command")
+        } else {
+            Command::Batch { cmds }
+        };
+        match self.client_write(cmd).await {
+            Ok(results) if results.len() == n => {
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(r));
+                }
+            }
+            Ok(results) => {
+                let e = StoreError::Fatal(format!(
+                    "a batch of {n} writes was applied with {} results",
+                    results.len()
+                ));
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    async fn client_write(&self, cmd: Command) -> Result<Vec<CommandResult>, StoreError> {
         match tokio::time::timeout(self.write_timeout, self.raft.client_write(cmd)).await {
             Err(_) => Err(StoreError::Timeout),
             Ok(Ok(resp)) => Ok(resp.data),
@@ -112,6 +207,20 @@ impl Store for RaftStore {
             ))),
             Ok(Err(RaftError::Fatal(e))) => Err(StoreError::Fatal(format!("raft stopped: {e}"))),
         }
+    }
+}
+
+#[async_trait]
+impl Store for RaftStore {
+    async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
+        self.ensure_active()?;
+        let (reply, answer) = oneshot::channel();
+        if self.proposals.send((cmd, reply)).await.is_err() {
+            return Err(StoreError::Fatal("the write batcher stopped".into()));
+        }
+        // The batcher answers every write it took (its proposal has its own timeout);
+        // no answer means it was dropped mid-proposal: the outcome is unknown.
+        answer.await.unwrap_or(Err(StoreError::Timeout))
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {

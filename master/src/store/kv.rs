@@ -106,6 +106,25 @@ pub enum Command {
     },
     /// No change; used to confirm leadership / advance nothing.
     Noop,
+    /// Independent writes proposed together in one Raft entry (group commit): each is
+    /// applied in turn with its own precondition, revision and result, exactly as if
+    /// each were an entry of its own. Never nested.
+    Batch {
+        cmds: Vec<Command>,
+    },
+}
+
+impl Command {
+    /// Bytes of keys and values it carries (what its log entry's size grows with).
+    pub fn size(&self) -> usize {
+        match self {
+            Command::Put { key, value, .. } => key.len() + value.len(),
+            Command::Delete { key, .. } => key.len(),
+            Command::Txn { ops } => ops.iter().map(Command::size).sum(),
+            Command::Batch { cmds } => cmds.iter().map(Command::size).sum(),
+            Command::Noop => 0,
+        }
+    }
 }
 
 /// The outcome of applying one command.
@@ -284,13 +303,44 @@ impl KvState {
     fn flatten(cmd: &Command) -> Vec<&Command> {
         match cmd {
             Command::Txn { ops } => ops.iter().flat_map(Self::flatten).collect(),
-            Command::Noop => vec![],
+            // not produced by the API; a batch inside a transaction changes nothing
+            Command::Noop | Command::Batch { .. } => vec![],
             other => vec![other],
         }
     }
 
-    /// Apply a committed command; returns the result and the events it produced.
+    /// Apply one Raft entry's command: a [`Command::Batch`] yields one result per command
+    /// in it, anything else one result. Returns the results and the events produced.
+    pub fn apply_entry(&mut self, cmd: &Command) -> (Vec<CommandResult>, Vec<Event>) {
+        match cmd {
+            Command::Batch { cmds } => {
+                let mut results = Vec::with_capacity(cmds.len());
+                let mut events = Vec::with_capacity(cmds.len());
+                for c in cmds {
+                    let (r, mut ev) = self.apply(c);
+                    results.push(r);
+                    events.append(&mut ev);
+                }
+                (results, events)
+            }
+            other => {
+                let (r, ev) = self.apply(other);
+                (vec![r], ev)
+            }
+        }
+    }
+
+    /// Apply a committed command; returns the result and the events it produced. For a
+    /// [`Command::Batch`] (see [`Self::apply_entry`]) the result is its last command's.
     pub fn apply(&mut self, cmd: &Command) -> (CommandResult, Vec<Event>) {
+        if let Command::Batch { .. } = cmd {
+            let (mut results, events) = self.apply_entry(cmd);
+            let last = results.pop().unwrap_or(CommandResult::Ok {
+                revision: self.revision,
+                prev: vec![],
+            });
+            return (last, events);
+        }
         let ops = Self::flatten(cmd);
         for op in &ops {
             let (key, expect) = match op {
@@ -425,6 +475,51 @@ mod tests {
         assert_eq!(r2.kvs[0].key, "/p/c");
         assert!(!r2.more);
         assert_eq!(s.range("/", None, 0).kvs.len(), 4);
+    }
+
+    #[test]
+    fn batch_applies_each_command_on_its_own() {
+        let mut s = KvState::new(100);
+        s.apply(&put("/a", "1", Precondition::Any));
+        let batch = Command::Batch {
+            cmds: vec![
+                put("/b", "1", Precondition::Absent),
+                // conflicts: only this one fails, the others still apply
+                put("/a", "2", Precondition::Absent),
+                put("/c", "1", Precondition::Absent),
+                Command::Delete {
+                    key: "/b".into(),
+                    expect: Precondition::ModRevision(2),
+                },
+            ],
+        };
+        let (results, events) = s.apply_entry(&batch);
+        assert_eq!(results.len(), 4);
+        assert!(matches!(results[0], CommandResult::Ok { revision: 2, .. }));
+        assert!(matches!(
+            results[1],
+            CommandResult::Conflict { revision: 2, .. }
+        ));
+        assert!(matches!(results[2], CommandResult::Ok { revision: 3, .. }));
+        // sees the write made earlier in the same batch
+        assert!(matches!(results[3], CommandResult::Ok { revision: 4, .. }));
+        let revs: Vec<u64> = events.iter().map(Event::revision).collect();
+        assert_eq!(revs, [2, 3, 4]);
+        assert!(s.get("/b").is_none());
+        assert_eq!(s.get("/a").unwrap().value.as_ref(), b"1");
+        // a plain command is one result; a batch given to `apply` answers with its last
+        let (results, _) = s.apply_entry(&put("/d", "1", Precondition::Any));
+        assert!(matches!(
+            results[..],
+            [CommandResult::Ok { revision: 5, .. }]
+        ));
+        let (last, _) = s.apply(&Command::Batch {
+            cmds: vec![put("/e", "1", Precondition::Any)],
+        });
+        assert!(matches!(last, CommandResult::Ok { revision: 6, .. }));
+        let (empty, ev) = s.apply(&Command::Batch { cmds: vec![] });
+        assert!(matches!(empty, CommandResult::Ok { revision: 6, .. }));
+        assert!(ev.is_empty());
     }
 
     #[test]

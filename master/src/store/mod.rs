@@ -99,8 +99,17 @@ impl Applied {
 
     /// Apply a command and publish its events.
     pub fn apply(&self, cmd: &Command) -> CommandResult {
+        self.publish(|st| st.apply(cmd))
+    }
+
+    /// Apply one Raft entry's command; one result per command of a [`Command::Batch`].
+    pub fn apply_entry(&self, cmd: &Command) -> Vec<CommandResult> {
+        self.publish(|st| st.apply_entry(cmd))
+    }
+
+    fn publish<T>(&self, apply: impl FnOnce(&mut KvState) -> (T, Vec<Event>)) -> T {
         let mut st = self.state.lock().expect("kv state lock");
-        let (res, events) = st.apply(cmd);
+        let (res, events) = apply(&mut st);
         if !events.is_empty() {
             // Dispatch under the state lock so watchers see events in revision order
             // and a watch registered under that lock misses none.
