@@ -9,13 +9,14 @@
 //! - Terminating namespaces are emptied and removed.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
-use super::registry::{DeleteOptions, ListOptions, Registry};
+use super::registry::{DeleteOptions, Registry};
 use super::resources::{self, ResourceDef, NAMESPACES};
 
 /// What one pass did.
@@ -65,20 +66,42 @@ async fn remove_finalizer(
     .map(|_| ())
 }
 
+/// Objects decoded by earlier passes, by key, with the mod revision they were decoded at:
+/// a pass reads every object of every kind, and only those written since are decoded
+/// again (decoding ~10 000 unchanged nodes, leases and pods every 2 s was a sixth of a
+/// busy active master's CPU).
+#[derive(Default)]
+pub struct GcCache {
+    decoded: HashMap<String, (u64, Arc<Value>)>,
+}
+
 /// One garbage-collection pass over every served kind.
 pub async fn collect_once(reg: &Registry) -> Result<GcStats, ApiError> {
+    collect(reg, &mut GcCache::default()).await
+}
+
+/// One pass, decoding only what changed since `cache` last saw it.
+pub async fn collect(reg: &Registry, cache: &mut GcCache) -> Result<GcStats, ApiError> {
     let mut stats = GcStats::default();
     // Everything, with its def.
-    let mut all: Vec<(&'static ResourceDef, Value)> = Vec::new();
+    let mut all: Vec<(&'static ResourceDef, Arc<Value>)> = Vec::new();
+    let mut decoded = HashMap::with_capacity(cache.decoded.len());
     for def in resources::ALL {
-        for o in reg.list(def, None, &ListOptions::default()).await?.items {
-            all.push((def, o));
+        let r = reg
+            .store()
+            .range(&Registry::prefix(def, None), None, 0)
+            .await?;
+        for kv in r.kvs {
+            let o = match cache.decoded.remove(&kv.key) {
+                Some((rev, o)) if rev == kv.mod_revision => o,
+                _ => Arc::new(Registry::decode(def, &kv)?),
+            };
+            all.push((def, o.clone()));
+            decoded.insert(kv.key, (kv.mod_revision, o));
         }
     }
-    let by_uid: HashMap<String, &Value> = all
-        .iter()
-        .map(|(_, o)| (s(o, "/metadata/uid").to_string(), o))
-        .collect();
+    cache.decoded = decoded;
+    let by_uid: HashSet<&str> = all.iter().map(|(_, o)| s(o, "/metadata/uid")).collect();
     let mut dependents: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, (_, o)) in all.iter().enumerate() {
         for u in owner_uids(o) {
@@ -162,7 +185,7 @@ pub async fn collect_once(reg: &Registry) -> Result<GcStats, ApiError> {
         {
             continue;
         }
-        if owners.iter().all(|u| !by_uid.contains_key(u)) {
+        if owners.iter().all(|u| !by_uid.contains(u.as_str())) {
             let ns = o.pointer("/metadata/namespace").and_then(Value::as_str);
             match reg
                 .delete(def, ns, s(o, "/metadata/name"), &DeleteOptions::default())
@@ -188,12 +211,13 @@ pub async fn collect_once(reg: &Registry) -> Result<GcStats, ApiError> {
 
 /// Run [`collect_once`] every `every` until `shutdown`; errors are logged and retried.
 pub async fn run(reg: Registry, every: Duration, shutdown: CancellationToken) {
+    let mut cache = GcCache::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match collect_once(&reg).await {
+        match collect(&reg, &mut cache).await {
             Ok(st) if st != GcStats::default() => tracing::debug!(?st, "garbage collection pass"),
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "garbage collection pass failed"),

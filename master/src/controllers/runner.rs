@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{deployment, nodes, random_name, replicaset};
 use crate::api::error::ApiError;
-use crate::api::objects::Objects;
-use crate::api::registry::{DeleteOptions, ListOptions, Registry};
+use crate::api::objects::{DecodeCache, Objects};
+use crate::api::registry::{DeleteOptions, Registry};
 use crate::api::resources::ResourceDef;
 use crate::scheduler;
 use crate::store::Event;
@@ -36,15 +36,27 @@ struct World {
     leases: Vec<Lease>,
 }
 
-async fn observe(reg: &Registry) -> Result<World, ApiError> {
+/// The decoded objects kept from one pass to the next (only changed objects are decoded
+/// again).
+#[derive(Default)]
+struct Decoded {
+    deployments: DecodeCache<Deployment>,
+    replicasets: DecodeCache<ReplicaSet>,
+    pods: DecodeCache<Pod>,
+    nodes: DecodeCache<Node>,
+    leases: DecodeCache<Lease>,
+}
+
+async fn observe(reg: &Registry, d: &mut Decoded) -> Result<World, ApiError> {
     let objs = Objects::from_registry(reg.clone());
-    let all = ListOptions::default();
     Ok(World {
-        deployments: objs.list(None, &all).await?.0,
-        replicasets: objs.list(None, &all).await?.0,
-        pods: objs.list(None, &all).await?.0,
-        nodes: objs.list(None, &all).await?.0,
-        leases: objs.list(Some("kube-node-lease"), &all).await?.0,
+        deployments: objs.list_all_cached(None, &mut d.deployments).await?,
+        replicasets: objs.list_all_cached(None, &mut d.replicasets).await?,
+        pods: objs.list_all_cached(None, &mut d.pods).await?,
+        nodes: objs.list_all_cached(None, &mut d.nodes).await?,
+        leases: objs
+            .list_all_cached(Some("kube-node-lease"), &mut d.leases)
+            .await?,
     })
 }
 
@@ -113,6 +125,7 @@ pub async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: Cancellatio
             None
         }
     };
+    let mut decoded = Decoded::default();
     let mut tick = tokio::time::interval(Duration::from_millis(1000));
     let mut last_pass = tokio::time::Instant::now();
     loop {
@@ -147,7 +160,7 @@ pub async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: Cancellatio
             break;
         }
         last_pass = tokio::time::Instant::now();
-        if let Err(e) = pass(&reg, &control, &cancel).await {
+        if let Err(e) = pass(&reg, &control, &cancel, &mut decoded).await {
             tracing::debug!("controller pass: {e}");
         }
     }
@@ -159,8 +172,9 @@ async fn pass(
     reg: &Registry,
     control: &ControlConfig,
     cancel: &CancellationToken,
+    decoded: &mut Decoded,
 ) -> Result<(), ApiError> {
-    let w = observe(reg).await?;
+    let w = observe(reg, decoded).await?;
     let now = crate::api::table::now();
 
     // Deployments → ReplicaSets.
