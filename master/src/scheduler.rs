@@ -5,7 +5,7 @@
 //! The runner in `controllers::runner` binds the pod, or records `PodScheduled=False`
 //! with the reason and an Event when nothing fits.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ballast_config::validate::parse_quantity;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
@@ -104,9 +104,74 @@ impl Reject {
     }
 }
 
+/// What the pods already placed take, computed once for a whole scheduling pass (not
+/// once per pending pod: with 10 000 pending pods that was 10⁸ pod visits a pass, and
+/// the pass held an API thread for minutes).
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Per node: cpu, memory, pod count.
+    nodes: HashMap<String, (f64, f64, usize)>,
+    /// Pods per (controller uid, node).
+    peers: HashMap<(String, String), usize>,
+    /// Pods per (controller uid, zone).
+    zone_peers: HashMap<(String, String), usize>,
+    zone_of: HashMap<String, String>,
+}
+
+impl Usage {
+    /// `pods` are all pods in the cluster (bound ones count against their node).
+    pub fn new(nodes: &[Node], pods: &[Pod]) -> Self {
+        let mut u = Usage {
+            zone_of: nodes
+                .iter()
+                .filter_map(|n| {
+                    let zone = n.metadata.labels.as_ref()?.get(ZONE_LABEL)?;
+                    Some((n.metadata.name.clone()?, zone.clone()))
+                })
+                .collect(),
+            ..Default::default()
+        };
+        for p in pods
+            .iter()
+            .filter(|p| is_active(p) || p.metadata.deletion_timestamp.is_some())
+        {
+            if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
+                u.add(p, node);
+            }
+        }
+        u
+    }
+
+    /// Count `pod` on `node` (a bind made in this pass).
+    pub fn add(&mut self, pod: &Pod, node: &str) {
+        let (c, m) = requests(pod);
+        let e = self.nodes.entry(node.to_string()).or_default();
+        e.0 += c;
+        e.1 += m;
+        e.2 += 1;
+        if let Some(owner) = controller_uid(&pod.metadata) {
+            *self
+                .peers
+                .entry((owner.to_string(), node.to_string()))
+                .or_default() += 1;
+            if let Some(z) = self.zone_of.get(node) {
+                *self
+                    .zone_peers
+                    .entry((owner.to_string(), z.clone()))
+                    .or_default() += 1;
+            }
+        }
+    }
+}
+
 /// Choose a node for `pod`; `Err` carries the `PodScheduled=False` message.
 /// `pods` are all pods in the cluster (bound ones count against their node).
 pub fn schedule(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Result<String, String> {
+    schedule_with(pod, nodes, &Usage::new(nodes, pods))
+}
+
+/// [`schedule`] against a precomputed [`Usage`].
+pub fn schedule_with(pod: &Pod, nodes: &[Node], usage: &Usage) -> Result<String, String> {
     let (cpu, mem) = requests(pod);
     let selector = pod
         .spec
@@ -114,40 +179,31 @@ pub fn schedule(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Result<String, Strin
         .and_then(|s| s.node_selector.clone())
         .unwrap_or_default();
     let owner = controller_uid(&pod.metadata).map(str::to_string);
-    let mut used: BTreeMap<&str, (f64, f64, usize, usize)> = BTreeMap::new();
-    let mut zone_peers: BTreeMap<String, usize> = BTreeMap::new();
-    let zone_of = |name: &str| -> Option<String> {
-        nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(name))
-            .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
+    let peers_on = |node: &str| -> usize {
+        owner.as_ref().map_or(0, |o| {
+            usage
+                .peers
+                .get(&(o.clone(), node.to_string()))
+                .copied()
+                .unwrap_or(0)
+        })
     };
-    for p in pods
-        .iter()
-        .filter(|p| is_active(p) || p.metadata.deletion_timestamp.is_some())
-    {
-        let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
-            continue;
-        };
-        let (c, m) = requests(p);
-        let e = used.entry(node).or_default();
-        e.0 += c;
-        e.1 += m;
-        e.2 += 1;
-        let peer = owner.is_some() && controller_uid(&p.metadata).map(str::to_string) == owner;
-        if peer {
-            e.3 += 1;
-            if let Some(z) = zone_of(node) {
-                *zone_peers.entry(z).or_default() += 1;
-            }
-        }
-    }
+    let zone_peers = |zone: &str| -> usize {
+        owner.as_ref().map_or(0, |o| {
+            usage
+                .zone_peers
+                .get(&(o.clone(), zone.to_string()))
+                .copied()
+                .unwrap_or(0)
+        })
+    };
     let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
     let mut best: Option<(i64, String)> = None;
     for n in nodes {
         let name = n.metadata.name.clone().unwrap_or_default();
         let labels = n.metadata.labels.clone().unwrap_or_default();
-        let u = used.get(name.as_str()).copied().unwrap_or_default();
+        let (ucpu, umem, ucount) = usage.nodes.get(&name).copied().unwrap_or_default();
+        let u = (ucpu, umem, ucount, peers_on(&name));
         let reject = if !is_node_ready(n) {
             Some(Reject::NotReady)
         } else if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
@@ -184,11 +240,7 @@ pub fn schedule(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Result<String, Strin
         let least = (free(u.0 + cpu, allocatable(n, "cpu"))
             + free(u.1 + mem, allocatable(n, "memory")))
             * 50.0;
-        let zone = labels
-            .get(ZONE_LABEL)
-            .and_then(|z| zone_peers.get(z))
-            .copied()
-            .unwrap_or(0);
+        let zone = labels.get(ZONE_LABEL).map_or(0, |z| zone_peers(z));
         let score = least as i64 - 1000 * u.3 as i64 - 300 * zone as i64 - u.2 as i64;
         if best
             .as_ref()
@@ -269,6 +321,37 @@ mod tests {
         let bound = pod("p1", Some("rs"), Some("w1"), true);
         let new = pod("p2", Some("rs"), None, false);
         assert_eq!(schedule(&new, &nodes, &[bound]).unwrap(), "w2");
+    }
+
+    #[test]
+    fn binds_of_one_pass_count_in_its_usage() {
+        let nodes = [
+            node("w1", "a", "1", true),
+            node("w2", "b", "1", true),
+            node("w3", "b", "1", true),
+        ];
+        let mut usage = Usage::new(&nodes, &[]);
+        let mut placed = Vec::new();
+        for i in 0..4 {
+            let p = requesting(pod(&format!("p{i}"), Some("rs"), None, false), "400m");
+            let n = schedule_with(&p, &nodes, &usage).unwrap();
+            usage.add(&p, &n);
+            placed.push(n);
+        }
+        // one per node first (zone a first: zone b already has a peer after w2), then
+        // the least used
+        assert_eq!(placed[..3], ["w1", "w2", "w3"]);
+        // a fifth and sixth fit (400m + 400m of 1 cpu), a seventh no more on any node
+        for i in 4..6 {
+            let p = requesting(pod(&format!("p{i}"), Some("rs"), None, false), "400m");
+            let n = schedule_with(&p, &nodes, &usage).unwrap();
+            usage.add(&p, &n);
+        }
+        let p = requesting(pod("p6", Some("rs"), None, false), "400m");
+        assert_eq!(
+            schedule_with(&p, &nodes, &usage).unwrap_err(),
+            "0/3 nodes are available: 3 Insufficient cpu."
+        );
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! results through the API [`Registry`] (compare-and-swap, the same semantics as API
 //! clients). The moment the token is revoked the loop stops, before its next write.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_config::ControlConfig;
+use futures::future::Either;
+use futures::stream::{FuturesUnordered, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -287,9 +290,16 @@ async fn pass(
         .await;
     }
 
-    // Scheduler. Binds made in this pass are recorded in `placed` so that later pods of
-    // the same pass see the capacity they take.
-    let mut placed = w.pods.clone();
+    // Scheduler. Placement is decided pod by pod (binds made in this pass count in
+    // `usage`); the writes (binds, Unschedulable statuses, Events) go out up to
+    // SCHEDULER_WRITES at a time, so group commit carries them together. One at a time,
+    // marking 10 000 pods Unschedulable took minutes, and nodes that became Ready
+    // meanwhile got nothing until the pass ended. Marking pods Unschedulable (two writes
+    // that help no pod run) is kept to UNSCHEDULABLE_WRITES at a time so that it takes a
+    // small share of the store's writes while clients are writing.
+    let mut usage = scheduler::Usage::new(&w.nodes, &w.pods);
+    let marking = std::sync::atomic::AtomicUsize::new(0);
+    let mut writes = FuturesUnordered::new();
     for p in &w.pods {
         if cancel.is_cancelled() {
             return Ok(());
@@ -300,30 +310,12 @@ async fn pass(
         }
         let ns = ns_of(&p.metadata);
         let name = p.metadata.name.clone().unwrap_or_default();
-        match scheduler::schedule(p, &w.nodes, &placed) {
-            Ok(node) => match reg.bind(&ns, &name, &node).await {
-                Ok(_) => {
-                    if let Some(spec) = placed
-                        .iter_mut()
-                        .find(|q| q.metadata.uid == p.metadata.uid)
-                        .and_then(|q| q.spec.as_mut())
-                    {
-                        spec.node_name = Some(node.clone());
-                    }
-                    event(
-                        reg,
-                        &ns,
-                        "Pod",
-                        &name,
-                        p.metadata.uid.as_deref(),
-                        "Normal",
-                        "Scheduled",
-                        &format!("Successfully assigned {ns}/{name} to {node}"),
-                    )
-                    .await;
-                }
-                Err(e) => tracing::debug!(pod = %name, "bind failed: {e}"),
-            },
+        let uid = p.metadata.uid.clone();
+        match scheduler::schedule_with(p, &w.nodes, &usage) {
+            Ok(node) => {
+                usage.add(p, &node);
+                writes.push(Either::Left(bind_pod(reg, ns, name, uid, node)));
+            }
             Err(msg) => {
                 let already = p
                     .status
@@ -339,48 +331,95 @@ async fn pass(
                 if already {
                     continue;
                 }
-                let cond = json!({
-                    "type": "PodScheduled",
-                    "status": "False",
-                    "reason": "Unschedulable",
-                    "message": msg,
-                    "lastTransitionTime": Time(now),
-                });
-                let _ = reg
-                    .update_with(def("", "pods"), Some(&ns), &name, |o| {
-                        let st = &mut o["status"];
-                        if !st.is_object() {
-                            *st = json!({});
-                        }
-                        st["phase"] = json!("Pending");
-                        let mut conds: Vec<Value> = st["conditions"]
-                            .as_array()
-                            .cloned()
-                            .unwrap_or_default()
-                            .into_iter()
-                            .filter(|c| c["type"] != "PodScheduled")
-                            .collect();
-                        conds.push(cond.clone());
-                        st["conditions"] = Value::Array(conds);
-                        Ok(())
-                    })
-                    .await;
-                event(
-                    reg,
-                    &ns,
-                    "Pod",
-                    &name,
-                    p.metadata.uid.as_deref(),
-                    "Warning",
-                    "FailedScheduling",
-                    &msg,
-                )
-                .await;
+                while marking.load(Ordering::Relaxed) >= UNSCHEDULABLE_WRITES {
+                    writes.next().await;
+                }
+                marking.fetch_add(1, Ordering::Relaxed);
+                let marking = &marking;
+                writes.push(Either::Right(async move {
+                    mark_unschedulable(reg, ns, name, uid, msg, now).await;
+                    marking.fetch_sub(1, Ordering::Relaxed);
+                }));
             }
         }
+        if writes.len() >= SCHEDULER_WRITES {
+            writes.next().await;
+        }
     }
+    while writes.next().await.is_some() {}
 
     Ok(())
+}
+
+/// Scheduler writes in flight at once in a pass.
+const SCHEDULER_WRITES: usize = 64;
+/// Of which marking pods Unschedulable.
+const UNSCHEDULABLE_WRITES: usize = 4;
+
+async fn bind_pod(reg: &Registry, ns: String, name: String, uid: Option<String>, node: String) {
+    match reg.bind(&ns, &name, &node).await {
+        Ok(_) => {
+            event(
+                reg,
+                &ns,
+                "Pod",
+                &name,
+                uid.as_deref(),
+                "Normal",
+                "Scheduled",
+                &format!("Successfully assigned {ns}/{name} to {node}"),
+            )
+            .await;
+        }
+        Err(e) => tracing::debug!(pod = %name, "bind failed: {e}"),
+    }
+}
+
+async fn mark_unschedulable(
+    reg: &Registry,
+    ns: String,
+    name: String,
+    uid: Option<String>,
+    msg: String,
+    now: k8s_openapi::jiff::Timestamp,
+) {
+    let cond = json!({
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": msg,
+        "lastTransitionTime": Time(now),
+    });
+    let _ = reg
+        .update_with(def("", "pods"), Some(&ns), &name, |o| {
+            let st = &mut o["status"];
+            if !st.is_object() {
+                *st = json!({});
+            }
+            st["phase"] = json!("Pending");
+            let mut conds: Vec<Value> = st["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| c["type"] != "PodScheduled")
+                .collect();
+            conds.push(cond.clone());
+            st["conditions"] = Value::Array(conds);
+            Ok(())
+        })
+        .await;
+    event(
+        reg,
+        &ns,
+        "Pod",
+        &name,
+        uid.as_deref(),
+        "Warning",
+        "FailedScheduling",
+        &msg,
+    )
+    .await;
 }
 
 async fn set_status(reg: &Registry, d: &'static ResourceDef, ns: &str, name: &str, status: Value) {
