@@ -295,7 +295,7 @@ pub struct HoldConfig {
     /// How long a request waits for an active master before 503. Default `10s`.
     #[serde(with = "humantime_serde", default = "d_hold_timeout")]
     pub timeout: Duration,
-    /// How many requests may wait at once; more get 503 at once. Default 1024.
+    /// How many requests may wait at once; more get 503 at once. Default 8192.
     #[serde(default = "d_hold_max")]
     pub max_requests: usize,
 }
@@ -304,7 +304,8 @@ fn d_hold_timeout() -> Duration {
     Duration::from_secs(10)
 }
 fn d_hold_max() -> usize {
-    1024
+    // every node of a 5 000-node cluster re-opens its watch during a failover
+    8192
 }
 
 impl Default for HoldConfig {

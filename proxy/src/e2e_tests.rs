@@ -450,6 +450,38 @@ async fn watches_are_closed_when_the_active_master_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spell_without_an_active_master_keeps_the_streams_of_one_that_returns() {
+    let m1 = FakeMaster::start("m1", true, 1);
+    let p = start(settings(&[&m1], Duration::from_secs(10))).await;
+    wait_active(&p, "m1").await;
+    let c = client();
+    let mut r = c
+        .get(format!("http://{}/api/v1/pods?watch=true", p.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.chunk().await.unwrap().is_some());
+    // its health check fails for a while (a busy master), then it is back, same term
+    m1.set(false, 1);
+    wait_until("no active master", || p.shared.current().active.is_none()).await;
+    m1.set(true, 1);
+    wait_active(&p, "m1").await;
+    // the stream was not cut: it goes on delivering events
+    for _ in 0..3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), r.chunk())
+            .await
+            .expect("events keep coming")
+            .unwrap()
+            .expect("stream still open");
+        assert!(String::from_utf8_lossy(&chunk).starts_with("m1 event"));
+    }
+    assert_eq!(p.shared.metrics.streams_closed.get(), 0);
+    drop(r);
+    p.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_http_gets_4xx_and_the_proxy_keeps_serving() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let m1 = FakeMaster::start("m1", true, 1);

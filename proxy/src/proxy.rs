@@ -2,7 +2,6 @@
 //! hidden by holding requests while no master is active and by re-sending requests
 //! that provably did not reach a master (or are safe to repeat).
 
-use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -439,61 +438,62 @@ impl ProxyHttp for BallastProxy {
 /// routed one are cut (reads are then retried on the new master; writes get 503).
 pub const IN_FLIGHT_GRACE: Duration = Duration::from_secs(2);
 
-/// Close open streams and idle upstream connections to masters that are no longer
-/// routed to, whenever the active master changes; cut requests still waiting on the old
-/// master after [`IN_FLIGHT_GRACE`] (it may be frozen and never answer).
+/// Close open streams and idle upstream connections to the former active master when
+/// another master becomes the active one; cut requests still waiting on the former one
+/// after [`IN_FLIGHT_GRACE`] (it may be frozen and never answer).
+///
+/// A spell with no active master closes nothing by itself: if the same master is routed
+/// to again (a health check that timed out under load), its streams are still good. A
+/// dead master's connections are dead anyway, and a deposed one ends its own watches
+/// when it loses its leader token. (Closing on every "no active" made an overloaded new
+/// active flap: 5 000 nodes' watches closed, re-opened at once, the master's health
+/// check timed out again, and so on, for ~8 s after a failover.)
 pub async fn close_stale_connections(
     shared: Arc<Shared>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let mut rx = shared.routing();
-    let mut last: Option<(String, SocketAddr)> = rx
-        .borrow_and_update()
-        .active
-        .as_ref()
-        .map(|a| (a.id.clone(), a.addr));
+    let mut last: Option<String> = rx.borrow_and_update().active.as_ref().map(|a| a.id.clone());
     loop {
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             _ = cancel.cancelled() => return,
         }
-        let now: Option<(String, SocketAddr)> = rx
-            .borrow_and_update()
-            .active
-            .as_ref()
-            .map(|a| (a.id.clone(), a.addr));
-        if now != last {
-            if last.is_some() {
-                let closed = shared
-                    .conns
-                    .close_except(now.as_ref().map(|(id, _)| id.as_str()), false);
+        let Some(now) = rx.borrow_and_update().active.as_ref().map(|a| a.id.clone()) else {
+            continue;
+        };
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        if last.is_some() {
+            let closed = shared.conns.close_except(Some(&now), false);
+            if closed > 0 {
+                tracing::info!(
+                    closed,
+                    "closed streams and idle connections to the old master"
+                );
+                shared.metrics.streams_closed.inc_by(closed);
+            }
+            let shared = shared.clone();
+            let cancel = cancel.clone();
+            let switched_to = now.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(IN_FLIGHT_GRACE) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                let keep = shared.current().active.map_or(switched_to, |a| a.id);
+                let closed = shared.conns.close_except(Some(&keep), true);
                 if closed > 0 {
-                    tracing::info!(
+                    tracing::warn!(
                         closed,
-                        "closed streams and idle connections to the old master"
+                        "cut requests still waiting on a former active master"
                     );
                     shared.metrics.streams_closed.inc_by(closed);
                 }
-                let shared = shared.clone();
-                let cancel = cancel.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = tokio::time::sleep(IN_FLIGHT_GRACE) => {}
-                        _ = cancel.cancelled() => return,
-                    }
-                    let active = shared.current().active.map(|a| a.id);
-                    let closed = shared.conns.close_except(active.as_deref(), true);
-                    if closed > 0 {
-                        tracing::warn!(
-                            closed,
-                            "cut requests still waiting on a former active master"
-                        );
-                        shared.metrics.streams_closed.inc_by(closed);
-                    }
-                });
-            }
-            last = now;
+            });
         }
+        last = Some(now);
     }
 }
 
