@@ -178,21 +178,12 @@ pub fn schedule_with(pod: &Pod, nodes: &[Node], usage: &Usage) -> Result<String,
         .as_ref()
         .and_then(|s| s.node_selector.clone())
         .unwrap_or_default();
-    let owner = controller_uid(&pod.metadata).map(str::to_string);
-    let peers_on = |node: &str| -> usize {
-        owner.as_ref().map_or(0, |o| {
-            usage
-                .peers
-                .get(&(o.clone(), node.to_string()))
-                .copied()
-                .unwrap_or(0)
-        })
-    };
-    let zone_peers = |zone: &str| -> usize {
-        owner.as_ref().map_or(0, |o| {
-            usage
-                .zone_peers
-                .get(&(o.clone(), zone.to_string()))
+    let owner = controller_uid(&pod.metadata);
+    // pods of the same controller counted at a node or zone
+    let peers = |counts: &HashMap<(String, String), usize>, at: &str| -> usize {
+        owner.map_or(0, |o| {
+            counts
+                .get(&(o.to_string(), at.to_string()))
                 .copied()
                 .unwrap_or(0)
         })
@@ -203,7 +194,7 @@ pub fn schedule_with(pod: &Pod, nodes: &[Node], usage: &Usage) -> Result<String,
         let name = n.metadata.name.clone().unwrap_or_default();
         let labels = n.metadata.labels.clone().unwrap_or_default();
         let (ucpu, umem, ucount) = usage.nodes.get(&name).copied().unwrap_or_default();
-        let u = (ucpu, umem, ucount, peers_on(&name));
+        let u = (ucpu, umem, ucount, peers(&usage.peers, &name));
         let reject = if !is_node_ready(n) {
             Some(Reject::NotReady)
         } else if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
@@ -240,7 +231,9 @@ pub fn schedule_with(pod: &Pod, nodes: &[Node], usage: &Usage) -> Result<String,
         let least = (free(u.0 + cpu, allocatable(n, "cpu"))
             + free(u.1 + mem, allocatable(n, "memory")))
             * 50.0;
-        let zone = labels.get(ZONE_LABEL).map_or(0, |z| zone_peers(z));
+        let zone = labels
+            .get(ZONE_LABEL)
+            .map_or(0, |z| peers(&usage.zone_peers, z));
         let score = least as i64 - 1000 * u.3 as i64 - 300 * zone as i64 - u.2 as i64;
         if best
             .as_ref()

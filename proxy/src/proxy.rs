@@ -466,13 +466,12 @@ pub async fn close_stale_connections(
             continue;
         }
         if last.is_some() {
-            let closed = shared.conns.close_except(Some(&now), false);
+            let closed = close_others(&shared, &now, false);
             if closed > 0 {
                 tracing::info!(
                     closed,
                     "closed streams and idle connections to the old master"
                 );
-                shared.metrics.streams_closed.inc_by(closed);
             }
             let shared = shared.clone();
             let cancel = cancel.clone();
@@ -483,18 +482,25 @@ pub async fn close_stale_connections(
                     _ = cancel.cancelled() => return,
                 }
                 let keep = shared.current().active.map_or(switched_to, |a| a.id);
-                let closed = shared.conns.close_except(Some(&keep), true);
+                let closed = close_others(&shared, &keep, true);
                 if closed > 0 {
                     tracing::warn!(
                         closed,
                         "cut requests still waiting on a former active master"
                     );
-                    shared.metrics.streams_closed.inc_by(closed);
                 }
             });
         }
         last = Some(now);
     }
+}
+
+/// Close connections to masters other than `keep` (see `Conns::close_except`) and
+/// count them in `ballast_proxy_streams_closed_total`.
+fn close_others(shared: &Shared, keep: &str, in_flight: bool) -> u64 {
+    let closed = shared.conns.close_except(Some(keep), in_flight);
+    shared.metrics.streams_closed.inc_by(closed);
+    closed
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
+use super::objects::DecodeCache;
 use super::registry::{DeleteOptions, Registry};
 use super::resources::{self, ResourceDef, NAMESPACES};
 
@@ -72,7 +73,8 @@ async fn remove_finalizer(
 /// busy active master's CPU).
 #[derive(Default)]
 pub struct GcCache {
-    decoded: HashMap<String, (u64, Arc<Value>)>,
+    /// One per kind, in the order of `resources::ALL`.
+    kinds: Vec<DecodeCache<Arc<Value>>>,
 }
 
 /// One garbage-collection pass over every served kind.
@@ -85,22 +87,17 @@ pub async fn collect(reg: &Registry, cache: &mut GcCache) -> Result<GcStats, Api
     let mut stats = GcStats::default();
     // Everything, with its def.
     let mut all: Vec<(&'static ResourceDef, Arc<Value>)> = Vec::new();
-    let mut decoded = HashMap::with_capacity(cache.decoded.len());
-    for def in resources::ALL {
+    cache
+        .kinds
+        .resize_with(resources::ALL.len(), DecodeCache::default);
+    for (def, kind) in resources::ALL.iter().zip(&mut cache.kinds) {
         let r = reg
             .store()
             .range(&Registry::prefix(def, None), None, 0)
             .await?;
-        for kv in r.kvs {
-            let o = match cache.decoded.remove(&kv.key) {
-                Some((rev, o)) if rev == kv.mod_revision => o,
-                _ => Arc::new(Registry::decode(def, &kv)?),
-            };
-            all.push((def, o.clone()));
-            decoded.insert(kv.key, (kv.mod_revision, o));
-        }
+        let objs = kind.refresh(r.kvs, |kv| Ok(Arc::new(Registry::decode(def, kv)?)))?;
+        all.extend(objs.into_iter().map(|o| (def, o)));
     }
-    cache.decoded = decoded;
     let by_uid: HashSet<&str> = all.iter().map(|(_, o)| s(o, "/metadata/uid")).collect();
     let mut dependents: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, (_, o)) in all.iter().enumerate() {

@@ -21,7 +21,7 @@ use super::registry::{
     DeleteOptions, ListOptions, Registry, Subresource, WatchEvent, WatchOptions,
 };
 use super::resources::ResourceDef;
-use crate::store::Store;
+use crate::store::{KeyValue, Store};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// A typed watch event.
@@ -93,8 +93,8 @@ fn name_of<T: ApiObject>(o: &T) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::BadRequest("metadata.name is required".into()))
 }
 
-/// Objects of one kind decoded by an earlier [`Objects::list_all_cached`], by key, with the
-/// mod revision they were decoded at.
+/// Objects of one kind decoded by an earlier [`DecodeCache::refresh`] (for instance via
+/// [`Objects::list_all_cached`]), by key, with the mod revision they were decoded at.
 pub struct DecodeCache<T> {
     decoded: HashMap<String, (u64, T)>,
 }
@@ -104,6 +104,30 @@ impl<T> Default for DecodeCache<T> {
         Self {
             decoded: HashMap::new(),
         }
+    }
+}
+
+impl<T: Clone> DecodeCache<T> {
+    /// The objects of `kvs` (every object of one kind, as just read), decoding with
+    /// `decode` only those not seen at the same mod revision by the previous call.
+    /// Objects no longer in `kvs` leave the cache.
+    pub fn refresh(
+        &mut self,
+        kvs: Vec<KeyValue>,
+        mut decode: impl FnMut(&KeyValue) -> Result<T, ApiError>,
+    ) -> Result<Vec<T>, ApiError> {
+        let mut decoded = HashMap::with_capacity(kvs.len());
+        let mut items = Vec::with_capacity(kvs.len());
+        for kv in kvs {
+            let obj = match self.decoded.remove(&kv.key) {
+                Some((rev, o)) if rev == kv.mod_revision => o,
+                _ => decode(&kv)?,
+            };
+            items.push(obj.clone());
+            decoded.insert(kv.key, (kv.mod_revision, obj));
+        }
+        self.decoded = decoded;
+        Ok(items)
     }
 }
 
@@ -167,19 +191,7 @@ impl Objects {
             .store()
             .range(&Registry::prefix(def, ns), None, 0)
             .await?;
-        let mut decoded = HashMap::with_capacity(r.kvs.len());
-        let mut items = Vec::with_capacity(r.kvs.len());
-        for kv in r.kvs {
-            let obj = match cache.decoded.remove(&kv.key) {
-                Some((rev, o)) if rev == kv.mod_revision => o,
-                _ => from_value(Registry::decode(def, &kv)?)?,
-            };
-            items.push(obj.clone());
-            decoded.insert(kv.key, (kv.mod_revision, obj));
-        }
-        // objects gone from the store leave the cache with the old map
-        cache.decoded = decoded;
-        Ok(items)
+        cache.refresh(r.kvs, |kv| from_value(Registry::decode(def, kv)?))
     }
 
     /// Create (namespace from `metadata.namespace`, default `default`).
