@@ -5,6 +5,7 @@
 //! The runner in `controllers::runner` binds the pod, or records `PodScheduled=False`
 //! with the reason and an Event when nothing fits.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 
 use ballast_config::validate::parse_quantity;
@@ -120,11 +121,12 @@ pub struct Usage {
 
 impl Usage {
     /// `pods` are all pods in the cluster (bound ones count against their node).
-    pub fn new(nodes: &[Node], pods: &[Pod]) -> Self {
+    pub fn new(nodes: &[impl Borrow<Node>], pods: &[impl Borrow<Pod>]) -> Self {
         let mut u = Usage {
             zone_of: nodes
                 .iter()
-                .filter_map(|n| {
+                .map(Borrow::borrow)
+                .filter_map(|n: &Node| {
                     let zone = n.metadata.labels.as_ref()?.get(ZONE_LABEL)?;
                     Some((n.metadata.name.clone()?, zone.clone()))
                 })
@@ -133,7 +135,8 @@ impl Usage {
         };
         for p in pods
             .iter()
-            .filter(|p| is_active(p) || p.metadata.deletion_timestamp.is_some())
+            .map(Borrow::borrow)
+            .filter(|p: &&Pod| is_active(p) || p.metadata.deletion_timestamp.is_some())
         {
             if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
                 u.add(p, node);
@@ -171,7 +174,11 @@ pub fn schedule(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Result<String, Strin
 }
 
 /// [`schedule`] against a precomputed [`Usage`].
-pub fn schedule_with(pod: &Pod, nodes: &[Node], usage: &Usage) -> Result<String, String> {
+pub fn schedule_with(
+    pod: &Pod,
+    nodes: &[impl Borrow<Node>],
+    usage: &Usage,
+) -> Result<String, String> {
     let (cpu, mem) = requests(pod);
     let selector = pod
         .spec
@@ -191,10 +198,13 @@ pub fn schedule_with(pod: &Pod, nodes: &[Node], usage: &Usage) -> Result<String,
     let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
     let mut best: Option<(i64, String)> = None;
     for n in nodes {
-        let name = n.metadata.name.clone().unwrap_or_default();
-        let labels = n.metadata.labels.clone().unwrap_or_default();
-        let (ucpu, umem, ucount) = usage.nodes.get(&name).copied().unwrap_or_default();
-        let u = (ucpu, umem, ucount, peers(&usage.peers, &name));
+        let n: &Node = n.borrow();
+        // borrowed, not cloned: this runs for every pending pod × every node
+        let name = n.metadata.name.as_deref().unwrap_or_default();
+        let label = |k: &str| n.metadata.labels.as_ref().and_then(|l| l.get(k));
+        let (ucpu, umem, ucount) = usage.nodes.get(name).copied().unwrap_or_default();
+        let u = (ucpu, umem, ucount, peers(&usage.peers, name));
+        let (acpu, amem) = (allocatable(n, "cpu"), allocatable(n, "memory"));
         let reject = if !is_node_ready(n) {
             Some(Reject::NotReady)
         } else if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
@@ -206,13 +216,13 @@ pub fn schedule_with(pod: &Pod, nodes: &[Node], usage: &Usage) -> Result<String,
             .is_some_and(|ts| ts.iter().any(|t| !tolerates(pod, t)))
         {
             Some(Reject::Taint)
-        } else if selector.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+        } else if selector.iter().any(|(k, v)| label(k) != Some(v)) {
             Some(Reject::Selector)
         } else if (u.2 + 1) as f64 > allocatable(n, "pods") {
             Some(Reject::Pods)
-        } else if u.0 + cpu > allocatable(n, "cpu") + 1e-9 {
+        } else if u.0 + cpu > acpu + 1e-9 {
             Some(Reject::Cpu)
-        } else if u.1 + mem > allocatable(n, "memory") + 1e-9 {
+        } else if u.1 + mem > amem + 1e-9 {
             Some(Reject::Memory)
         } else {
             None
@@ -228,18 +238,14 @@ pub fn schedule_with(pod: &Pod, nodes: &[Node], usage: &Usage) -> Result<String,
                 0.0
             }
         };
-        let least = (free(u.0 + cpu, allocatable(n, "cpu"))
-            + free(u.1 + mem, allocatable(n, "memory")))
-            * 50.0;
-        let zone = labels
-            .get(ZONE_LABEL)
-            .map_or(0, |z| peers(&usage.zone_peers, z));
+        let least = (free(u.0 + cpu, acpu) + free(u.1 + mem, amem)) * 50.0;
+        let zone = label(ZONE_LABEL).map_or(0, |z| peers(&usage.zone_peers, z));
         let score = least as i64 - 1000 * u.3 as i64 - 300 * zone as i64 - u.2 as i64;
         if best
             .as_ref()
-            .is_none_or(|(s, b)| score > *s || (score == *s && name < *b))
+            .is_none_or(|(s, b)| score > *s || (score == *s && name < b.as_str()))
         {
-            best = Some((score, name));
+            best = Some((score, name.to_string()));
         }
     }
     match best {
@@ -272,6 +278,8 @@ mod tests {
 
     use super::*;
     use crate::controllers::tests::pod;
+
+    const NO_PODS: &[Pod] = &[];
 
     fn node(name: &str, zone: &str, cpu: &str, ready: bool) -> Node {
         Node {
@@ -323,7 +331,7 @@ mod tests {
             node("w2", "b", "1", true),
             node("w3", "b", "1", true),
         ];
-        let mut usage = Usage::new(&nodes, &[]);
+        let mut usage = Usage::new(&nodes, NO_PODS);
         let mut placed = Vec::new();
         for i in 0..4 {
             let p = requesting(pod(&format!("p{i}"), Some("rs"), None, false), "400m");

@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +20,7 @@ use super::error::ApiError;
 use super::objects::DecodeCache;
 use super::registry::{DeleteOptions, Registry};
 use super::resources::{self, ResourceDef, NAMESPACES};
+use crate::store::KeyValue;
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -28,23 +30,51 @@ pub struct GcStats {
     pub finalized: usize,
 }
 
-fn s<'a>(o: &'a Value, p: &str) -> &'a str {
-    o.pointer(p).and_then(Value::as_str).unwrap_or_default()
+/// What garbage collection needs of an object: its metadata, decoded alone (the rest of
+/// the object is skipped unparsed). A pass looks at every object of every kind.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct GcMeta {
+    uid: String,
+    name: String,
+    namespace: Option<String>,
+    owner_references: Vec<OwnerUid>,
+    #[serde(deserialize_with = "present")]
+    deletion_timestamp: bool,
+    finalizers: Vec<String>,
 }
 
-fn owner_uids(o: &Value) -> Vec<String> {
-    o.pointer("/metadata/ownerReferences")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r["uid"].as_str().map(String::from))
-        .collect()
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+struct OwnerUid {
+    uid: String,
 }
 
-fn has_finalizer(o: &Value, f: &str) -> bool {
-    o.pointer("/metadata/finalizers")
-        .and_then(Value::as_array)
-        .is_some_and(|a| a.iter().any(|x| x == f))
+#[derive(Deserialize)]
+struct MetaOnly {
+    #[serde(default)]
+    metadata: GcMeta,
+}
+
+/// A field that is there (and not `null`) at all.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<serde::de::IgnoredAny>::deserialize(d)?.is_some())
+}
+
+impl GcMeta {
+    fn decode(kv: &KeyValue) -> Result<Self, ApiError> {
+        serde_json::from_slice::<MetaOnly>(&kv.value)
+            .map(|m| m.metadata)
+            .map_err(|e| ApiError::Internal(format!("corrupt object at {}: {e}", kv.key)))
+    }
+
+    fn has_finalizer(&self, f: &str) -> bool {
+        self.finalizers.iter().any(|x| x == f)
+    }
+
+    fn ns(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
 }
 
 async fn remove_finalizer(
@@ -74,7 +104,7 @@ async fn remove_finalizer(
 #[derive(Default)]
 pub struct GcCache {
     /// One per kind, in the order of `resources::ALL`.
-    kinds: Vec<DecodeCache<Arc<Value>>>,
+    kinds: Vec<DecodeCache<Arc<GcMeta>>>,
 }
 
 /// One garbage-collection pass over every served kind.
@@ -86,7 +116,7 @@ pub async fn collect_once(reg: &Registry) -> Result<GcStats, ApiError> {
 pub async fn collect(reg: &Registry, cache: &mut GcCache) -> Result<GcStats, ApiError> {
     let mut stats = GcStats::default();
     // Everything, with its def.
-    let mut all: Vec<(&'static ResourceDef, Arc<Value>)> = Vec::new();
+    let mut all: Vec<(&'static ResourceDef, Arc<GcMeta>)> = Vec::new();
     cache
         .kinds
         .resize_with(resources::ALL.len(), DecodeCache::default);
@@ -95,32 +125,29 @@ pub async fn collect(reg: &Registry, cache: &mut GcCache) -> Result<GcStats, Api
             .store()
             .range(&Registry::prefix(def, None), None, 0)
             .await?;
-        let objs = kind.refresh(r.kvs, |kv| Ok(Arc::new(Registry::decode(def, kv)?)))?;
+        let objs = kind.refresh(r.kvs, |kv| Ok(Arc::new(GcMeta::decode(kv)?)))?;
         all.extend(objs.into_iter().map(|o| (def, o)));
     }
-    let by_uid: HashSet<&str> = all.iter().map(|(_, o)| s(o, "/metadata/uid")).collect();
-    let mut dependents: HashMap<String, Vec<usize>> = HashMap::new();
+    let by_uid: HashSet<&str> = all.iter().map(|(_, o)| o.uid.as_str()).collect();
+    let mut dependents: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, (_, o)) in all.iter().enumerate() {
-        for u in owner_uids(o) {
-            dependents.entry(u).or_default().push(i);
+        for r in &o.owner_references {
+            dependents.entry(r.uid.as_str()).or_default().push(i);
         }
     }
     let mut touched: HashSet<usize> = HashSet::new();
     for (def, o) in &all {
-        let uid = s(o, "/metadata/uid");
-        let name = s(o, "/metadata/name");
-        let ns = o.pointer("/metadata/namespace").and_then(Value::as_str);
-        let deps = dependents.get(uid).cloned().unwrap_or_default();
-        if o.pointer("/metadata/deletionTimestamp").is_none() {
+        if !o.deletion_timestamp {
             continue;
         }
-        if has_finalizer(o, "orphan") {
+        let (uid, name, ns) = (o.uid.as_str(), o.name.as_str(), o.ns());
+        let deps = dependents.get(uid).cloned().unwrap_or_default();
+        if o.has_finalizer("orphan") {
             for &i in &deps {
                 let (ddef, d) = &all[i];
-                let dns = d.pointer("/metadata/namespace").and_then(Value::as_str);
                 let uid = uid.to_string();
                 match reg
-                    .update_with(ddef, dns, s(d, "/metadata/name"), |x| {
+                    .update_with(ddef, d.ns(), &d.name, |x| {
                         if let Some(a) = x
                             .pointer_mut("/metadata/ownerReferences")
                             .and_then(Value::as_array_mut)
@@ -148,22 +175,21 @@ pub async fn collect(reg: &Registry, cache: &mut GcCache) -> Result<GcStats, Api
             }
             remove_finalizer(reg, def, ns, name, "orphan").await?;
             stats.finalized += 1;
-        } else if has_finalizer(o, "foregroundDeletion") {
+        } else if o.has_finalizer("foregroundDeletion") {
             if deps.is_empty() {
                 remove_finalizer(reg, def, ns, name, "foregroundDeletion").await?;
                 stats.finalized += 1;
             } else {
                 for &i in &deps {
                     let (ddef, d) = &all[i];
-                    if d.pointer("/metadata/deletionTimestamp").is_some() {
+                    if d.deletion_timestamp {
                         continue;
                     }
-                    let dns = d.pointer("/metadata/namespace").and_then(Value::as_str);
                     let opts = DeleteOptions {
                         propagation_policy: Some("Foreground".into()),
                         ..Default::default()
                     };
-                    match reg.delete(ddef, dns, s(d, "/metadata/name"), &opts).await {
+                    match reg.delete(ddef, d.ns(), &d.name, &opts).await {
                         Ok(_) => stats.deleted += 1,
                         Err(e) if e.is_not_found() => {}
                         Err(e) => return Err(e),
@@ -175,17 +201,15 @@ pub async fn collect(reg: &Registry, cache: &mut GcCache) -> Result<GcStats, Api
     }
     // Background: dependents whose owners are all gone.
     for (i, (def, o)) in all.iter().enumerate() {
-        let owners = owner_uids(o);
-        if owners.is_empty()
-            || touched.contains(&i)
-            || o.pointer("/metadata/deletionTimestamp").is_some()
-        {
+        if o.owner_references.is_empty() || touched.contains(&i) || o.deletion_timestamp {
             continue;
         }
-        if owners.iter().all(|u| !by_uid.contains(u.as_str())) {
-            let ns = o.pointer("/metadata/namespace").and_then(Value::as_str);
+        if o.owner_references
+            .iter()
+            .all(|r| !by_uid.contains(r.uid.as_str()))
+        {
             match reg
-                .delete(def, ns, s(o, "/metadata/name"), &DeleteOptions::default())
+                .delete(def, o.ns(), &o.name, &DeleteOptions::default())
                 .await
             {
                 Ok(_) => stats.deleted += 1,
@@ -197,8 +221,8 @@ pub async fn collect(reg: &Registry, cache: &mut GcCache) -> Result<GcStats, Api
     // Terminating namespaces.
     for (def, o) in &all {
         if def.kind == NAMESPACES.kind
-            && o.pointer("/metadata/deletionTimestamp").is_some()
-            && reg.finalize_namespace(s(o, "/metadata/name")).await?
+            && o.deletion_timestamp
+            && reg.finalize_namespace(&o.name).await?
         {
             stats.finalized += 1;
         }
@@ -219,5 +243,56 @@ pub async fn run(reg: Registry, every: Duration, shutdown: CancellationToken) {
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "garbage collection pass failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(v: Value) -> KeyValue {
+        KeyValue {
+            key: "/registry/pods/default/p".into(),
+            value: serde_json::to_vec(&v).unwrap().into(),
+            create_revision: 1,
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn metadata_is_decoded_alone() {
+        let m = GcMeta::decode(&kv(json!({
+            "spec": {"containers": [{"name": "c"}]},
+            "metadata": {
+                "name": "p", "namespace": "default", "uid": "u1",
+                "labels": {"a": "b"},
+                "ownerReferences": [{"uid": "o1", "kind": "ReplicaSet", "name": "rs"}],
+                "deletionTimestamp": "2026-01-01T00:00:00Z",
+                "finalizers": ["orphan"]
+            },
+            "status": {"phase": "Pending"}
+        })))
+        .unwrap();
+        assert_eq!(m.uid, "u1");
+        assert_eq!((m.name.as_str(), m.ns()), ("p", Some("default")));
+        assert_eq!(m.owner_references, vec![OwnerUid { uid: "o1".into() }]);
+        assert!(m.deletion_timestamp);
+        assert!(m.has_finalizer("orphan") && !m.has_finalizer("foregroundDeletion"));
+    }
+
+    #[test]
+    fn absent_or_null_fields_are_empty() {
+        let m = GcMeta::decode(&kv(json!({
+            "metadata": {"name": "n", "deletionTimestamp": null}
+        })))
+        .unwrap();
+        assert_eq!((m.ns(), m.deletion_timestamp), (None, false));
+        assert!(m.owner_references.is_empty() && m.finalizers.is_empty());
+        assert_eq!(GcMeta::decode(&kv(json!({}))).unwrap(), GcMeta::default());
+        let bad = KeyValue {
+            value: b"{not json".to_vec().into(),
+            ..kv(json!({}))
+        };
+        assert!(GcMeta::decode(&bad).is_err());
     }
 }

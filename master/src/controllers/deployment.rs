@@ -3,6 +3,7 @@
 //! `kubectl rollout status` reads (observedGeneration, updated/ready/available replicas,
 //! the `Progressing` and `Available` conditions).
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{
@@ -78,7 +79,12 @@ fn template_without_hash(rs: &ReplicaSet) -> Option<PodTemplateSpec> {
 }
 
 /// Reconcile one Deployment given every ReplicaSet and pod of its namespace.
-pub fn reconcile(d: &Deployment, all_rs: &[ReplicaSet], pods: &[Pod], now: Time) -> DeploymentPlan {
+pub fn reconcile(
+    d: &Deployment,
+    all_rs: &[impl Borrow<ReplicaSet>],
+    pods: &[impl Borrow<Pod>],
+    now: Time,
+) -> DeploymentPlan {
     let mut plan = DeploymentPlan::default();
     if d.metadata.deletion_timestamp.is_some() {
         return plan;
@@ -89,6 +95,7 @@ pub fn reconcile(d: &Deployment, all_rs: &[ReplicaSet], pods: &[Pod], now: Time)
     let replicas = spec.replicas.unwrap_or(1).max(0);
     let owned: Vec<&ReplicaSet> = all_rs
         .iter()
+        .map(Borrow::borrow)
         .filter(|r| is_owned_by(&r.metadata, &uid) && r.metadata.deletion_timestamp.is_none())
         .collect();
     let hash = template_hash(&spec.template);
@@ -142,6 +149,7 @@ pub fn reconcile(d: &Deployment, all_rs: &[ReplicaSet], pods: &[Pod], now: Time)
     let pods_of = |rs: &ReplicaSet| -> Vec<&Pod> {
         let ruid = rs.metadata.uid.clone().unwrap_or_default();
         pods.iter()
+            .map(Borrow::borrow)
             .filter(|p| is_owned_by(&p.metadata, &ruid) && replicaset::counts(p))
             .collect()
     };
@@ -383,6 +391,9 @@ mod tests {
     use super::*;
     use crate::controllers::tests::pod;
 
+    const NO_RS: &[ReplicaSet] = &[];
+    const NO_PODS: &[Pod] = &[];
+
     fn deploy(replicas: i32, image: &str) -> Deployment {
         Deployment {
             metadata: ObjectMeta {
@@ -437,7 +448,7 @@ mod tests {
     #[test]
     fn creates_replica_set_with_hash_and_owner() {
         let d = deploy(3, "a");
-        let plan = reconcile(&d, &[], &[], now());
+        let plan = reconcile(&d, NO_RS, NO_PODS, now());
         let rs = plan.create_rs.expect("new rs");
         assert_eq!(rs.spec.as_ref().unwrap().replicas, Some(3));
         let hash = template_hash(&d.spec.as_ref().unwrap().template);
@@ -461,7 +472,10 @@ mod tests {
     #[test]
     fn steady_state_reports_complete_rollout() {
         let d = deploy(2, "a");
-        let rs = with_uid(reconcile(&d, &[], &[], now()).create_rs.unwrap(), "r1");
+        let rs = with_uid(
+            reconcile(&d, NO_RS, NO_PODS, now()).create_rs.unwrap(),
+            "r1",
+        );
         let pods = vec![
             pod("p1", Some("r1"), Some("w1"), true),
             pod("p2", Some("r1"), Some("w2"), true),
@@ -485,7 +499,10 @@ mod tests {
     #[test]
     fn rolling_update_surges_then_scales_old_down() {
         let d1 = deploy(2, "a");
-        let old = with_uid(reconcile(&d1, &[], &[], now()).create_rs.unwrap(), "r1");
+        let old = with_uid(
+            reconcile(&d1, NO_RS, NO_PODS, now()).create_rs.unwrap(),
+            "r1",
+        );
         let pods = vec![
             pod("p1", Some("r1"), Some("w1"), true),
             pod("p2", Some("r1"), Some("w2"), true),
@@ -512,7 +529,10 @@ mod tests {
     #[test]
     fn recreate_scales_old_to_zero_before_new() {
         let mut d = deploy(2, "a");
-        let old = with_uid(reconcile(&d, &[], &[], now()).create_rs.unwrap(), "r1");
+        let old = with_uid(
+            reconcile(&d, NO_RS, NO_PODS, now()).create_rs.unwrap(),
+            "r1",
+        );
         let pods = vec![pod("p1", Some("r1"), Some("w1"), true)];
         let spec = d.spec.as_mut().unwrap();
         spec.template.spec.as_mut().unwrap().containers[0].image = Some("b".into());

@@ -4,6 +4,7 @@
 //! runs out, so their ReplicaSets replace them on other nodes. When the node reports
 //! `Ready=True` again the taint goes.
 
+use std::borrow::Borrow;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -53,18 +54,20 @@ fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
 
 /// Reconcile every node given the leases in `kube-node-lease` and all pods.
 pub fn reconcile(
-    nodes: &[Node],
-    leases: &[Lease],
-    pods: &[Pod],
+    nodes: &[impl Borrow<Node>],
+    leases: &[impl Borrow<Lease>],
+    pods: &[impl Borrow<Pod>],
     now: Timestamp,
     grace: Duration,
     eviction: Duration,
 ) -> NodesPlan {
     let mut plan = NodesPlan::default();
     for n in nodes {
+        let n: &Node = n.borrow();
         let name = n.metadata.name.clone().unwrap_or_default();
         let lease = leases
             .iter()
+            .map(Borrow::borrow)
             .find(|l| l.metadata.name.as_deref() == Some(name.as_str()));
         let stale = last_seen(n, lease).is_none_or(|t| elapsed(t, now) > grace);
         let ready_status = ready_condition(n).map(|c| c.status.clone());
@@ -118,6 +121,7 @@ pub fn reconcile(
         if let Some(t) = tainted.filter(|_| stale) {
             let since = t.time_added.as_ref().map(ts).unwrap_or(now);
             for p in pods {
+                let p: &Pod = p.borrow();
                 if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(name.as_str()) {
                     continue;
                 }
@@ -157,6 +161,9 @@ mod tests {
 
     use super::*;
     use crate::controllers::tests::pod;
+
+    const NO_PODS: &[Pod] = &[];
+    const NO_LEASES: &[Lease] = &[];
 
     fn at(secs: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + secs).unwrap()
@@ -200,13 +207,27 @@ mod tests {
 
     #[test]
     fn fresh_lease_keeps_node_ready() {
-        let plan = reconcile(&[node("w1", "True")], &[lease("w1", 30)], &[], at(60), G, E);
+        let plan = reconcile(
+            &[node("w1", "True")],
+            &[lease("w1", 30)],
+            NO_PODS,
+            at(60),
+            G,
+            E,
+        );
         assert!(plan.update_nodes.is_empty());
     }
 
     #[test]
     fn stale_lease_marks_unknown_and_taints() {
-        let plan = reconcile(&[node("w1", "True")], &[lease("w1", 10)], &[], at(60), G, E);
+        let plan = reconcile(
+            &[node("w1", "True")],
+            &[lease("w1", 10)],
+            NO_PODS,
+            at(60),
+            G,
+            E,
+        );
         let n = &plan.update_nodes[0];
         assert_eq!(ready_condition(n).unwrap().status, "Unknown");
         let t = &n.spec.as_ref().unwrap().taints.as_ref().unwrap()[0];
@@ -239,12 +260,12 @@ mod tests {
         let long = pod("long", Some("r"), Some("w1"), true);
         let other = pod("other", Some("r"), Some("w2"), true);
         let pods = [short, long, other];
-        let plan = reconcile(std::slice::from_ref(&n), &[], &pods, at(110), G, E);
+        let plan = reconcile(std::slice::from_ref(&n), NO_LEASES, &pods, at(110), G, E);
         assert_eq!(
             plan.evict_pods,
             vec![("default".to_string(), "short".to_string())]
         );
-        let plan = reconcile(&[n], &[], &pods, at(100 + 300), G, E);
+        let plan = reconcile(&[n], NO_LEASES, &pods, at(100 + 300), G, E);
         assert_eq!(plan.evict_pods.len(), 2);
     }
 
@@ -260,7 +281,7 @@ mod tests {
             }]),
             ..Default::default()
         });
-        let plan = reconcile(&[n], &[lease("w1", 100)], &[], at(101), G, E);
+        let plan = reconcile(&[n], &[lease("w1", 100)], NO_PODS, at(101), G, E);
         assert!(plan.update_nodes[0]
             .spec
             .as_ref()

@@ -1,5 +1,7 @@
 //! ReplicaSet controller: keep `spec.replicas` live pods matching the template.
 
+use std::borrow::Borrow;
+
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -7,7 +9,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use super::{is_active, is_owned_by, is_ready, is_terminating, Plan};
 
 /// What the ReplicaSet needs.
-pub fn reconcile(rs: &ReplicaSet, pods: &[Pod], mut new_name: impl FnMut(&str) -> String) -> Plan {
+pub fn reconcile(
+    rs: &ReplicaSet,
+    pods: &[impl Borrow<Pod>],
+    mut new_name: impl FnMut(&str) -> String,
+) -> Plan {
     let mut plan = Plan::default();
     if rs.metadata.deletion_timestamp.is_some() {
         return plan;
@@ -15,6 +21,7 @@ pub fn reconcile(rs: &ReplicaSet, pods: &[Pod], mut new_name: impl FnMut(&str) -
     let uid = rs.metadata.uid.clone().unwrap_or_default();
     let owned: Vec<&Pod> = pods
         .iter()
+        .map(Borrow::borrow)
         .filter(|p| is_owned_by(&p.metadata, &uid) && is_active(p))
         .collect();
     let want = rs

@@ -32,22 +32,22 @@ fn def(group: &str, plural: &str) -> &'static ResourceDef {
 
 /// Everything the controllers look at, read once per pass.
 struct World {
-    deployments: Vec<Deployment>,
-    replicasets: Vec<ReplicaSet>,
-    pods: Vec<Pod>,
-    nodes: Vec<Node>,
-    leases: Vec<Lease>,
+    deployments: Vec<Arc<Deployment>>,
+    replicasets: Vec<Arc<ReplicaSet>>,
+    pods: Vec<Arc<Pod>>,
+    nodes: Vec<Arc<Node>>,
+    leases: Vec<Arc<Lease>>,
 }
 
 /// The decoded objects kept from one pass to the next (only changed objects are decoded
 /// again).
 #[derive(Default)]
 struct Decoded {
-    deployments: DecodeCache<Deployment>,
-    replicasets: DecodeCache<ReplicaSet>,
-    pods: DecodeCache<Pod>,
-    nodes: DecodeCache<Node>,
-    leases: DecodeCache<Lease>,
+    deployments: DecodeCache<Arc<Deployment>>,
+    replicasets: DecodeCache<Arc<ReplicaSet>>,
+    pods: DecodeCache<Arc<Pod>>,
+    nodes: DecodeCache<Arc<Node>>,
+    leases: DecodeCache<Arc<Lease>>,
 }
 
 async fn observe(reg: &Registry, d: &mut Decoded) -> Result<World, ApiError> {
@@ -187,7 +187,7 @@ async fn pass(
         }
         let ns = ns_of(&d.metadata);
         let name = d.metadata.name.clone().unwrap_or_default();
-        let rss: Vec<ReplicaSet> = w
+        let rss: Vec<Arc<ReplicaSet>> = w
             .replicasets
             .iter()
             .filter(|r| ns_of(&r.metadata) == ns)
