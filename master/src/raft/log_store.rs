@@ -146,6 +146,22 @@ impl Tail {
     }
 }
 
+/// An entry as stored: MessagePack with named fields (a value is raw bytes in it; JSON
+/// escaped every quote of the object a value carries, on every append and every read).
+fn encode_entry(e: &Entry) -> SResult<Vec<u8>> {
+    rmp_serde::to_vec_named(e).map_err(write_err)
+}
+
+/// A stored entry: MessagePack, or JSON as written by earlier versions (a JSON entry
+/// starts with `{`, which never starts a MessagePack map).
+fn decode_entry(bytes: &[u8]) -> SResult<Entry> {
+    if bytes.first() == Some(&b'{') {
+        serde_json::from_slice(bytes).map_err(read_err)
+    } else {
+        rmp_serde::from_slice(bytes).map_err(read_err)
+    }
+}
+
 /// `[start, end)` of a range of log indexes.
 fn index_span(lo: Bound<u64>, hi: Bound<u64>) -> (u64, u64) {
     let start = match lo {
@@ -225,7 +241,7 @@ impl LogStore {
         let mut rows = Vec::new();
         let mut written = Vec::new();
         for e in entries {
-            let bytes = serde_json::to_vec(&e).map_err(write_err)?;
+            let bytes = encode_entry(&e)?;
             written.push((e.clone(), bytes.len()));
             rows.push((e.log_id.index, bytes));
         }
@@ -273,7 +289,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 if purged.is_some_and(|p| k.value() <= p) {
                     continue;
                 }
-                out.push(serde_json::from_slice::<Entry>(v.value()).map_err(read_err)?);
+                out.push(decode_entry(v.value())?);
             }
             Ok(out)
         })
@@ -292,11 +308,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // Entries at or below the purge point may linger until the background
             // deletion reaches them: the last log id is never below the purge point.
             let last = match t.last().map_err(read_err)? {
-                Some((_, v)) => Some(
-                    serde_json::from_slice::<Entry>(v.value())
-                        .map_err(read_err)?
-                        .log_id,
-                ),
+                Some((_, v)) => Some(decode_entry(v.value())?.log_id),
                 None => None,
             }
             .max(purged);
@@ -462,6 +474,25 @@ mod tests {
         assert_eq!(t.last_index(), Some(9));
         t.purge(9);
         assert_eq!((t.first_index(), t.bytes), (None, 0));
+    }
+
+    #[test]
+    fn entries_are_messagepack_and_json_ones_still_read() {
+        let mut e = entry(1);
+        e.payload = openraft::EntryPayload::Normal(crate::store::Command::Put {
+            key: "/k".into(),
+            value: br#"{"a":"quoted \"x\"","b":[1,2]}"#.to_vec(),
+            expect: crate::store::Precondition::Any,
+        });
+        let packed = encode_entry(&e).unwrap();
+        assert_ne!(packed.first(), Some(&b'{'));
+        assert_eq!(decode_entry(&packed).unwrap(), e);
+        let json = serde_json::to_vec(&e).unwrap();
+        assert_eq!(json.first(), Some(&b'{'));
+        assert_eq!(decode_entry(&json).unwrap(), e);
+        assert!(decode_entry(b"\xc1garbage").is_err());
+        // a value is carried as raw bytes, not as an escaped string
+        assert!(packed.len() < json.len());
     }
 
     #[tokio::test]

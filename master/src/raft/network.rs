@@ -1,4 +1,5 @@
-//! Inter-master Raft RPC over HTTP/1.1 + JSON on the peer address only.
+//! Inter-master Raft RPC over HTTP/1.1 on the peer address only: MessagePack bodies
+//! ([`Msgpack`]) for append, vote and snapshot; `GET /raft/status` answers JSON.
 //!
 //! - client: [`Network`] (openraft's `RaftNetworkFactory`) with one pooled `reqwest`
 //!   client; every RPC has a timeout (the smaller of openraft's and `raft.rpc_timeout`).
@@ -52,6 +53,43 @@ enum HttpError {
         status: StatusCode,
         body: String,
     },
+    #[error("cannot {what} a MessagePack body for {url}: {message}")]
+    Codec {
+        url: String,
+        what: &'static str,
+        message: String,
+    },
+}
+
+/// Peer RPC bodies are MessagePack (named fields): a command's value travels as raw
+/// bytes, where JSON escaped every quote of the object it carries, and re-parsed it on
+/// every follower.
+const MSGPACK: &str = "application/msgpack";
+
+/// A MessagePack request body (extractor) or response body.
+pub struct Msgpack<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Msgpack<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        let body = bytes::Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        rmp_serde::from_slice(&body).map(Msgpack).map_err(|e| {
+            let msg = format!("invalid MessagePack body: {e}");
+            (StatusCode::BAD_REQUEST, msg).into_response()
+        })
+    }
+}
+
+impl<T: Serialize> IntoResponse for Msgpack<T> {
+    fn into_response(self) -> Response {
+        match rmp_serde::to_vec_named(&self.0) {
+            Ok(body) => ([(axum::http::header::CONTENT_TYPE, MSGPACK)], body).into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        }
+    }
 }
 
 /// Builds peer clients.
@@ -128,12 +166,18 @@ impl PeerClient {
         let url = format!("{}/{what}", self.base);
         let started = Instant::now();
         let res = async {
+            let body = rmp_serde::to_vec_named(req).map_err(|e| HttpError::Codec {
+                url: url.clone(),
+                what: "encode",
+                message: e.to_string(),
+            })?;
             let resp = self
                 .net
                 .http
                 .post(&url)
                 .timeout(timeout)
-                .json(req)
+                .header(reqwest::header::CONTENT_TYPE, MSGPACK)
+                .body(body)
                 .send()
                 .await
                 .map_err(|source| {
@@ -158,12 +202,15 @@ impl PeerClient {
                     body,
                 });
             }
-            resp.json::<Resp>()
-                .await
-                .map_err(|source| HttpError::Request {
-                    url: url.clone(),
-                    source,
-                })
+            let body = resp.bytes().await.map_err(|source| HttpError::Request {
+                url: url.clone(),
+                source,
+            })?;
+            rmp_serde::from_slice::<Resp>(&body).map_err(|e| HttpError::Codec {
+                url: url.clone(),
+                what: "decode",
+                message: e.to_string(),
+            })
         }
         .await;
         self.net
@@ -346,8 +393,8 @@ pub async fn peer_status(
 
 async fn append(
     State(st): State<PeerState>,
-    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+    Msgpack(req): Msgpack<AppendEntriesRequest<TypeConfig>>,
+) -> Msgpack<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
     let res = st.raft.append_entries(req).await;
     if matches!(
         res,
@@ -358,17 +405,17 @@ async fn append(
         // After openraft took it: its leader lease started no later than this.
         st.contact.record(Instant::now());
     }
-    Json(res)
+    Msgpack(res)
 }
 
 async fn snapshot(
     State(st): State<PeerState>,
-    Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
-) -> Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
-    Json(st.raft.install_snapshot(req).await)
+    Msgpack(req): Msgpack<InstallSnapshotRequest<TypeConfig>>,
+) -> Msgpack<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+    Msgpack(st.raft.install_snapshot(req).await)
 }
 
-async fn vote(State(st): State<PeerState>, Json(req): Json<VoteRequest<NodeId>>) -> Response {
+async fn vote(State(st): State<PeerState>, Msgpack(req): Msgpack<VoteRequest<NodeId>>) -> Response {
     let (view, view_vote) = {
         let rx = st.raft.metrics();
         let m = rx.borrow();
@@ -398,7 +445,7 @@ async fn vote(State(st): State<PeerState>, Json(req): Json<VoteRequest<NodeId>>)
             vote_granted: false,
             last_log_id,
         });
-        return Json(resp).into_response();
+        return Msgpack(resp).into_response();
     }
     // Run the vote to completion even if the caller goes away, so the gate is always
     // closed with the real outcome.
@@ -417,7 +464,7 @@ async fn vote(State(st): State<PeerState>, Json(req): Json<VoteRequest<NodeId>>)
         res
     });
     match task.await {
-        Ok(res) => Json(res).into_response(),
+        Ok(res) => Msgpack(res).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

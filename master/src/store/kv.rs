@@ -13,16 +13,21 @@ use std::collections::{BTreeMap, VecDeque};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// Serde of stored values in the Raft log, its messages and snapshots: a string when
-/// the value is UTF-8 (every Kubernetes object is JSON text), else bytes. A `Vec<u8>`
-/// would be a JSON array of numbers: ~3.5× the size and far slower to encode and parse.
-/// Reads strings, bytes and arrays of numbers (logs written before this format).
+/// Serde of stored values in the Raft log, its messages and snapshots: raw bytes in
+/// binary formats (the MessagePack log and RPCs); in JSON (snapshots, older logs) a
+/// string when the value is UTF-8 (every Kubernetes object is JSON text), else bytes. A
+/// `Vec<u8>` would be a JSON array of numbers: ~3.5× the size and far slower to encode
+/// and parse. Reads strings, bytes and arrays of numbers (logs written before this format).
 mod text_bytes {
     use serde::de::{Error, SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer, T: AsRef<[u8]>>(v: &T, s: S) -> Result<S::Ok, S::Error> {
         let v = v.as_ref();
+        if !s.is_human_readable() {
+            // binary formats (the Raft log and RPCs): the bytes as they are
+            return s.serialize_bytes(v);
+        }
         match std::str::from_utf8(v) {
             Ok(t) => s.serialize_str(t),
             Err(_) => s.serialize_bytes(v),
