@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::services::Service as _;
 use tokio::task::JoinHandle;
@@ -368,7 +370,14 @@ fn spawn_io_threads(
         );
         let mut sock = pingora::listeners::TcpSocketOptions::default();
         sock.so_reuseport = Some(true);
-        service.add_tcp_with_settings(&api.to_string(), sock);
+        // No L4 read buffer on client connections: pingora's default (64 KiB each) sat
+        // allocated under every idle watch — 1 000 hollow nodes' streams held 205 MB of
+        // proxy RSS, 133 MB without — and requests are read into pingora's own header
+        // and body buffers anyway (one copy less; throughput unchanged or better).
+        let endpoint = ListenerConfig::tcp(api.to_string())
+            .tcp_socket_options(sock)
+            .l4_buffer(L4BufferSettings::default().read(0));
+        service.add_listener(endpoint);
         let shutdown = shutdown.clone();
         let stop = stop.clone();
         let handle = std::thread::Builder::new()
