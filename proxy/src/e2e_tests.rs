@@ -199,6 +199,14 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// A pod watch through the proxy.
+async fn open_watch(c: &reqwest::Client, p: &Running) -> reqwest::Response {
+    c.get(format!("http://{}/api/v1/pods?watch=true", p.api))
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn wait_active(p: &Running, id: &str) {
     let s = p.shared.clone();
     let id = id.to_string();
@@ -420,11 +428,7 @@ async fn watches_are_closed_when_the_active_master_changes() {
     let p = start(settings(&[&m1, &m2], Duration::from_secs(10))).await;
     wait_active(&p, "m1").await;
     let c = client();
-    let mut r = c
-        .get(format!("http://{}/api/v1/pods?watch=true", p.api))
-        .send()
-        .await
-        .unwrap();
+    let mut r = open_watch(&c, &p).await;
     assert_eq!(r.status(), 200);
     let first = r.chunk().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).starts_with("m1 event"));
@@ -438,11 +442,7 @@ async fn watches_are_closed_when_the_active_master_changes() {
     assert!(ended.is_ok(), "watch to the old master was not closed");
     assert!(p.shared.metrics.streams_closed.get() >= 1);
     // a new watch goes to the new master
-    let mut r = c
-        .get(format!("http://{}/api/v1/pods?watch=true", p.api))
-        .send()
-        .await
-        .unwrap();
+    let mut r = open_watch(&c, &p).await;
     let first = r.chunk().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).starts_with("m2 event"));
     drop(r);
@@ -455,11 +455,7 @@ async fn a_spell_without_an_active_master_keeps_the_streams_of_one_that_returns(
     let p = start(settings(&[&m1], Duration::from_secs(10))).await;
     wait_active(&p, "m1").await;
     let c = client();
-    let mut r = c
-        .get(format!("http://{}/api/v1/pods?watch=true", p.api))
-        .send()
-        .await
-        .unwrap();
+    let mut r = open_watch(&c, &p).await;
     assert_eq!(r.status(), 200);
     assert!(r.chunk().await.unwrap().is_some());
     // its health check fails for a while (a busy master), then it is back, same term
