@@ -254,6 +254,12 @@ async fn routes_to_the_active_master_and_serves_admin() {
     assert_eq!(status["masters"][0]["healthy"], true);
     assert_eq!(status["masters"][0]["active"], false);
     assert_eq!(status["masters"][1]["term"], 3);
+    // requests are counted in pingora's logging phase, after the answer went out
+    let m = p.shared.clone();
+    wait_until("both requests counted", move || {
+        m.metrics.requests.with_label_values(&["200"]).get() == 2
+    })
+    .await;
     let metrics = c
         .get(format!("http://{}/metrics", p.admin))
         .send()

@@ -294,8 +294,9 @@ impl Running {
         let _ = self.pingora_shutdown.send(true);
         self.dns_shutdown.cancel();
         // streams never end on their own: close them now so clients reconnect elsewhere
-        let closed = self.shared.conns.close_except(None, false);
-        self.shared.metrics.streams_closed.inc_by(closed);
+        self.shared
+            .conns
+            .close_except(None, false, &self.shared.metrics.streams_closed);
         let deadline = tokio::time::Instant::now() + grace;
         while self.shared.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -498,9 +498,9 @@ pub async fn close_stale_connections(
 /// Close connections to masters other than `keep` (see `Conns::close_except`) and
 /// count them in `ballast_proxy_streams_closed_total`.
 fn close_others(shared: &Shared, keep: &str, in_flight: bool) -> u64 {
-    let closed = shared.conns.close_except(Some(keep), in_flight);
-    shared.metrics.streams_closed.inc_by(closed);
-    closed
+    shared
+        .conns
+        .close_except(Some(keep), in_flight, &shared.metrics.streams_closed)
 }
 
 #[cfg(test)]

@@ -299,8 +299,15 @@ impl ConnRegistry {
 
     /// Shut down every registered connection to a master other than `keep`: idle ones
     /// and streams, and with `in_flight` also ordinary requests still waiting for their
-    /// answer (a frozen master never answers). Returns how many were closed.
-    pub fn close_except(&self, keep: Option<&str>, in_flight: bool) -> u64 {
+    /// answer (a frozen master never answers). Each one is counted in `closed_total`
+    /// before its socket is shut down, so whoever sees the stream end already sees it
+    /// counted. Returns how many were closed.
+    pub fn close_except(
+        &self,
+        keep: Option<&str>,
+        in_flight: bool,
+        closed_total: &prometheus::IntCounter,
+    ) -> u64 {
         let mut conns = self.conns.lock().expect("conns lock");
         let mut closed = 0;
         conns.retain(|fd, e| {
@@ -316,8 +323,13 @@ impl ConnRegistry {
                 .ok()
                 .and_then(|a| sockaddr_to_std(&a))
                 == Some(e.addr);
-            if still && nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both).is_ok() {
+            if still {
+                closed_total.inc();
                 closed += 1;
+                if let Err(e) = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both) {
+                    // the peer went away between the two calls: closed all the same
+                    tracing::debug!(fd, error = %e, "shutdown of a master connection");
+                }
             }
             false
         });
