@@ -11,7 +11,12 @@
 //! `-t2 -c32 -d10s --latency`) against `/readyz` of the active master directly, through
 //! ballast, through HAProxy (default checks) and through nginx, `BENCH_ROUNDS` rounds
 //! (default 2) interleaved; prints req/s and p50/p99 per run, the median over rounds and the
-//! ballast/haproxy ratios.
+//! ballast/haproxy ratios, and each path's CPU time per request (its processes' user + system
+//! time from `/proc`, over the requests wrk counted). Three reference forwarders ("floors", see
+//! [`floor`]) run beside them, pinned to the active master: `floor-tcp` (bytes copied, no
+//! HTTP), `floor-pingora` (pingora's HTTP/1 sessions in the leanest loop) and `floor-hyper`
+//! (hyper's HTTP/1, the same loop): what any proxy built on that codec costs before doing any
+//! of the ballast proxy's work.
 //!
 //! Part B, failover seen by clients (`BENCH_PARTS` contains `b`): four client loops run at
 //! once, each `GET /api/v1/namespaces` every 10 ms on its own keep-alive connection, through
@@ -46,6 +51,15 @@ const HAPROXY_DEFAULT: &str = "127.71.0.2:8080";
 const HAPROXY_TUNED: &str = "127.71.0.2:8081";
 const HAPROXY_RETRY: &str = "127.71.0.2:8082";
 const NGINX: &str = "127.71.0.3:8080";
+/// The floors' addresses (`tcp`, `pingora`, `hyper`).
+const FLOORS: [(&str, &str); 3] = [
+    ("tcp", "127.71.0.4:8080"),
+    ("pingora", "127.71.0.4:8081"),
+    ("hyper", "127.71.0.4:8082"),
+];
+
+#[path = "bench_proxy/floor.rs"]
+mod floor;
 
 /// Nearest-rank percentile of sorted values.
 /// min / p50 / p99 / max by nearest rank, in milliseconds.
@@ -194,6 +208,7 @@ fn wait_streak(url: &str, n: usize) {
 #[derive(Debug, Clone, Default)]
 struct Wrk {
     rps: f64,
+    requests: u64,
     p50_ms: f64,
     p99_ms: f64,
     non2xx: u64,
@@ -214,7 +229,13 @@ fn parse_wrk(out: &str) -> Wrk {
     let mut w = Wrk::default();
     for line in out.lines() {
         let t = line.trim();
-        if let Some(v) = t.strip_prefix("Requests/sec:") {
+        if t.contains(" requests in ") {
+            w.requests = t
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        } else if let Some(v) = t.strip_prefix("Requests/sec:") {
             w.rps = v.trim().parse().unwrap_or(0.0);
         } else if let Some(v) = t.strip_prefix("50%") {
             w.p50_ms = parse_duration_ms(v).unwrap_or(f64::NAN);
@@ -251,59 +272,120 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn part_a(c: &Cluster, active: &str) {
+/// User + system CPU seconds used so far by `pid` and its child processes (nginx's
+/// workers). `/proc` counts in USER_HZ, 100 per second on Linux.
+fn cpu_seconds(pid: u32) -> f64 {
+    let own = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // fields after the parenthesised command name; utime and stime are 14 and 15
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .unwrap_or(0.0)
+        / 100.0;
+    let children: f64 = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .map(cpu_seconds)
+        .sum();
+    own + children
+}
+
+/// The processes behind each path of part A, for their CPU time per request.
+struct Pids {
+    haproxy: u32,
+    nginx: u32,
+}
+
+fn part_a(c: &Cluster, active: &str, pids: &Pids) {
     let args: Vec<String> = std::env::var("BENCH_WRK_ARGS")
         .unwrap_or_else(|_| "-t2 -c32 -d10s --latency".into())
         .split_whitespace()
         .map(str::to_string)
         .collect();
     let rounds: usize = env_or("BENCH_ROUNDS", 2);
-    let targets = [
-        ("direct", format!("{}/readyz", c.master_url(active))),
-        ("ballast", format!("{}/readyz", c.proxy_url())),
-        ("haproxy", format!("http://{HAPROXY_DEFAULT}/readyz")),
-        ("nginx", format!("http://{NGINX}/readyz")),
+    let upstream = c.master_api(active);
+    let floors: Vec<(String, String, Helper)> = FLOORS
+        .iter()
+        .map(|(kind, addr)| {
+            let log = c.dir().join(format!("floor-{kind}.log"));
+            let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+            cmd.args(["--floor", kind, addr, &upstream.to_string()]);
+            let h = Helper::start("floor", &mut cmd, &log);
+            (format!("floor-{kind}"), format!("http://{addr}/readyz"), h)
+        })
+        .collect();
+    for (_, url, _) in &floors {
+        wait_streak(url, 20);
+    }
+    let mut targets: Vec<(String, String, u32)> = vec![
+        (
+            "direct".into(),
+            format!("{}/readyz", c.master_url(active)),
+            c.pid(active).unwrap_or(0),
+        ),
+        (
+            "ballast".into(),
+            format!("{}/readyz", c.proxy_url()),
+            c.pid("proxy").unwrap_or(0),
+        ),
+        (
+            "haproxy".into(),
+            format!("http://{HAPROXY_DEFAULT}/readyz"),
+            pids.haproxy,
+        ),
+        ("nginx".into(), format!("http://{NGINX}/readyz"), pids.nginx),
     ];
+    for (name, url, h) in &floors {
+        targets.push((name.clone(), url.clone(), h.child.id()));
+    }
     println!(
         "\n== part A: wrk {} against /readyz of the active master ({active}) ==",
         args.join(" ")
     );
     // warm up every path (connection pools, page cache)
     let warm: Vec<String> = ["-t2", "-c32", "-d2s"].map(String::from).to_vec();
-    for (_, url) in &targets {
+    for (_, url, _) in &targets {
         run_wrk(&warm, url);
     }
-    let mut results: Vec<Vec<Wrk>> = vec![Vec::new(); targets.len()];
+    let mut results: Vec<Vec<(Wrk, f64)>> = vec![Vec::new(); targets.len()];
     for round in 1..=rounds {
-        for (i, (name, url)) in targets.iter().enumerate() {
+        for (i, (name, url, pid)) in targets.iter().enumerate() {
             thread::sleep(Duration::from_millis(500));
+            let cpu0 = cpu_seconds(*pid);
             let w = run_wrk(&args, url);
+            let us = (cpu_seconds(*pid) - cpu0) * 1e6 / w.requests.max(1) as f64;
             println!(
-                "round {round} {name:8} {:9.0} req/s  p50 {:6.2} ms  p99 {:6.2} ms  non-2xx {}  {}",
+                "round {round} {name:13} {:9.0} req/s  p50 {:6.2} ms  p99 {:6.2} ms  cpu {us:5.1} us/req  non-2xx {}  {}",
                 w.rps, w.p50_ms, w.p99_ms, w.non2xx, w.errors
             );
-            results[i].push(w);
+            results[i].push((w, us));
         }
     }
+    drop(floors);
     let (now, _) = c.wait_one_active(LONG);
     if now != active {
         println!("WARNING: the active master changed during part A ({active} -> {now})");
     }
     println!("\nmedian over {rounds} round(s):");
-    println!("| path | req/s | p50 ms | p99 ms |");
-    println!("| --- | ---: | ---: | ---: |");
-    let med: Vec<(f64, f64, f64)> = results
+    println!("| path | req/s | p50 ms | p99 ms | CPU us/req |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let med: Vec<(f64, f64, f64, f64)> = results
         .iter()
         .map(|r| {
             (
-                median(r.iter().map(|w| w.rps).collect()),
-                median(r.iter().map(|w| w.p50_ms).collect()),
-                median(r.iter().map(|w| w.p99_ms).collect()),
+                median(r.iter().map(|(w, _)| w.rps).collect()),
+                median(r.iter().map(|(w, _)| w.p50_ms).collect()),
+                median(r.iter().map(|(w, _)| w.p99_ms).collect()),
+                median(r.iter().map(|(_, us)| *us).collect()),
             )
         })
         .collect();
-    for ((name, _), (rps, p50, p99)) in targets.iter().zip(&med) {
-        println!("| {name} | {rps:.0} | {p50:.2} | {p99:.2} |");
+    for ((name, _, _), (rps, p50, p99, us)) in targets.iter().zip(&med) {
+        println!("| {name} | {rps:.0} | {p50:.2} | {p99:.2} | {us:.1} |");
     }
     let (b, h) = (med[1], med[2]);
     println!(
@@ -319,6 +401,14 @@ fn part_a(c: &Cluster, active: &str) {
         b.2 / med[3].2,
         b.0 / med[0].0
     );
+    for (i, (name, _, _)) in targets.iter().enumerate().skip(4) {
+        println!(
+            "{name}/haproxy: req/s {:.2}x, p99 {:.2}x, CPU per request {:.2}x",
+            med[i].0 / h.0,
+            med[i].2 / h.2,
+            med[i].3 / h.3
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -561,6 +651,16 @@ fn part_b(c: &mut Cluster) {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--floor") {
+        let addr = |i: usize| -> std::net::SocketAddr {
+            args.get(i)
+                .and_then(|a| a.parse().ok())
+                .expect("usage: bench_proxy --floor <tcp|pingora|hyper> <listen> <upstream>")
+        };
+        floor::run(&args[2], addr(3), addr(4));
+        return;
+    }
     let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "ab".into());
     println!(
         "bench-proxy: 3 masters + ballast proxy in 127.{BLOCK}.0.0/16, haproxy {HAPROXY_DEFAULT} \
@@ -623,8 +723,12 @@ fn main() {
         wait_streak(&format!("http://{NGINX}/readyz"), 20);
     }
 
-    if parts.contains('a') {
-        part_a(&c, &active);
+    if let Some((n, _)) = nginx.as_ref().filter(|_| parts.contains('a')) {
+        let pids = Pids {
+            haproxy: haproxy.child.id(),
+            nginx: n.child.id(),
+        };
+        part_a(&c, &active, &pids);
     }
     drop(nginx);
     if parts.contains('b') {
