@@ -6,9 +6,11 @@
 //!   compare-and-swap? no: only successful writes bump it, like etcd).
 //! - Per key: `create_revision` and `mod_revision`.
 //! - A bounded history of events for watches; asking for revisions older than the
-//!   window gives [`KvError::Compacted`].
+//!   window gives [`KvError::Compacted`]. The history is indexed by resource
+//!   (`/registry/<resource>/`), so a watch starting from an old revision reads only its
+//!   own resource's events, not every write since.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -204,6 +206,72 @@ pub struct KvState {
     history_limit: u64,
     /// Lowest revision from which a watch can still start (exclusive start).
     compacted: u64,
+    /// Derived, not serialized: see [`HistoryIndex`].
+    #[serde(skip)]
+    index: HistoryIndex,
+}
+
+/// The positions in the history of each resource's events (`/registry/pods/` → ...), so
+/// that starting a watch from an old revision reads only that resource's events. When
+/// thousands of watches start at once (nodes re-watching after a failover) and most writes
+/// are to other resources (lease renewals), scanning every event since each watch's
+/// revision under the state lock held up writes for seconds.
+///
+/// A position is a sequence number: `history[i]` has position `base + i`. Rebuilt from the
+/// history when it does not cover it (a state loaded from a snapshot); until then watches
+/// scan the whole history, which is correct, only slower.
+#[derive(Debug, Clone, Default)]
+struct HistoryIndex {
+    by_resource: HashMap<Box<str>, VecDeque<u64>>,
+    /// Position of `history[0]`.
+    base: u64,
+    /// Events indexed; equal to the history's length when the index is usable.
+    len: usize,
+}
+
+/// `/registry/<resource>/` of a key or key prefix; `""` for keys outside that layout and
+/// for prefixes that name no single resource.
+fn resource_of(key: &str) -> &str {
+    const ROOT: &str = "/registry/";
+    key.strip_prefix(ROOT)
+        .and_then(|rest| rest.find('/'))
+        .map_or("", |i| &key[..ROOT.len() + i + 1])
+}
+
+impl HistoryIndex {
+    fn rebuild(history: &VecDeque<Event>) -> Self {
+        let mut index = Self::default();
+        for e in history {
+            index.push(e.key());
+        }
+        index
+    }
+
+    fn push(&mut self, key: &str) {
+        let pos = self.base + self.len as u64;
+        match self.by_resource.get_mut(resource_of(key)) {
+            Some(q) => q.push_back(pos),
+            None => {
+                self.by_resource
+                    .insert(resource_of(key).into(), VecDeque::from([pos]));
+            }
+        }
+        self.len += 1;
+    }
+
+    /// The oldest event (with `key`) left the history.
+    fn pop_front(&mut self, key: &str) {
+        let resource = resource_of(key);
+        if let Some(q) = self.by_resource.get_mut(resource) {
+            debug_assert_eq!(q.front(), Some(&self.base));
+            q.pop_front();
+            if q.is_empty() {
+                self.by_resource.remove(resource);
+            }
+        }
+        self.base += 1;
+        self.len -= 1;
+    }
 }
 
 impl KvState {
@@ -281,10 +349,24 @@ impl KvState {
         // The history is in revision order: skip to the first event after `after`
         // (binary search) instead of scanning the whole window under the state lock —
         // thousands of watches start at once when nodes register or re-watch.
-        let start = self.history.partition_point(|e| e.revision() <= after);
-        Ok(self
-            .history
+        let resource = resource_of(prefix);
+        if resource.is_empty() || self.index.len != self.history.len() {
+            let start = self.history.partition_point(|e| e.revision() <= after);
+            return Ok(self
+                .history
+                .range(start..)
+                .filter(|e| e.key().starts_with(prefix))
+                .cloned()
+                .collect());
+        }
+        let Some(positions) = self.index.by_resource.get(resource) else {
+            return Ok(Vec::new());
+        };
+        let at = |pos: &u64| &self.history[(*pos - self.index.base) as usize];
+        let start = positions.partition_point(|p| at(p).revision() <= after);
+        Ok(positions
             .range(start..)
+            .map(at)
             .filter(|e| e.key().starts_with(prefix))
             .cloned()
             .collect())
@@ -418,10 +500,17 @@ impl KvState {
             );
         }
         self.revision = rev;
-        self.history.extend(events.iter().cloned());
+        if self.index.len != self.history.len() {
+            self.index = HistoryIndex::rebuild(&self.history);
+        }
+        for e in &events {
+            self.index.push(e.key());
+            self.history.push_back(e.clone());
+        }
         while let Some(front) = self.history.front() {
             if front.revision() + self.history_limit <= self.revision {
                 self.compacted = front.revision();
+                self.index.pop_front(front.key());
                 self.history.pop_front();
             } else {
                 break;
@@ -555,6 +644,79 @@ mod tests {
             s.events_since("/", 2),
             Err(KvError::Compacted { .. })
         ));
+    }
+
+    /// What `events_since` must return: every kept event after `after` under `prefix`.
+    fn scan(s: &KvState, prefix: &str, after: u64) -> Vec<Event> {
+        s.history
+            .iter()
+            .filter(|e| e.revision() > after && e.key().starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn history_index_agrees_with_a_full_scan() {
+        let mut s = KvState::new(40);
+        let keys = [
+            "/registry/leases/kube-node-lease/n1",
+            "/registry/pods/default/p1",
+            "/registry/leases/kube-node-lease/n2",
+            "/registry/pods/kube-system/p2",
+            "/registry/nodes/n1",
+            "/other",
+            "/registry/podtemplates/default/t",
+        ];
+        let prefixes = [
+            "/registry/pods/",
+            "/registry/pods/default/",
+            "/registry/pods/default/p1",
+            "/registry/leases/",
+            "/registry/nodes/",
+            "/registry/podtemplates/",
+            "/registry/services/",
+            "/registry/",
+            "/registry/pods",
+            "/",
+            "",
+        ];
+        let check = |s: &KvState| {
+            for p in prefixes {
+                for after in [
+                    s.compacted_revision(),
+                    s.revision().saturating_sub(7),
+                    s.revision(),
+                ] {
+                    assert_eq!(
+                        s.events_since(p, after).unwrap(),
+                        scan(s, p, after),
+                        "{p} after {after}"
+                    );
+                }
+            }
+        };
+        for i in 0..100 {
+            let key = keys[i % keys.len()];
+            if i % 11 == 10 {
+                s.apply(&Command::Delete {
+                    key: key.into(),
+                    expect: Precondition::Any,
+                });
+            } else {
+                s.apply(&put(key, &i.to_string(), Precondition::Any));
+            }
+            check(&s);
+        }
+        assert!(s.compacted_revision() > 0, "the window moved");
+        assert_eq!(s.index.len, s.history.len());
+        // A state read back from a snapshot has no index: correct answers at once, and
+        // the index is rebuilt by the next write.
+        let mut back: KvState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back.index.len, 0);
+        check(&back);
+        back.apply(&put("/registry/pods/default/p9", "x", Precondition::Any));
+        assert_eq!(back.index.len, back.history.len());
+        check(&back);
     }
 
     #[test]
