@@ -524,8 +524,7 @@ mod tests {
         let mut log = loop {
             match LogStore::open(&dir.path().join("raft.redb")) {
                 Ok(l) => break l,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
+                Err(_) if std::time::Instant::now() < deadline => {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
                 Err(e) => panic!("reopen: {e}"),

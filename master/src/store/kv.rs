@@ -249,11 +249,12 @@ impl HistoryIndex {
 
     fn push(&mut self, key: &str) {
         let pos = self.base + self.len as u64;
-        match self.by_resource.get_mut(resource_of(key)) {
+        let resource = resource_of(key);
+        match self.by_resource.get_mut(resource) {
             Some(q) => q.push_back(pos),
             None => {
                 self.by_resource
-                    .insert(resource_of(key).into(), VecDeque::from([pos]));
+                    .insert(resource.into(), VecDeque::from([pos]));
             }
         }
         self.len += 1;
