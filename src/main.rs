@@ -2,6 +2,7 @@
 //! library crates (`ballast-master`, `ballast-proxy`, `ballast-worker`) and runs
 //! `ballast up`, a whole local HA cluster as child processes.
 
+mod pki;
 mod up;
 
 /// mimalloc instead of glibc malloc: the proxy and the API allocate per request, and glibc's
@@ -70,6 +71,9 @@ enum Cmd {
         #[arg(long, value_name = "N")]
         hollow: Option<usize>,
     },
+    /// The cluster's certificates: `init` (CA + every node + admin), `issue` (a user).
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
     /// Validate a config file: exit 0, or 1 with `FILE:LINE:COL: message`.
     CheckConfig {
         /// The config file to check.
@@ -130,6 +134,7 @@ fn load_config(path: &PathBuf) -> anyhow::Result<ballast_config::LoadedConfig> {
 fn run(cmd: Cmd, log_format: LogFormat) -> anyhow::Result<()> {
     match cmd {
         Cmd::Up(args) => up::run(args, log_format),
+        Cmd::Pki(cmd) => pki::run(cmd),
         Cmd::Proxy { config } => {
             no_transparent_huge_pages();
             // The proxy owns its runtimes and signal handling (pingora).

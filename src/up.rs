@@ -6,7 +6,7 @@
 //! observable). SIGINT/SIGTERM stop every child: SIGTERM, then SIGKILL after a grace.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -120,7 +120,19 @@ async fn run_async(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
     };
 
     check_addresses_free(&config)?;
-    write_kubeconfig(&dir, &config)?;
+    // The PKI and the kubeconfig: made once, kept by later runs (new nodes get theirs).
+    let pki_dir = ballast_config::load(&config_path)?.pki_dir();
+    let report = ballast_config::pki::init(&pki_dir, &config)?;
+    if !report.issued.is_empty() {
+        eprintln!(
+            "{}: certificates for {}",
+            pki_dir.display(),
+            report.issued.join(", ")
+        );
+    }
+    let server = format!("https://{}", config.proxy.api);
+    let text = ballast_config::pki::kubeconfig(&pki_dir, "admin", &config.cluster.name, &server)?;
+    ballast_config::pki::write_kubeconfig(&dir.join("kubeconfig"), &text)?;
 
     let exe = std::env::current_exe().context("cannot find the ballast binary")?;
     let cfg = config_path.display().to_string();
@@ -296,20 +308,6 @@ fn check_addresses_free(c: &ClusterConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_kubeconfig(dir: &Path, c: &ClusterConfig) -> anyhow::Result<()> {
-    let name = &c.cluster.name;
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: http://{api}\n\
-         users:\n- name: admin\n  user: {{}}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: admin\n    namespace: default\n\
-         current-context: {name}\npreferences: {{}}\n",
-        api = c.proxy.api
-    );
-    let path = dir.join("kubeconfig");
-    let mut f = File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
-}
-
 fn print_summary(dir: &Path, c: &ClusterConfig) {
     let masters: Vec<String> = c
         .masters
@@ -326,7 +324,7 @@ fn print_summary(dir: &Path, c: &ClusterConfig) {
         c.cluster.name,
         dir.display()
     );
-    println!("  API (proxy):   http://{}", c.proxy.api);
+    println!("  API (proxy):   https://{}", c.proxy.api);
     println!(
         "  DNS:           {} (udp+tcp), zone {}  e.g. dig @{} -p {} api.{}",
         c.proxy.dns,
@@ -346,5 +344,9 @@ fn print_summary(dir: &Path, c: &ClusterConfig) {
         dir.display()
     );
     println!("  logs:          {}/logs/", dir.display());
+    println!(
+        "  certificates:  {}/pki/ (ca.crt; admin.crt is the kubeconfig's user)",
+        dir.display()
+    );
     println!("Ctrl-C stops the cluster.");
 }

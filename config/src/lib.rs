@@ -10,10 +10,17 @@
 //! - [`locate`]: maps a TOML path back to a line and column in the source text, so every
 //!   error prints as `FILE:LINE:COL: message`.
 //! - [`local`]: the embedded default cluster that `ballast up` writes.
+//! - [`pki`]: the cluster CA and every identity's certificate (`ballast pki`, `ballast up`).
+//! - [`tls`]: those files loaded into rustls server and client configurations, and the
+//!   identity a verified peer certificate carries; [`listener`]: a TLS listener for axum
+//!   servers that hands each connection's verified identity to the application.
 
+pub mod listener;
 pub mod local;
 pub mod locate;
+pub mod pki;
 pub mod schema;
+pub mod tls;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -76,22 +83,68 @@ impl LoadedConfig {
 
     /// Absolute-or-relative-to-cwd data dir of a master.
     pub fn master_data_dir(&self, m: &MasterConfig) -> PathBuf {
-        let d = m.data_dir.clone().unwrap_or_else(|| PathBuf::from(&m.id));
-        if d.is_absolute() {
-            d
-        } else {
-            self.base_dir().join(d)
-        }
+        self.resolve(m.data_dir.as_deref().unwrap_or(Path::new(&m.id)))
     }
 
     /// Data dir of a worker (pod logs, adoption state).
     pub fn worker_data_dir(&self, w: &WorkerConfig) -> PathBuf {
-        let d = w.data_dir.clone().unwrap_or_else(|| PathBuf::from(&w.id));
-        if d.is_absolute() {
-            d
+        self.resolve(w.data_dir.as_deref().unwrap_or(Path::new(&w.id)))
+    }
+
+    /// A path of the config, resolved against the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
         } else {
-            self.base_dir().join(d)
+            self.base_dir().join(p)
         }
+    }
+
+    /// The PKI directory (`tls.dir`).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.resolve(&self.config.tls.dir)
+    }
+
+    /// The cluster CA certificate.
+    pub fn ca_path(&self) -> PathBuf {
+        match &self.config.tls.ca {
+            Some(ca) => self.resolve(ca),
+            None => self.pki_dir().join("ca.crt"),
+        }
+    }
+
+    /// The certificate and key of node `id` with overrides `files`.
+    pub fn cert_paths(&self, id: &str, files: &CertFiles) -> (PathBuf, PathBuf) {
+        let (crt, key) = pki::identity_paths(&self.pki_dir(), id);
+        (
+            files.cert.as_deref().map_or(crt, |p| self.resolve(p)),
+            files.key.as_deref().map_or(key, |p| self.resolve(p)),
+        )
+    }
+
+    /// Load the TLS material of node `id` (a master, a worker or the proxy).
+    pub fn node_tls(&self, id: &str) -> Result<tls::NodeTls, tls::TlsError> {
+        let c = &self.config;
+        let files = if let Some(m) = c.master(id) {
+            &m.tls
+        } else if let Some(w) = c.worker(id) {
+            &w.tls
+        } else if c.proxy.id == id {
+            &c.proxy.tls
+        } else {
+            &CertFiles::default()
+        };
+        let (crt, key) = self.cert_paths(id, files);
+        tls::NodeTls::load(&crt, &key, &self.ca_path())
+    }
+
+    /// The token file of the API, when configured.
+    pub fn token_file(&self) -> Option<PathBuf> {
+        self.config
+            .auth
+            .token_file
+            .as_deref()
+            .map(|p| self.resolve(p))
     }
 }
 

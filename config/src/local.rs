@@ -64,6 +64,7 @@ pub fn local_cluster(masters: usize, workers: usize, plan: AddressPlan) -> Clust
             peer: plan.addr(plan.master_block, i as u8, 2380),
             data_dir: None,
             raft_id: None,
+            tls: CertFiles::default(),
         })
         .collect();
     let proxy = ProxyConfig {
@@ -79,12 +80,13 @@ pub fn local_cluster(masters: usize, workers: usize, plan: AddressPlan) -> Clust
                 id: format!("w{i}"),
                 zone: ZONES[(i - 1) % ZONES.len()].to_string(),
                 address: plan.addr(plan.worker_block, i as u8, 10250),
-                api_url: by_proxy.then(|| format!("http://{}", proxy.api)),
+                api_url: by_proxy.then(|| format!("https://{}", proxy.api)),
                 api_dns: (!by_proxy).then(|| format!("api.{}", proxy.dns_zone)),
                 dns_server: (!by_proxy).then_some(proxy.dns),
                 api_port: 6443,
                 capacity: Capacity::default(),
                 data_dir: None,
+                tls: CertFiles::default(),
             }
         })
         .collect();
@@ -105,6 +107,8 @@ pub fn local_cluster(masters: usize, workers: usize, plan: AddressPlan) -> Clust
             ..WorkerDefaults::default()
         },
         workers,
+        tls: TlsConfig::default(),
+        auth: AuthConfig::default(),
     }
 }
 

@@ -30,6 +30,12 @@ pub struct ClusterConfig {
     /// The worker nodes.
     #[serde(default)]
     pub workers: Vec<WorkerConfig>,
+    /// Where every node finds the cluster CA and its own certificate.
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// How the API authenticates clients besides certificates.
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 impl ClusterConfig {
@@ -46,6 +52,58 @@ impl ClusterConfig {
             .iter()
             .position(|m| m.id == id)
             .map(|i| self.masters[i].raft_id.unwrap_or(i as u64 + 1))
+    }
+}
+
+/// The cluster's PKI files. Every listener speaks TLS with a certificate from one CA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Directory of `ca.crt` and every identity's `<id>.crt` / `<id>.key` (what
+    /// `ballast pki init` writes). Default `pki`.
+    #[serde(default = "d_pki_dir")]
+    pub dir: PathBuf,
+    /// The cluster CA every node trusts. Default `<dir>/ca.crt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+}
+
+fn d_pki_dir() -> PathBuf {
+    PathBuf::from("pki")
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            dir: d_pki_dir(),
+            ca: None,
+        }
+    }
+}
+
+/// Client authentication of the API besides x509 client certificates.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer tokens, in kube-apiserver's `--token-auth-file` format: CSV lines
+    /// `token,user,uid[,"group1,group2"]`. Read by the masters at start. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// A node's own certificate and key, when not at the default `<tls.dir>/<id>.crt|.key`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+impl CertFiles {
+    pub fn is_default(&self) -> bool {
+        self.cert.is_none() && self.key.is_none()
     }
 }
 
@@ -178,6 +236,9 @@ pub struct MasterConfig {
     /// is replaced by a new member (a lost data dir).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raft_id: Option<u64>,
+    /// This master's certificate and key. Default `<tls.dir>/<id>.crt|.key`.
+    #[serde(default, skip_serializing_if = "CertFiles::is_default")]
+    pub tls: CertFiles,
 }
 
 fn default_zone() -> String {
@@ -188,6 +249,14 @@ fn default_zone() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
+    /// The proxy's id: the name of its certificate. Default `proxy`.
+    #[serde(default = "d_proxy_id")]
+    pub id: String,
+    /// `http`: terminate TLS, authenticate clients, route each request (hold, replay
+    /// rules); `tcp`: pass TLS through to the active master, routing per connection.
+    /// Default `http`.
+    #[serde(default)]
+    pub mode: ProxyMode,
     /// Where workers and kubectl reach the API. Default `127.0.0.1:6443`.
     #[serde(default = "d_proxy_api")]
     pub api: SocketAddr,
@@ -210,6 +279,24 @@ pub struct ProxyConfig {
     /// How long SIGTERM waits for open requests before the proxy exits. Default `2s`.
     #[serde(with = "humantime_serde", default = "d_shutdown_grace")]
     pub shutdown_grace: Duration,
+    /// The proxy's certificate and key. Default `<tls.dir>/<id>.crt|.key`.
+    #[serde(default, skip_serializing_if = "CertFiles::is_default")]
+    pub tls: CertFiles,
+}
+
+/// How the proxy forwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    /// Terminate TLS and proxy HTTP (the default).
+    #[default]
+    Http,
+    /// Layer 4: pass each TLS connection through to the active master.
+    Tcp,
+}
+
+fn d_proxy_id() -> String {
+    "proxy".into()
 }
 
 fn d_proxy_api() -> SocketAddr {
@@ -234,6 +321,8 @@ fn d_shutdown_grace() -> Duration {
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
+            id: d_proxy_id(),
+            mode: ProxyMode::default(),
             api: d_proxy_api(),
             dns: d_proxy_dns(),
             admin: d_proxy_admin(),
@@ -242,6 +331,7 @@ impl Default for ProxyConfig {
             health: HealthConfig::default(),
             hold: HoldConfig::default(),
             shutdown_grace: d_shutdown_grace(),
+            tls: CertFiles::default(),
         }
     }
 }
@@ -371,7 +461,7 @@ pub struct WorkerConfig {
     pub zone: String,
     /// Where the worker serves logs and metrics.
     pub address: SocketAddr,
-    /// Route to the API through a URL (normally the proxy), e.g. `http://127.0.0.1:6443`.
+    /// Route to the API through a URL (normally the proxy), e.g. `https://127.0.0.1:6443`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,
     /// Route to the API through a DNS name, e.g. `api.ballast.local`, resolved at `dns_server`.
@@ -388,6 +478,9 @@ pub struct WorkerConfig {
     /// Data directory (pod logs, process state). Default: the id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// This worker's certificate and key. Default `<tls.dir>/<id>.crt|.key`.
+    #[serde(default, skip_serializing_if = "CertFiles::is_default")]
+    pub tls: CertFiles,
 }
 
 fn d_api_port() -> u16 {
@@ -417,7 +510,7 @@ impl WorkerConfig {
                     .unwrap_or_else(|| "127.0.0.1:5353".parse().unwrap()),
                 port: self.api_port,
             },
-            (None, None) => ApiRoute::Url("http://127.0.0.1:6443".into()),
+            (None, None) => ApiRoute::Url("https://127.0.0.1:6443".into()),
         }
     }
 }

@@ -156,6 +156,15 @@ pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
     }
     let px = &c.proxy;
     let pp = |k: &str| vec![key("proxy"), key(k)];
+    if !is_dns_label(&px.id) {
+        return Err(err(pp("id"), ValidationErrorKind::BadId(px.id.clone())));
+    }
+    if ids.insert(&px.id, ()).is_some() {
+        return Err(err(
+            pp("id"),
+            ValidationErrorKind::DuplicateId(px.id.clone()),
+        ));
+    }
     claim(px.api, "proxy (api)".into(), pp("api"))?;
     claim(px.admin, "proxy (admin)".into(), pp("admin"))?;
     // DNS is UDP+TCP; a TCP API on the same address would still clash on TCP.
@@ -212,8 +221,11 @@ pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
                 "missing route to the API: set api_url (e.g. the proxy) or api_dns + dns_server",
             )),
             (Some(url), None) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(invalid(p("api_url"), "must be an http:// or https:// URL"));
+                if !url.starts_with("https://") {
+                    return Err(invalid(
+                        p("api_url"),
+                        "must be an https:// URL (every Ballast listener speaks TLS)",
+                    ));
                 }
             }
             (None, Some(_)) => {

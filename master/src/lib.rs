@@ -14,6 +14,7 @@
 //! [`MasterHandle::store`] (an `Arc<dyn Store>`) and pass it to [`MasterHandle::serve`].
 
 pub mod api;
+pub mod auth;
 pub mod controllers;
 pub mod metrics;
 pub mod raft;
@@ -25,8 +26,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use axum::Router;
+use ballast_config::listener::{PeerInfo, TlsListener};
+use ballast_config::tls::{ClientAuth, NodeTls, TlsError};
 use ballast_config::LoadedConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +51,8 @@ pub enum MasterError {
     },
     #[error("raft: {0}")]
     Raft(#[from] RaftStartError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("{0}")]
     Other(String),
 }
@@ -71,6 +75,10 @@ pub struct MasterHandle {
     pub config: LoadedConfig,
     /// Cancelled when the master must stop.
     pub shutdown: CancellationToken,
+    /// This master's certificate, key and the cluster CA.
+    pub tls: NodeTls,
+    /// Authentication (token file) and authorization (RBAC over this store).
+    pub auth: auth::Auth,
     node: RaftNode,
     api_listener: tokio::net::TcpListener,
 }
@@ -92,18 +100,25 @@ impl Master {
             addr: me.api,
             source,
         })?;
+        let tls = config.node_tls(&id)?;
+        let tokens = match config.token_file() {
+            Some(path) => auth::tokens::TokenFile::load(&path)
+                .map_err(|e| MasterError::Other(format!("auth.token_file: {e}")))?,
+            None => auth::tokens::TokenFile::default(),
+        };
         let metrics = Arc::new(MasterMetrics::new(&id));
         // Raft (core, peer server, peer clients, lease bookkeeping) runs on a runtime of its
         // own, so a busy API cannot delay heartbeats and cost the active master its lease.
         let rt = raft_runtime();
         let node = {
-            let (config, id, metrics, shutdown) = (
+            let (config, id, tls, metrics, shutdown) = (
                 config.clone(),
                 id.clone(),
+                tls.clone(),
                 metrics.clone(),
                 shutdown.clone(),
             );
-            rt.spawn(async move { RaftNode::start(&config, &id, metrics, shutdown).await })
+            rt.spawn(async move { RaftNode::start(&config, &id, &tls, metrics, shutdown).await })
                 .await
                 .map_err(|e| MasterError::Other(format!("raft start task failed: {e}")))??
         };
@@ -118,6 +133,10 @@ impl Master {
             let _raft = rt.enter();
             spawn_watchers(&node, &metrics, shutdown.clone());
         }
+        let auth = auth::Auth {
+            authn: Arc::new(auth::Authenticator::new(tokens)),
+            authz: Arc::new(auth::Authorizer::new(raft_store.clone())),
+        };
         Ok(MasterHandle {
             id,
             raft_store,
@@ -125,6 +144,8 @@ impl Master {
             metrics,
             config,
             shutdown,
+            tls,
+            auth,
             node,
             api_listener,
         })
@@ -197,6 +218,7 @@ impl MasterHandle {
             store: self.raft_store.clone(),
             metrics: self.metrics.clone(),
             internal_kv: self.config.config.control.internal_kv,
+            auth: self.auth.clone(),
         }
     }
 
@@ -206,12 +228,17 @@ impl MasterHandle {
         let app = build_router(self.server_state(), extra);
         let api = self.api_listener.local_addr().ok();
         tracing::info!(id = %self.id, api = ?api, "master serving");
-        let listener = self.api_listener.tap_io(|s| {
-            let _ = s.set_nodelay(true);
-        });
+        // Client certificates are optional here: bearer tokens, the proxy's forwarded
+        // identities and anonymous health checks arrive without one.
+        let config = self.tls.server_config(ClientAuth::Optional)?;
+        let listener = TlsListener::new(self.api_listener, config, "api", None)
+            .map_err(|e| MasterError::Other(format!("api listener: {e}")))?;
         let sd = self.shutdown.clone();
-        let server =
-            axum::serve(listener, app).with_graceful_shutdown(sd.clone().cancelled_owned());
+        let server = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<PeerInfo>(),
+        )
+        .with_graceful_shutdown(sd.clone().cancelled_owned());
         // Long-lived requests (watches) must not hold the process: give them a grace.
         let res = tokio::select! {
             r = server => r.map_err(|e| MasterError::Other(format!("api server: {e}"))),
@@ -239,7 +266,8 @@ pub async fn run(
     info.server_address = cfg.proxy.api.to_string();
     // Requests are counted by the server's middleware (every endpoint), not by the API.
     info.requests_total = None;
-    let kube = api::router(handle.store(), info);
+    info.logs = Some(Arc::new(api::logs::KubeletLogProxy::new(&handle.tls, cfg)?));
+    let kube = api::router(handle.store(), info, handle.auth.clone());
     controllers::spawn(
         handle.store(),
         handle.leadership.clone(),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +14,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use ballast_config::listener::PeerInfo;
+
+use crate::api::ApiError;
+use crate::auth::authn::{anonymous, strip_remote_headers};
+use crate::auth::{is_public, Attributes, Auth};
 use crate::metrics::{count_requests, MasterMetrics};
 use crate::raft::{Leadership, RaftStore};
 use crate::store::{Command, CommandResult, KeyValue, Precondition, Store, StoreError};
@@ -26,6 +31,7 @@ pub struct ServerState {
     pub metrics: Arc<MasterMetrics>,
     /// Serve `/internal/kv` (tests only; `control.internal_kv`).
     pub internal_kv: bool,
+    pub auth: Auth,
 }
 
 /// The whole API-address router: health/active/metrics (+ internal KV when enabled),
@@ -50,10 +56,130 @@ pub fn build_router(state: ServerState, extra: Router) -> Router {
     }
     base.with_state(state.clone())
         .merge(gated)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),
             count_requests,
         ))
+}
+
+/// Authenticate every request (see [`crate::auth::authn`]); anonymous requests reach only
+/// the public paths (401 elsewhere). Paths outside `/api` and `/apis` (`/metrics`,
+/// `/openapi/v2`...) are authorized here as non-resource URLs; the Kubernetes API
+/// authorizes its own requests. The user goes on in the request's extensions.
+async fn authenticate(State(st): State<ServerState>, mut req: Request, next: Next) -> Response {
+    let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<PeerInfo>>().cloned() else {
+        return ApiError::Unauthorized.into_response();
+    };
+    let result = st.auth.authn.authenticate(&peer, req.headers());
+    strip_remote_headers(req.headers_mut());
+    let path = req.uri().path().to_string();
+    let path = path.as_str();
+    let public = is_public(path);
+    let user = match result {
+        Ok(Some(user)) => user,
+        Ok(None) if public => anonymous(),
+        Ok(None) => return ApiError::Unauthorized.into_response(),
+        Err(e) => {
+            tracing::debug!(peer = %peer.addr, error = %e, "authentication failed");
+            return ApiError::Unauthorized.into_response();
+        }
+    };
+    let user = match impersonate(&st, user, req.headers_mut()).await {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    let kube_api = path == "/api"
+        || path.starts_with("/api/")
+        || path == "/apis"
+        || path.starts_with("/apis/");
+    if !public && !kube_api {
+        let attrs = Attributes::non_resource(&req.method().as_str().to_ascii_lowercase(), path);
+        match st.auth.authz.authorize(&user, &attrs).await {
+            Ok(d) if d.allowed => {}
+            Ok(d) => {
+                return ApiError::Forbidden(attrs.forbidden_message(&user.user, &d.reason))
+                    .into_response()
+            }
+            Err(e) => return e.into_response(),
+        }
+    }
+    req.extensions_mut().insert(user);
+    next.run(req).await
+}
+
+const IMPERSONATE_USER: &str = "impersonate-user";
+const IMPERSONATE_GROUP: &str = "impersonate-group";
+const IMPERSONATE_UID: &str = "impersonate-uid";
+const IMPERSONATE_EXTRA_PREFIX: &str = "impersonate-extra-";
+
+/// kubectl's `--as` / `--as-group` (kube-apiserver's impersonation): the request acts as
+/// the named user and groups when its sender may `impersonate` each of them; otherwise
+/// 403. The headers are removed either way.
+async fn impersonate(
+    st: &ServerState,
+    user: crate::auth::Identity,
+    headers: &mut axum::http::HeaderMap,
+) -> Result<crate::auth::Identity, ApiError> {
+    let target = headers
+        .get(IMPERSONATE_USER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let groups: Vec<String> = headers
+        .get_all(IMPERSONATE_GROUP)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    let others: Vec<_> = headers
+        .keys()
+        .filter(|k| {
+            k.as_str() == IMPERSONATE_UID || k.as_str().starts_with(IMPERSONATE_EXTRA_PREFIX)
+        })
+        .cloned()
+        .collect();
+    for k in &others {
+        headers.remove(k);
+    }
+    headers.remove(IMPERSONATE_USER);
+    headers.remove(IMPERSONATE_GROUP);
+    let Some(target) = target else {
+        if groups.is_empty() && others.is_empty() {
+            return Ok(user);
+        }
+        return Err(ApiError::BadRequest(
+            "impersonating groups, uids or extras requires Impersonate-User".into(),
+        ));
+    };
+    if !others.is_empty() {
+        return Err(ApiError::BadRequest(
+            "Impersonate-Uid and Impersonate-Extra-* are not supported".into(),
+        ));
+    }
+    let checks = std::iter::once(("users", target.as_str()))
+        .chain(groups.iter().map(|g| ("groups", g.as_str())));
+    for (resource, name) in checks {
+        let attrs = Attributes::Resource {
+            verb: "impersonate".into(),
+            api_group: String::new(),
+            resource: resource.into(),
+            subresource: String::new(),
+            namespace: String::new(),
+            name: name.into(),
+            field_selector: String::new(),
+        };
+        let d = st.auth.authz.authorize(&user, &attrs).await?;
+        if !d.allowed {
+            return Err(ApiError::Forbidden(
+                attrs.forbidden_message(&user.user, &d.reason),
+            ));
+        }
+    }
+    let mut groups = groups;
+    groups.push(crate::auth::authn::AUTHENTICATED.into());
+    Ok(crate::auth::Identity {
+        user: target,
+        groups,
+    })
 }
 
 /// Header on the 503 a non-active master answers *before* acting on a request: the

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ballast_config::tls::{NodeTls, TlsError};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::ActiveReport;
@@ -13,17 +14,17 @@ use crate::state::Shared;
 /// Why one check failed. Every variant is transient: the next check may succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("GET http://{addr}/active: {source}")]
+    #[error("GET https://{addr}/active: {source}")]
     Request {
         addr: SocketAddr,
         #[source]
         source: reqwest::Error,
     },
-    #[error("GET http://{addr}/active: timed out after {timeout:?}")]
+    #[error("GET https://{addr}/active: timed out after {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
-    #[error("GET http://{addr}/active: unexpected status {status}")]
+    #[error("GET https://{addr}/active: unexpected status {status}")]
     Status { addr: SocketAddr, status: u16 },
-    #[error("GET http://{addr}/active: bad body: {source}")]
+    #[error("GET https://{addr}/active: bad body: {source}")]
     Body {
         addr: SocketAddr,
         #[source]
@@ -37,27 +38,23 @@ pub trait ActiveCheck: Send + Sync + 'static {
     async fn check(&self, addr: SocketAddr, timeout: Duration) -> Result<ActiveReport, CheckError>;
 }
 
-/// The one implementation: HTTP `GET /active`, reading the JSON body (status 200 or 503).
+/// The one implementation: HTTPS `GET /active`, reading the JSON body (status 200 or
+/// 503). The master's certificate is verified against the cluster CA and its address.
 pub struct HttpActiveCheck {
     client: reqwest::Client,
 }
 
 impl HttpActiveCheck {
-    pub fn new() -> Self {
+    pub fn new(tls: &NodeTls) -> Result<Self, TlsError> {
         let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls.client_config()?)
             .no_proxy()
             .pool_max_idle_per_host(1)
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .build()
-            .expect("reqwest client without TLS builds");
-        Self { client }
-    }
-}
-
-impl Default for HttpActiveCheck {
-    fn default() -> Self {
-        Self::new()
+            .map_err(|e| TlsError::Verifier(format!("health check client: {e}")))?;
+        Ok(Self { client })
     }
 }
 
@@ -67,7 +64,7 @@ impl ActiveCheck for HttpActiveCheck {
         let fut = async {
             let resp = self
                 .client
-                .get(format!("http://{addr}/active"))
+                .get(format!("https://{addr}/active"))
                 .send()
                 .await
                 .map_err(|source| CheckError::Request { addr, source })?;

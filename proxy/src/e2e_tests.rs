@@ -13,9 +13,37 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
+use ballast_config::listener::{PeerInfo, TlsListener};
+use ballast_config::tls::{ClientAuth, NodeTls};
+
 use crate::checker::HttpActiveCheck;
 use crate::state::Settings;
 use crate::Running;
+
+/// Certificates for fake masters `m1`..`m3` and the proxy, all on 127.0.0.1, and `admin`
+/// (made once per test binary).
+fn pki() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let mut c = ballast_config::local::local_cluster(
+            3,
+            0,
+            ballast_config::local::AddressPlan::default(),
+        );
+        for m in &mut c.masters {
+            m.api = "127.0.0.1:0".parse().unwrap();
+            m.peer = "127.0.0.1:0".parse().unwrap();
+        }
+        ballast_config::pki::init(&dir, &c).unwrap();
+        dir
+    })
+}
+
+fn node_tls(id: &str) -> NodeTls {
+    let (crt, key) = ballast_config::pki::identity_paths(pki(), id);
+    NodeTls::load(&crt, &key, &pki().join("ca.crt")).unwrap()
+}
 
 struct FakeState {
     id: String,
@@ -57,7 +85,14 @@ impl FakeMaster {
                 .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-                let app = Router::new().fallback(fake_handler).with_state(st);
+                let tls = node_tls(&st.id)
+                    .server_config(ClientAuth::Optional)
+                    .unwrap();
+                let listener = TlsListener::new(listener, tls, "fake master", None).unwrap();
+                let app = Router::new()
+                    .fallback(fake_handler)
+                    .with_state(st)
+                    .into_make_service_with_connect_info::<PeerInfo>();
                 tokio::select! {
                     _ = axum::serve(listener, app).into_future() => {}
                     _ = stopped => {}
@@ -135,6 +170,23 @@ async fn fake_handler(State(st): State<Arc<FakeState>>, req: Request) -> Respons
             "reason":"ServiceUnavailable","code":503,"message":"leadership lost"});
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
     }
+    if path == "/whoami" {
+        // what the proxy says about the client, and who the proxy itself is
+        let h = |n: &str| {
+            req.headers()
+                .get_all(n)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("").to_string())
+                .collect::<Vec<_>>()
+        };
+        let proxy = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<PeerInfo>>()
+            .and_then(|c| c.0.identity.as_ref().map(|i| i.user.clone()));
+        let body = serde_json::json!({"user": h("x-remote-user"), "groups": h("x-remote-group"),
+            "connection": proxy});
+        return axum::Json(body).into_response();
+    }
     if path == "/hang" && st.id == "m1" {
         // a frozen master: accepts, never answers
         std::future::pending::<()>().await;
@@ -175,8 +227,10 @@ fn settings(masters: &[&FakeMaster], hold: Duration) -> Settings {
     }
 }
 
+/// A client with `admin`'s certificate.
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
+        .use_preconfigured_tls(node_tls("admin").client_config().unwrap())
         .no_proxy()
         .timeout(Duration::from_secs(20))
         .build()
@@ -184,7 +238,8 @@ fn client() -> reqwest::Client {
 }
 
 async fn start(settings: Settings) -> Running {
-    Running::start(settings, Arc::new(HttpActiveCheck::new()))
+    let tls = node_tls("proxy");
+    Running::start(settings, Arc::new(HttpActiveCheck::new(&tls).unwrap()), tls)
         .await
         .unwrap()
 }
@@ -201,7 +256,7 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 
 /// A pod watch through the proxy.
 async fn open_watch(c: &reqwest::Client, p: &Running) -> reqwest::Response {
-    c.get(format!("http://{}/api/v1/pods?watch=true", p.api))
+    c.get(format!("https://{}/api/v1/pods?watch=true", p.api))
         .send()
         .await
         .unwrap()
@@ -224,7 +279,7 @@ async fn routes_to_the_active_master_and_serves_admin() {
     wait_active(&p, "m2").await;
     let c = client();
     let r = c
-        .get(format!("http://{}/api/v1/pods", p.api))
+        .get(format!("https://{}/api/v1/pods", p.api))
         .send()
         .await
         .unwrap();
@@ -232,7 +287,7 @@ async fn routes_to_the_active_master_and_serves_admin() {
     assert_eq!(r.headers()["x-ballast-master"], "m2");
     assert_eq!(r.text().await.unwrap(), "m2 GET /api/v1/pods");
     let r = c
-        .post(format!("http://{}/api/v1/pods", p.api))
+        .post(format!("https://{}/api/v1/pods", p.api))
         .body("{}")
         .send()
         .await
@@ -287,7 +342,7 @@ async fn failover_is_hidden_from_a_get_loop() {
     let p = start(settings(&[&m1, &m2], Duration::from_secs(10))).await;
     wait_active(&p, "m1").await;
     let c = client();
-    let url = format!("http://{}/api/v1/nodes", p.api);
+    let url = format!("https://{}/api/v1/nodes", p.api);
     let loop_task = tokio::spawn({
         let c = c.clone();
         async move {
@@ -322,7 +377,7 @@ async fn hold_timeout_answers_503_status_with_retry_after_then_recovers() {
     let p = start(settings(&[&m1], Duration::from_millis(300))).await;
     let c = client();
     let r = c
-        .post(format!("http://{}/api/v1/namespaces", p.api))
+        .post(format!("https://{}/api/v1/namespaces", p.api))
         .body("{\"kind\":\"Namespace\"}")
         .send()
         .await
@@ -336,7 +391,11 @@ async fn hold_timeout_answers_503_status_with_retry_after_then_recovers() {
     // a master comes back: requests flow again
     m1.set(true, 2);
     wait_active(&p, "m1").await;
-    let r = c.get(format!("http://{}/api", p.api)).send().await.unwrap();
+    let r = c
+        .get(format!("https://{}/api", p.api))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert!(p.shared.metrics.hold_timeouts.get() >= 1);
     p.shutdown(Duration::from_millis(100)).await;
@@ -356,7 +415,7 @@ async fn not_active_answer_is_rerouted_even_for_writes() {
     m2.set(true, 2);
     let c = client();
     let r = c
-        .post(format!("http://{}/api/v1/namespaces", p.api))
+        .post(format!("https://{}/api/v1/namespaces", p.api))
         .body("{\"kind\":\"Namespace\"}")
         .send()
         .await
@@ -378,7 +437,7 @@ async fn a_write_answered_503_after_reaching_a_master_is_not_replayed() {
     wait_active(&p, "m1").await;
     m2.set(true, 2);
     let r = client()
-        .post(format!("http://{}/lost-mid-write", p.api))
+        .post(format!("https://{}/lost-mid-write", p.api))
         .body("{}")
         .send()
         .await
@@ -398,12 +457,12 @@ async fn master_dying_mid_request_retries_reads_but_not_writes() {
     let c = client();
     let get = tokio::spawn({
         let c = c.clone();
-        let url = format!("http://{}/slow", p.api);
+        let url = format!("https://{}/slow", p.api);
         async move { c.get(url).send().await.unwrap() }
     });
     let post = tokio::spawn({
         let c = c.clone();
-        let url = format!("http://{}/slow", p.api);
+        let url = format!("https://{}/slow", p.api);
         async move { c.post(url).body("x").send().await.unwrap() }
     });
     let st = m1.state.clone();
@@ -490,11 +549,28 @@ async fn bad_http_gets_4xx_and_the_proxy_keeps_serving() {
     let p = start(settings(&[&m1], Duration::from_secs(5))).await;
     wait_active(&p, "m1").await;
     async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let config = ballast_config::tls::anonymous_client_config(&pki().join("ca.crt")).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::from(addr.ip());
+        let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
         let _ = s.write_all(bytes).await;
         let mut buf = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
         String::from_utf8_lossy(&buf).into_owned()
+    }
+    // not TLS at all: the handshake fails, nothing is answered
+    {
+        let mut s = tokio::net::TcpStream::connect(p.api).await.unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(
+            !String::from_utf8_lossy(&buf).contains("HTTP/1.1"),
+            "plain HTTP answered"
+        );
     }
     let garbage = raw(p.api, b"\x16\x03\x01garbage garbage\r\n\r\n").await;
     assert!(
@@ -522,7 +598,7 @@ async fn bad_http_gets_4xx_and_the_proxy_keeps_serving() {
     .await;
     assert!(!both.contains("/smuggled"), "{both}");
     let r = client()
-        .get(format!("http://{}/api", p.api))
+        .get(format!("https://{}/api", p.api))
         .send()
         .await
         .unwrap();
@@ -633,7 +709,7 @@ async fn a_read_stuck_on_a_former_active_master_is_retried_on_the_new_one() {
     let p = start(settings(&[&m1, &m2], Duration::from_secs(10))).await;
     wait_active(&p, "m1").await;
     let get = tokio::spawn({
-        let url = format!("http://{}/hang", p.api);
+        let url = format!("https://{}/hang", p.api);
         async move { client().get(url).send().await.unwrap() }
     });
     let st = m1.state.clone();
@@ -643,5 +719,47 @@ async fn a_read_stuck_on_a_former_active_master_is_retried_on_the_new_one() {
     let r = get.await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "m2 GET /hang");
+    p.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verified_client_identity_goes_to_the_master_and_a_forged_one_does_not() {
+    let m1 = FakeMaster::start("m1", true, 1);
+    let p = start(settings(&[&m1], Duration::from_secs(5))).await;
+    wait_active(&p, "m1").await;
+    let url = format!("https://{}/whoami", p.api);
+    let forged = |c: reqwest::Client| {
+        let url = url.clone();
+        async move {
+            c.get(url)
+                .header("X-Remote-User", "root")
+                .header("X-Remote-Group", "system:masters")
+                .header("X-Remote-Extra-Scopes", "all")
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    // with admin's certificate: admin, whatever the client claims
+    let v = forged(client()).await;
+    assert_eq!(v["user"], serde_json::json!(["admin"]));
+    assert_eq!(v["groups"], serde_json::json!(["system:masters"]));
+    assert_eq!(
+        v["connection"], "proxy:proxy",
+        "the proxy's own certificate"
+    );
+    // without a certificate: nobody (the master then judges the bearer token, or 401)
+    let anon = reqwest::Client::builder()
+        .use_preconfigured_tls(
+            ballast_config::tls::anonymous_client_config(&pki().join("ca.crt")).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let v = forged(anon).await;
+    assert_eq!(v["user"], serde_json::json!([]));
+    assert_eq!(v["groups"], serde_json::json!([]));
     p.shutdown(Duration::from_millis(100)).await;
 }

@@ -28,10 +28,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora::listeners::ListenerConfig;
+use ballast_config::tls::{ClientAuth, Identity, NodeTls, TlsError};
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{ListenerConfig, TlsAccept};
 use pingora::protocols::l4::stream::L4BufferSettings;
+use pingora::protocols::tls::TlsRef;
 use pingora::server::configuration::ServerConf;
 use pingora::services::Service as _;
+use pingora::utils::tls::CertKey;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +66,8 @@ pub enum ProxyError {
     Runtime(#[source] std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 impl ProxyError {
@@ -91,7 +97,9 @@ pub fn run(path: &Path) -> Result<(), ProxyError> {
     let result = rt.block_on(async move {
         let settings = Settings::from_cluster(&loaded.config);
         let grace = settings.proxy.shutdown_grace;
-        let running = Running::start(settings, Arc::new(HttpActiveCheck::new())).await?;
+        let tls = loaded.node_tls(&loaded.config.proxy.id)?;
+        let check = Arc::new(HttpActiveCheck::new(&tls)?);
+        let running = Running::start(settings, check, tls).await?;
         signal_loop(&running, &path).await?;
         running.shutdown(grace).await;
         Ok(())
@@ -137,6 +145,7 @@ impl Running {
     pub async fn start(
         settings: Settings,
         check: Arc<dyn ActiveCheck>,
+        tls: NodeTls,
     ) -> Result<Self, ProxyError> {
         let px = settings.proxy.clone();
         dns::zone_name(&px.dns_zone).map_err(|e| ProxyError::Zone {
@@ -208,7 +217,14 @@ impl Running {
         // The pingora proxy service, on its own threads.
         let (pingora_shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let io_stop = CancellationToken::new();
-        let io_threads = spawn_io_threads(&shared, &check, api_addr, shutdown_rx, io_stop.clone())?;
+        let io_threads = spawn_io_threads(
+            &shared,
+            &check,
+            &tls,
+            api_addr,
+            shutdown_rx,
+            io_stop.clone(),
+        )?;
         wait_listening(api_addr)
             .await
             .then_some(())
@@ -345,6 +361,7 @@ impl Running {
 fn spawn_io_threads(
     shared: &Arc<Shared>,
     check: &Arc<dyn ActiveCheck>,
+    tls: &NodeTls,
     api: SocketAddr,
     shutdown: tokio::sync::watch::Receiver<bool>,
     stop: CancellationToken,
@@ -352,8 +369,25 @@ fn spawn_io_threads(
     let conf = Arc::new(ServerConf {
         max_retries: 32,
         upstream_keepalive_pool_size: 256,
+        // the masters' certificates are verified against the cluster CA only
+        ca_file: Some(tls.ca_path.display().to_string()),
         ..ServerConf::default()
     });
+    let client_cert = Arc::new(CertKey::new(tls.chain_der(), tls.key_der()));
+    let verifier = tls.client_verifier(ClientAuth::Optional)?;
+    let tls_settings = || -> Result<TlsSettings, ProxyError> {
+        let bad = |what: &str, e: Box<pingora::Error>| {
+            ProxyError::Tls(TlsError::Verifier(format!("{what}: {e}")))
+        };
+        let mut t = TlsSettings::with_callbacks(Box::new(IdentityCallback))
+            .map_err(|e| bad("TLS settings", e))?;
+        t.set_certificate_chain_file(&tls.cert_path.display().to_string())
+            .map_err(|e| bad("certificate", e))?;
+        t.set_private_key_file(&tls.key_path.display().to_string())
+            .map_err(|e| bad("key", e))?;
+        t.set_client_cert_verifier(verifier.clone());
+        Ok(t)
+    };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
     let mut handles = Vec::with_capacity(threads);
     for i in 0..threads {
@@ -366,6 +400,7 @@ fn spawn_io_threads(
             proxy::BallastProxy {
                 shared: shared.clone(),
                 check: check.clone(),
+                client_cert: client_cert.clone(),
             },
             "ballast-proxy",
         );
@@ -377,6 +412,7 @@ fn spawn_io_threads(
         // and body buffers anyway (one copy less; throughput unchanged or better).
         let endpoint = ListenerConfig::tcp(api.to_string())
             .tcp_socket_options(sock)
+            .tls(tls_settings()?)
             .l4_buffer(L4BufferSettings::default().read(0));
         service.add_listener(endpoint);
         let shutdown = shutdown.clone();
@@ -394,6 +430,22 @@ fn spawn_io_threads(
         handles.push(handle);
     }
     Ok(handles)
+}
+
+/// Keeps the identity of a client certificate the handshake verified, for the request
+/// phases (`proxy::client_identity`).
+struct IdentityCallback;
+
+#[async_trait::async_trait]
+impl TlsAccept for IdentityCallback {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let der = tls.peer_certificate_der()?;
+        let id = Identity::from_certificate(&der.to_vec().into())?;
+        Some(Arc::new(id))
+    }
 }
 
 /// Bind UDP and TCP on the same address. Port 0 picks a port free for both.

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use ballast_config::tls::Identity;
 use bytes::Bytes;
-use pingora::http::{Method, ResponseHeader};
+use pingora::http::{Method, RequestHeader, ResponseHeader};
 use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::HttpPeer;
+use pingora::utils::tls::CertKey;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::checker::ActiveCheck;
@@ -31,11 +33,19 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 const REJECTED_HEADER: &str = "x-ballast-rejected";
 const NOT_ACTIVE: ErrorType = ErrorType::Custom("MasterNotActive");
 
+/// The request headers that carry a verified identity to the masters (kube-apiserver's
+/// request-header authentication). A client's own are always removed.
+const REMOTE_USER: &str = "x-remote-user";
+const REMOTE_GROUP: &str = "x-remote-group";
+const REMOTE_EXTRA_PREFIX: &str = "x-remote-extra-";
+
 /// The pingora proxy logic.
 pub struct BallastProxy {
     pub shared: Arc<Shared>,
     /// Used to confirm that a master answering 503 is no longer active.
     pub check: Arc<dyn ActiveCheck>,
+    /// The proxy's own certificate, presented to the masters (mutual TLS).
+    pub client_cert: Arc<CertKey>,
 }
 
 /// Per-request state.
@@ -57,7 +67,20 @@ pub struct Ctx {
     fd: Option<RawFd>,
     /// Status sent by `fail_to_proxy`.
     error_code: Option<u16>,
+    /// The client's verified certificate (its user and groups go to the master).
+    client: Option<Identity>,
     _in_flight: crate::state::InFlight,
+}
+
+/// The identity the proxy's TLS handshake verified (see `lib.rs`'s `IdentityCallback`).
+fn client_identity(session: &Session) -> Option<Identity> {
+    session
+        .digest()?
+        .ssl_digest
+        .as_ref()?
+        .extension
+        .get::<Identity>()
+        .cloned()
 }
 
 impl BallastProxy {
@@ -127,11 +150,13 @@ impl ProxyHttp for BallastProxy {
             body_bytes: 0,
             fd: None,
             error_code: None,
+            client: None,
             _in_flight: self.shared.request_guard(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.client = client_identity(session);
         let req = session.req_header();
         ctx.stream = is_stream(req.uri.query());
         let too_big = req
@@ -184,12 +209,41 @@ impl ProxyHttp for BallastProxy {
                 return Error::e_explain(ErrorType::HTTPStatus(503), e.to_string());
             }
         };
-        let mut peer = HttpPeer::new(active.addr, false, String::new());
+        // TLS to the master, verified against the cluster CA and the master's address,
+        // with the proxy's certificate (the masters trust its X-Remote-* headers).
+        let mut peer = HttpPeer::new(active.addr, true, active.addr.ip().to_string());
+        peer.client_cert_key = Some(self.client_cert.clone());
         peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
         peer.options.total_connection_timeout = Some(CONNECT_TIMEOUT);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE);
         ctx.master = Some(active);
         Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let extras: Vec<_> = req
+            .headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(REMOTE_EXTRA_PREFIX))
+            .cloned()
+            .collect();
+        for k in extras {
+            req.remove_header(&k);
+        }
+        req.remove_header(REMOTE_USER);
+        req.remove_header(REMOTE_GROUP);
+        if let Some(id) = &ctx.client {
+            req.insert_header(REMOTE_USER, id.user.as_str())?;
+            for g in &id.groups {
+                req.append_header(REMOTE_GROUP, g.as_str())?;
+            }
+        }
+        Ok(())
     }
 
     async fn connected_to_upstream(

@@ -156,6 +156,9 @@ impl Cluster {
         edit(&mut config);
         let config_path = dir.path().join("ballast.toml");
         fs::write(&config_path, to_toml(&config)).unwrap();
+        let pki = dir.path().join("pki");
+        test_pki().seed(&pki);
+        ballast_config::pki::init(&pki, &config).expect("cluster certificates");
         Self {
             dir,
             config_path,
@@ -192,6 +195,23 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// The cluster's PKI directory (certificates of every node, issued by the test CA).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// A client presenting node `id`'s own certificate (`m1`, `w1`, `proxy`...).
+    pub fn node_client(&self, id: &str) -> reqwest::blocking::Client {
+        let (crt, key) = ballast_config::pki::identity_paths(&self.pki_dir(), id);
+        let tls = ballast_config::tls::NodeTls::load(&crt, &key, &test_pki().ca()).unwrap();
+        reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(tls.client_config().unwrap())
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("https client")
+    }
+
     /// Change the config file (e.g. before a proxy reload).
     pub fn rewrite_config(&mut self, edit: impl FnOnce(&mut ClusterConfig)) {
         edit(&mut self.config);
@@ -203,7 +223,7 @@ impl Cluster {
     }
 
     pub fn master_url(&self, id: &str) -> String {
-        format!("http://{}", self.master_api(id))
+        format!("https://{}", self.master_api(id))
     }
 
     pub fn proxy_api(&self) -> SocketAddr {
@@ -211,7 +231,7 @@ impl Cluster {
     }
 
     pub fn proxy_url(&self) -> String {
-        format!("http://{}", self.proxy_api())
+        format!("https://{}", self.proxy_api())
     }
 
     pub fn proxy_dns(&self) -> SocketAddr {
@@ -602,14 +622,137 @@ impl Response {
     }
 }
 
-fn client() -> &'static reqwest::blocking::Client {
-    static CLIENT: OnceLock<reqwest::blocking::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
+/// The test process's PKI: one CA that every cluster the process starts is seeded with
+/// ([`TestPki::seed`]), so one client ([`http`], as `admin`) works for all of them.
+pub struct TestPki {
+    dir: PathBuf,
+    ca: ballast_config::pki::CertAuthority,
+}
+
+/// The process's [`TestPki`] (made on first use, in a temporary directory).
+pub fn test_pki() -> &'static TestPki {
+    static PKI: OnceLock<TestPki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("ballast-test-pki-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let (ca, _) =
+            ballast_config::pki::CertAuthority::load_or_create(&dir, "test").expect("test CA");
+        let admin = ballast_config::pki::IdentitySpec::client(
+            "admin",
+            "admin",
+            &[ballast_config::pki::SUPERUSER_GROUP],
+        );
+        ca.issue_into(&dir, &admin).expect("admin certificate");
+        TestPki { dir, ca }
+    })
+}
+
+impl TestPki {
+    /// The CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// Copy the CA (certificate and key) into a cluster's PKI directory before its
+    /// certificates are made, so they are issued by it.
+    pub fn seed(&self, pki_dir: &Path) {
+        fs::create_dir_all(pki_dir).unwrap();
+        for f in ["ca.crt", "ca.key"] {
+            fs::copy(self.dir.join(f), pki_dir.join(f)).unwrap();
+        }
+    }
+
+    /// The certificate and key of a client identity `name` (user, groups), issued once.
+    pub fn user(&self, name: &str, user: &str, groups: &[&str]) -> (PathBuf, PathBuf) {
+        let spec = ballast_config::pki::IdentitySpec::client(name, user, groups);
+        self.ca
+            .issue_into(&self.dir, &spec)
+            .expect("user certificate");
+        ballast_config::pki::identity_paths(&self.dir, name)
+    }
+
+    /// A client builder presenting identity `name` (see [`TestPki::user`]).
+    pub fn builder_as(
+        &self,
+        name: &str,
+        user: &str,
+        groups: &[&str],
+    ) -> reqwest::blocking::ClientBuilder {
+        let (crt, key) = self.user(name, user, groups);
+        let tls = ballast_config::tls::NodeTls::load(&crt, &key, &self.ca()).unwrap();
         reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(tls.client_config().unwrap())
+            .no_proxy()
+    }
+
+    /// A blocking client presenting identity `name` (see [`TestPki::user`]).
+    pub fn client_as(&self, name: &str, user: &str, groups: &[&str]) -> reqwest::blocking::Client {
+        self.builder_as(name, user, groups)
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("https client")
+    }
+
+    /// A client builder presenting `admin` (group `system:masters`).
+    pub fn admin_builder(&self) -> reqwest::blocking::ClientBuilder {
+        self.builder_as("admin", "admin", &[ballast_config::pki::SUPERUSER_GROUP])
+    }
+
+    /// A blocking client without a certificate (it still trusts the CA).
+    pub fn anonymous_client(&self) -> reqwest::blocking::Client {
+        let config = ballast_config::tls::anonymous_client_config(&self.ca()).unwrap();
+        reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(config)
             .no_proxy()
             .pool_max_idle_per_host(0)
             .build()
-            .expect("http client")
+            .expect("https client")
+    }
+}
+
+/// The client of [`http`]: `admin` (group `system:masters`) of the test CA.
+pub fn client() -> &'static reqwest::blocking::Client {
+    static CLIENT: OnceLock<reqwest::blocking::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        test_pki().client_as("admin", "admin", &[ballast_config::pki::SUPERUSER_GROUP])
+    })
+}
+
+/// One request with `client` and a 10 s timeout, answered in full.
+pub fn request(
+    client: &reqwest::blocking::Client,
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+) -> reqwest::Result<Response> {
+    request_timeout(client, method, url, body, Duration::from_secs(10))
+}
+
+fn request_timeout(
+    client: &reqwest::blocking::Client,
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> reqwest::Result<Response> {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut req = client.request(method, url).timeout(timeout);
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let r = req.send()?;
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.text()?;
+    Ok(Response {
+        status,
+        headers,
+        body,
     })
 }
 
@@ -625,22 +768,24 @@ pub fn http_timeout(
     body: Option<&str>,
     timeout: Duration,
 ) -> reqwest::Result<Response> {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut req = client().request(method, url).timeout(timeout);
-    if let Some(b) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    let r = req.send()?;
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let body = r.text()?;
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
+    request_timeout(client(), method, url, body, timeout)
+}
+
+/// Send `bytes` over a TLS connection to `addr` (an anonymous client of the test CA) and
+/// read the whole answer (10 s at most): for malformed HTTP that no client library sends.
+pub fn raw_tls(addr: SocketAddr, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let config = ballast_config::tls::anonymous_client_config(&test_pki().ca()).unwrap();
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let _ = tls.write_all(bytes);
+    let _ = tls.flush();
+    let mut buf = Vec::new();
+    let _ = tls.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// GET and return the status, or 0 when the request failed.
@@ -677,9 +822,14 @@ pub struct UpProcess {
 }
 
 impl UpProcess {
-    /// Start `ballast up --dir DIR ARGS...`; stdout and stderr go to `DIR.out`.
+    /// Start `ballast up --dir DIR ARGS...`; stdout and stderr go to `DIR.out`. A new
+    /// DIR is seeded with the test CA (`up` keeps a CA it finds and issues the rest), so
+    /// [`http`] works against it.
     pub fn start(dir: &Path, args: &[&str]) -> Self {
         fs::create_dir_all(dir).unwrap();
+        if !dir.join("pki").exists() {
+            test_pki().seed(&dir.join("pki"));
+        }
         let output = dir.with_extension("out");
         let out = OpenOptions::new()
             .create(true)
@@ -815,22 +965,70 @@ impl Kubectl {
             "{} does not exist (run ./task deps)",
             bin.display()
         );
-        let home = dir.join(format!("kubectl-home-{version}"));
+        let out = Command::new(&bin)
+            .args(["version", "--client"])
+            .env("HOME", dir)
+            .output()
+            .expect("kubectl version --client");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("v{version}.")),
+            "{} is not kubectl {version}: {text}",
+            bin.display()
+        );
+        let mut k = Self {
+            bin,
+            version,
+            kubeconfig: PathBuf::new(),
+            home: PathBuf::new(),
+        };
+        k.set_user(
+            server,
+            dir,
+            "admin",
+            "admin",
+            &[ballast_config::pki::SUPERUSER_GROUP],
+        );
+        k
+    }
+
+    /// The same kubectl acting as `user` in `groups` (a client certificate of the test CA).
+    pub fn as_user(&self, server: &str, dir: &Path, user: &str, groups: &[&str]) -> Self {
+        let mut k = Self {
+            bin: self.bin.clone(),
+            version: self.version,
+            kubeconfig: PathBuf::new(),
+            home: PathBuf::new(),
+        };
+        k.set_user(server, dir, user, user, groups);
+        k
+    }
+
+    fn set_user(&mut self, server: &str, dir: &Path, name: &str, user: &str, groups: &[&str]) {
+        let pki = test_pki();
+        let (crt, key) = pki.user(name, user, groups);
+        let home = dir.join(format!("kubectl-home-{}-{name}", self.version));
         fs::create_dir_all(&home).unwrap();
         let kubeconfig = home.join("kubeconfig");
         fs::write(
             &kubeconfig,
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n    namespace: default\ncurrent-context: c\n"
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
+                 users:\n- name: u\n  user:\n    client-certificate: {crt}\n    client-key: {key}\n\
+                 contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n    namespace: default\ncurrent-context: c\n",
+                ca = pki.ca().display(),
+                crt = crt.display(),
+                key = key.display(),
             ),
         )
         .unwrap();
-        Self {
-            bin,
-            version,
-            kubeconfig,
-            home,
-        }
+        self.kubeconfig = kubeconfig;
+        self.home = home;
+    }
+
+    /// The kubeconfig it uses.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
     }
 
     /// The kubectl's own HOME (a scratch directory for the test).

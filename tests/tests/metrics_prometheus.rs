@@ -1,5 +1,7 @@
-//! A real Prometheus server (Debian's `prometheus`) scrapes the proxy, the masters and a
-//! worker, and its query API returns the contract's metrics.
+//! A real Prometheus server (Debian's `prometheus`) scrapes the proxy, the masters (over
+//! HTTPS with a bearer token of the group `system:monitoring`) and a worker (HTTPS with a
+//! client certificate of that group, authorized through the API), and its query API
+//! returns the contract's metrics. Anonymous scrapes are refused.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -32,20 +34,62 @@ fn prometheus_scrapes_proxy_masters_and_workers() {
         have("prometheus"),
         "Debian's prometheus is required (./task deps)"
     );
-    let c = Cluster::start(ClusterOpts::new(28).workers(1).proxy(true), |_| {});
+    let mut c = Cluster::configure(ClusterOpts::new(28).workers(1).proxy(true), |c| {
+        c.auth.token_file = Some("tokens.csv".into());
+    });
+    std::fs::write(
+        c.dir().join("tokens.csv"),
+        "scrape-token-1,prometheus,9001,\"system:monitoring\"\n",
+    )
+    .unwrap();
+    for id in c.node_ids() {
+        c.start_node(&id);
+    }
     let (active, _) = c.wait_one_active(Duration::from_secs(60));
+    let token_file = c.dir().join("prometheus.token");
+    std::fs::write(&token_file, "scrape-token-1").unwrap();
+    let (scraper_crt, scraper_key) = test_pki().user("scraper", "scraper", &["system:monitoring"]);
+    // Anonymous scrapes are refused, by the masters and by the worker.
+    let anon = test_pki().anonymous_client();
+    let m1_metrics = format!("https://{}/metrics", c.master_api("m1"));
+    assert_eq!(
+        request(&anon, "GET", &m1_metrics, None).unwrap().status,
+        401
+    );
+    let w1_metrics = format!("https://{}/metrics", c.worker_addr("w1"));
+    assert_eq!(
+        request(&anon, "GET", &w1_metrics, None).unwrap().status,
+        401
+    );
+    // An identity without the monitoring role is refused too.
+    let nobody = test_pki().client_as("nobody", "nobody", &[]);
+    assert_eq!(
+        request(&nobody, "GET", &m1_metrics, None).unwrap().status,
+        403
+    );
+    wait_until("the worker refuses nobody", Duration::from_secs(30), || {
+        (request(&nobody, "GET", &w1_metrics, None).ok()?.status == 403).then_some(())
+    });
     let masters: Vec<String> = c
         .master_ids()
         .iter()
         .map(|m| format!("'{}'", c.master_api(m)))
         .collect();
+    let ca = test_pki().ca();
     let config = format!(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n\
          - job_name: proxy\n  static_configs:\n  - targets: ['{}']\n\
-         - job_name: masters\n  static_configs:\n  - targets: [{}]\n\
-         - job_name: workers\n  static_configs:\n  - targets: ['{}']\n",
+         - job_name: masters\n  scheme: https\n  authorization:\n    credentials_file: {}\n\
+         \x20 tls_config:\n    ca_file: {}\n  static_configs:\n  - targets: [{}]\n\
+         - job_name: workers\n  scheme: https\n  tls_config:\n    ca_file: {}\n\
+         \x20   cert_file: {}\n    key_file: {}\n  static_configs:\n  - targets: ['{}']\n",
         c.proxy_admin(),
+        token_file.display(),
+        ca.display(),
         masters.join(", "),
+        ca.display(),
+        scraper_crt.display(),
+        scraper_key.display(),
         c.worker_addr("w1"),
     );
     let dir = c.dir().join("prometheus");

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use ballast_tests::{have, http_timeout, wait_until, Cluster, ClusterOpts};
+use ballast_tests::{have, http_timeout, raw_tls, wait_until, Cluster, ClusterOpts};
 use nix::sys::signal::Signal;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -100,8 +100,16 @@ fn admin_bad_http_reload_and_shutdown() {
         );
     }
 
-    // bad HTTP gets a 4xx (or a closed connection), and the proxy keeps serving
+    // plain HTTP or garbage instead of TLS: the handshake fails, no HTTP is answered
     let api = c.proxy_api();
+    for junk in [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"garbage garbage garbage\r\n\r\n".to_vec(),
+    ] {
+        let answer = raw(api, &junk);
+        assert!(!answer.contains("HTTP/1."), "{answer}");
+    }
+    // bad HTTP inside TLS gets a 4xx (or a closed connection), and the proxy keeps serving
     for junk in [
         b"garbage garbage garbage\r\n\r\n".to_vec(),
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(),
@@ -113,14 +121,14 @@ fn admin_bad_http_reload_and_shutdown() {
             v
         },
     ] {
-        let answer = raw(api, &junk);
+        let answer = raw_tls(api, &junk);
         assert!(
             is_4xx_or_closed(&answer),
             "{}",
             &answer[..answer.len().min(200)]
         );
     }
-    let too_big = raw(
+    let too_big = raw_tls(
         api,
         b"POST /api/v1/namespaces HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n",
     );

@@ -21,11 +21,7 @@ fn lease(name: &str) -> String {
 /// Follow the lease watch from `rv`, recording ADDED names, until the stream ends;
 /// returns the last resourceVersion seen.
 fn follow(url_base: &str, rv: &str, seen: &Mutex<BTreeSet<String>>) -> String {
-    let client = reqwest::blocking::Client::builder()
-        .no_proxy()
-        .timeout(None)
-        .build()
-        .unwrap();
+    let client = test_pki().admin_builder().timeout(None).build().unwrap();
     let url = format!("{url_base}?watch=true&resourceVersion={rv}");
     let mut last = rv.to_string();
     let Ok(resp) = client.get(&url).send() else {

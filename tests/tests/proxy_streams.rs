@@ -8,16 +8,12 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use ballast_tests::{http_timeout, wait_until, Cluster, ClusterOpts};
+use ballast_tests::{http_timeout, test_pki, wait_until, Cluster, ClusterOpts};
 
 const LONG: Duration = Duration::from_secs(30);
 
 fn streaming_client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .timeout(None)
-        .build()
-        .unwrap()
+    test_pki().admin_builder().timeout(None).build().unwrap()
 }
 
 fn proxy_metric(c: &Cluster, name: &str) -> Option<f64> {

@@ -126,16 +126,25 @@ fn pods_survive_failover_and_a_control_plane_outage() {
     let pid2 = wait_running(&c, "p2");
     assert!(pid_alive(pid1) && pid_alive(pid2));
 
-    // Logs straight from the worker.
+    // Logs straight from the worker, as a master fetches them (masters' certificates
+    // only: admin and anonymous clients are refused).
+    let url = format!(
+        "https://{}/containerLogs/default/p1/main?tailLines=50",
+        c.worker_addr("w1")
+    );
+    let as_master = c.node_client("m1");
     let logs = wait_until("p1 logs", T, || {
-        let url = format!(
-            "http://{}/containerLogs/default/p1/main?tailLines=50",
-            c.worker_addr("w1")
-        );
-        let r = http("GET", &url, None).ok()?;
+        let r = request(&as_master, "GET", &url, None).ok()?;
         (r.status == 200 && r.body.contains("tick 1")).then_some(r.body)
     });
     assert!(logs.contains("started"), "{logs}");
+    assert_eq!(
+        http("GET", &url, None).unwrap().status,
+        403,
+        "admin's certificate"
+    );
+    let anon = request(&test_pki().anonymous_client(), "GET", &url, None).unwrap();
+    assert_eq!(anon.status, 401);
 
     // kill -9 of the active master.
     let (old, _) = c.wait_one_active(T);
@@ -278,7 +287,7 @@ fn a_restarted_worker_adopts_its_processes_and_sigterm_stops_them() {
     assert!(pid_alive(pid), "the process survives its worker");
     c.start_node("w1");
     wait_until("worker back", T, || {
-        (status_of(&format!("http://{}/livez", c.worker_addr("w1"))) == 200).then_some(())
+        (status_of(&format!("https://{}/livez", c.worker_addr("w1"))) == 200).then_some(())
     });
     std::thread::sleep(Duration::from_secs(5));
     assert!(pid_alive(pid));
@@ -323,10 +332,7 @@ fn kubectl_logs_show_the_process_output() {
             "4",
             k.bin.to_str().unwrap(),
             "--kubeconfig",
-            c.dir()
-                .join("kubectl-home-1.33/kubeconfig")
-                .to_str()
-                .unwrap(),
+            k.kubeconfig().to_str().unwrap(),
             "logs",
             "-f",
             "talker",

@@ -11,6 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use ballast_config::tls::{NodeTls, TlsError};
+
 use crate::metrics::Metrics;
 use crate::route::{Route, RouteError};
 
@@ -94,18 +96,45 @@ pub struct Api {
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Api {
-    pub fn new(route: Route, metrics: Metrics) -> Self {
+    /// A client presenting `tls`'s certificate; it verifies the API's certificate against
+    /// the cluster CA and the URL's host, or, on a DNS route, the route's name (the
+    /// address is then a DNS answer: the active master, whose certificate carries the
+    /// name).
+    pub fn new(route: Route, metrics: Metrics, tls: &NodeTls) -> Result<Self, TlsError> {
+        let config = match &route {
+            Route::Url(_) => tls.client_config()?,
+            Route::Dns { name, .. } => tls.client_config_for_name(name)?,
+        };
         let base = || {
             reqwest::Client::builder()
+                .use_preconfigured_tls(config.clone())
                 .no_proxy()
                 .connect_timeout(Duration::from_secs(2))
                 .pool_idle_timeout(Duration::from_secs(30))
                 .user_agent("ballast-worker")
         };
+        let build = |b: reqwest::ClientBuilder| {
+            b.build()
+                .map_err(|e| TlsError::Verifier(format!("API client: {e}")))
+        };
+        Ok(Self {
+            route,
+            http: build(base().timeout(CALL_TIMEOUT))?,
+            watch_http: build(base())?,
+            metrics,
+        })
+    }
+
+    /// A client without TLS, for unit tests against in-process fakes.
+    #[cfg(test)]
+    pub fn plain(route: Route, metrics: Metrics) -> Self {
         Self {
             route,
-            http: base().timeout(CALL_TIMEOUT).build().expect("http client"),
-            watch_http: base().build().expect("http client"),
+            http: reqwest::Client::builder()
+                .timeout(CALL_TIMEOUT)
+                .build()
+                .expect("http client"),
+            watch_http: reqwest::Client::new(),
             metrics,
         }
     }

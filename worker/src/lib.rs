@@ -9,9 +9,11 @@
 //!   adopted, never duplicated.
 //! - [`route`]: the API is reached by URL or by a DNS name resolved at the configured
 //!   server ([`api`]).
-//! - [`server`]: `/livez`, `/metrics`, `/containerLogs/...` on the worker's address.
+//! - [`server`]: `/livez`, `/metrics`, `/containerLogs/...` on the worker's address, over
+//!   TLS; [`access`] decides who may read what.
 //! - [`hollow`]: many simulated nodes in one process (no processes), like kubemark.
 
+pub mod access;
 pub mod api;
 pub mod backoff;
 pub mod events;
@@ -60,8 +62,8 @@ pub enum WorkerError {
     },
     #[error(transparent)]
     State(#[from] state::StateError),
-    #[error("the HTTP server failed: {0}")]
-    Serve(std::io::Error),
+    #[error("the HTTPS server failed: {0}")]
+    Serve(#[from] ballast_config::tls::TlsError),
     #[error("{0}")]
     Other(String),
 }
@@ -112,7 +114,8 @@ pub async fn run(
     let metrics = Metrics::new();
     let route = Route::new(me.route());
     tracing::info!(id = %id, address = %me.address, route = %route.describe(), data_dir = %data_dir.display(), "worker starting");
-    let api = Arc::new(Api::new(route, metrics.clone()));
+    let tls = config.node_tls(&id)?;
+    let api = Arc::new(Api::new(route, metrics.clone(), &tls)?);
     let state = Arc::new(state::StateFile::load(data_dir.join("state.json"))?);
     let statuses = sync::StatusSync::new();
     let ctx = pods::Ctx::new(
@@ -130,14 +133,11 @@ pub async fn run(
 
     // Background work that outlives the pods' shutdown.
     let bg = CancellationToken::new();
-    let app = server::router(metrics.clone(), Some(ctx.clone()));
+    let access = Arc::new(access::Access::new(api.clone()));
+    let app = server::router(metrics.clone(), Some(ctx.clone()), access);
     let server = tokio::spawn({
-        let bg = bg.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(bg.cancelled_owned())
-                .await
-        }
+        let (bg, tls) = (bg.clone(), tls.clone());
+        async move { server::serve(listener, &tls, app, bg).await }
     });
     let node_task = tokio::spawn(node::run(
         api.clone(),
@@ -189,17 +189,19 @@ pub async fn run_hollow(
         .clone();
     let listener = bind(me.address).await?;
     let metrics = Metrics::new();
-    let api = Arc::new(Api::new(Route::new(me.route()), metrics.clone()));
+    // The worker's certificate serves its address; the API calls of every hollow node go
+    // as `admin` (like kubemark's hollow nodes, which share one kubeconfig): a certificate
+    // per simulated node would only exercise the PKI.
+    let tls = config.node_tls(&base_id)?;
+    let admin = config.node_tls("admin")?;
+    let api = Arc::new(Api::new(Route::new(me.route()), metrics.clone(), &admin)?);
     let statuses = sync::StatusSync::new();
     tracing::info!(base = %base_id, count, address = %me.address, "hollow nodes starting");
-    let app = server::router(metrics.clone(), None);
+    let access = Arc::new(access::Access::new(api.clone()));
+    let app = server::router(metrics.clone(), None, access);
     let server = tokio::spawn({
-        let s = shutdown.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(s.cancelled_owned())
-                .await
-        }
+        let (s, tls) = (shutdown.clone(), tls.clone());
+        async move { server::serve(listener, &tls, app, s).await }
     });
     let mut tasks = vec![tokio::spawn(
         statuses.clone().run(api.clone(), shutdown.clone()),

@@ -1047,7 +1047,7 @@ mod tests {
     /// A context whose API is unreachable (the pods must not need it).
     fn ctx(dir: &std::path::Path, stopping: CancellationToken) -> Arc<Ctx> {
         let metrics = Metrics::new();
-        let api = Arc::new(Api::new(
+        let api = Arc::new(Api::plain(
             Route::new(ApiRoute::Url("http://127.0.0.1:1".into())),
             metrics.clone(),
         ));

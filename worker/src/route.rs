@@ -86,7 +86,7 @@ impl Route {
         }
     }
 
-    /// The base URL (`http://host:port`) to use now.
+    /// The base URL (`https://host:port`) to use now.
     pub async fn base_url(&self) -> Result<String, RouteError> {
         match self {
             Route::Url(u) => Ok(u.clone()),
@@ -122,7 +122,7 @@ impl Route {
                         },
                     },
                 };
-                Ok(format!("http://{}", SocketAddr::new(ip, *port)))
+                Ok(format!("https://{}", SocketAddr::new(ip, *port)))
             }
         }
     }
@@ -247,12 +247,12 @@ mod tests {
                 expires: Instant::now() + Duration::from_secs(60),
             });
         }
-        assert_eq!(r.base_url().await.unwrap(), "http://127.0.1.3:6443");
+        assert_eq!(r.base_url().await.unwrap(), "https://127.0.1.3:6443");
         r.invalidate();
         // Nothing answers at port 9: the stale address is used.
-        assert_eq!(r.base_url().await.unwrap(), "http://127.0.1.3:6443");
-        let url = Route::new(ApiRoute::Url("http://127.0.0.1:6443/".into()));
-        assert_eq!(url.base_url().await.unwrap(), "http://127.0.0.1:6443");
+        assert_eq!(r.base_url().await.unwrap(), "https://127.0.1.3:6443");
+        let url = Route::new(ApiRoute::Url("https://127.0.0.1:6443/".into()));
+        assert_eq!(url.base_url().await.unwrap(), "https://127.0.0.1:6443");
     }
 
     #[tokio::test]

@@ -1,17 +1,21 @@
-//! The worker's HTTP endpoint on its address: `/livez`, `/metrics`, and
+//! The worker's HTTPS endpoint on its address: `/livez`, `/metrics`, and
 //! `/containerLogs/{namespace}/{pod}/{container}?tailLines=N&follow=true` (what the master
-//! proxies `kubectl logs` to).
+//! proxies `kubectl logs` to). Who may use which: [`crate::access`].
 
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 
+use ballast_config::listener::{PeerInfo, TlsListener};
+use ballast_config::tls::{ClientAuth, NodeTls, TlsError};
+
+use crate::access::Access;
 use crate::logs;
 use crate::metrics::Metrics;
 use crate::pods::Ctx;
@@ -21,10 +25,34 @@ struct AppState {
     metrics: Metrics,
     /// None in hollow mode (no processes, no logs).
     pods: Option<Arc<Ctx>>,
+    access: Arc<Access>,
+}
+
+/// Serve `app` over TLS on `listener` until `stop` (client certificates optional: a
+/// scraper may come with a bearer token instead).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: &NodeTls,
+    app: Router,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), TlsError> {
+    let config = tls.server_config(ClientAuth::Optional)?;
+    let listener = TlsListener::new(listener, config, "worker", None)
+        .map_err(|e| TlsError::Verifier(format!("worker listener: {e}")))?;
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<PeerInfo>(),
+    )
+    .with_graceful_shutdown(stop.cancelled_owned())
+    .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "worker endpoint stopped");
+    }
+    Ok(())
 }
 
 /// The router.
-pub fn router(metrics: Metrics, pods: Option<Arc<Ctx>>) -> Router {
+pub fn router(metrics: Metrics, pods: Option<Arc<Ctx>>, access: Arc<Access>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/healthz", get(|| async { "ok" }))
@@ -33,10 +61,21 @@ pub fn router(metrics: Metrics, pods: Option<Arc<Ctx>>) -> Router {
             "/containerLogs/{namespace}/{pod}/{container}",
             get(logs_handler),
         )
-        .with_state(AppState { metrics, pods })
+        .with_state(AppState {
+            metrics,
+            pods,
+            access,
+        })
 }
 
-async fn metrics_handler(State(st): State<AppState>) -> Response {
+async fn metrics_handler(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some((code, msg)) = st.access.metrics(&peer, &headers).await.refusal() {
+        return text(code, msg.into());
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -69,9 +108,13 @@ fn text(code: StatusCode, msg: String) -> Response {
 
 async fn logs_handler(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     Path((namespace, pod, container)): Path<(String, String, String)>,
     Query(q): Query<LogQuery>,
 ) -> Response {
+    if let Some((code, msg)) = st.access.logs(&peer).refusal() {
+        return text(code, msg.into());
+    }
     let Some(ctx) = st.pods else {
         return text(
             StatusCode::NOT_FOUND,

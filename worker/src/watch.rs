@@ -365,7 +365,7 @@ mod loop_tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-        let api = Api::new(
+        let api = Api::plain(
             Route::new(ApiRoute::Url(format!("http://{addr}"))),
             Metrics::new(),
         );

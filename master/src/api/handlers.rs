@@ -9,6 +9,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde_json::{json, Value};
 
 use super::error::{success_status, ApiError};
@@ -17,15 +18,18 @@ use super::protobuf;
 use super::registry::{
     ensure_defaults, DeleteOptions, ListOptions, Registry, Subresource, WatchOptions,
 };
-use super::resources::{self, ResourceDef, NODES, PODS};
+use super::resources::{self, ResourceDef, PODS};
 use super::selector::{FieldSelector, LabelSelector};
 use super::table::{self, IncludeObject};
 use super::ApiInfo;
+use crate::auth::review::{self, Review};
+use crate::auth::{node, Attributes, Auth, Identity};
 
 /// Shared state of the router.
 pub struct ApiState {
     pub registry: Registry,
     pub info: ApiInfo,
+    pub auth: Auth,
     pub defaults_ready: std::sync::atomic::AtomicBool,
 }
 
@@ -278,19 +282,87 @@ fn verb_of(method: &Method, target: &Target, q: &HashMap<String, String>) -> &'s
     }
 }
 
-/// Entry point for everything under `/api` and `/apis`.
+/// The authorization attributes of a resource request. `body_name` is the name a create
+/// gives its object (only the node authorizer looks at it).
+fn attributes_of(
+    method: &Method,
+    target: &Target,
+    q: &HashMap<String, String>,
+    body_name: &str,
+) -> Attributes {
+    let (def, ns, name, sub) = match target {
+        Target::Collection { def, ns } => (*def, ns.as_deref(), body_name, ""),
+        Target::Item { def, ns, name, sub } => (
+            *def,
+            ns.as_deref(),
+            name.as_str(),
+            sub.as_deref().unwrap_or(""),
+        ),
+        Target::ResourceList => unreachable!("resource lists are discovery"),
+    };
+    let verb = match (method.as_str(), sub) {
+        // a log is read with GET; kube authorizes `get pods/log`
+        ("POST", "binding") => "create",
+        _ => verb_of(method, target, q),
+    };
+    Attributes::Resource {
+        verb: verb.into(),
+        api_group: def.group.into(),
+        resource: def.plural.into(),
+        subresource: sub.into(),
+        namespace: ns.unwrap_or_default().into(),
+        name: name.into(),
+        field_selector: q.get("fieldSelector").cloned().unwrap_or_default(),
+    }
+}
+
+/// Authorize `attrs` for `user`: `Err` is the 403 to answer.
+async fn authorize(st: &ApiState, user: &Identity, attrs: &Attributes) -> Result<(), ApiError> {
+    let d = st.auth.authz.authorize(user, attrs).await?;
+    if d.allowed {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            attrs.forbidden_message(&user.user, &d.reason),
+        ))
+    }
+}
+
+/// Entry point for everything under `/api` and `/apis`. The server's authentication
+/// layer put the user in the request; without one nothing is served.
 pub async fn dispatch(
     State(st): State<Shared>,
+    user: Option<Extension<Identity>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let Some(Extension(user)) = user else {
+        return ApiError::Unauthorized.into_response();
+    };
+    // the default namespaces and RBAC policy (normally written on activation)
+    if !st.defaults_ready.load(std::sync::atomic::Ordering::Relaxed) {
+        match ensure_defaults(st.registry.store().as_ref()).await {
+            Ok(()) => st
+                .defaults_ready
+                .store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => return e.into_response(),
+        }
+    }
     let q: HashMap<String, String> = Query::try_from_uri(&uri)
         .map(|Query(q)| q)
         .unwrap_or_default();
     let path = uri.path().trim_end_matches('/');
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let discovery = matches!(segs.as_slice(), ["api"] | ["apis"] | ["apis", _])
+        || matches!(segs.as_slice(), ["api", _] | ["apis", _, _]);
+    if discovery {
+        let attrs = Attributes::non_resource("get", uri.path());
+        if let Err(e) = authorize(&st, &user, &attrs).await {
+            return e.into_response();
+        }
+    }
     let (group, version, rest): (&str, Option<&str>, &[&str]) = match segs.as_slice() {
         ["api"] => {
             return json_response(
@@ -322,13 +394,18 @@ pub async fn dispatch(
             None => ApiError::NoRoute.into_response(),
         };
     }
-    if !st.defaults_ready.load(std::sync::atomic::Ordering::Relaxed) {
-        match ensure_defaults(st.registry.store().as_ref()).await {
-            Ok(()) => st
-                .defaults_ready
-                .store(true, std::sync::atomic::Ordering::Relaxed),
-            Err(e) => return e.into_response(),
-        }
+    let body_name = if method == Method::POST && node::node_name(&user).is_some() {
+        // the node authorizer decides creates (its own Node, its Lease) by the new name
+        decode_body(&headers, &body)
+            .ok()
+            .and_then(|o| o.pointer("/metadata/name")?.as_str().map(String::from))
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let attrs = attributes_of(&method, &target, &q, &body_name);
+    if let Err(e) = authorize(&st, &user, &attrs).await {
+        return e.into_response();
     }
     let verb = verb_of(&method, &target, &q);
     let resource = match &target {
@@ -339,7 +416,7 @@ pub async fn dispatch(
         Target::Item { def, .. } => def.plural.to_string(),
         Target::ResourceList => String::new(),
     };
-    let resp = match serve(&st, &method, target, &headers, &q, &body).await {
+    let resp = match serve(&st, &user, &method, target, &headers, &q, &body).await {
         Ok(r) => r,
         Err(e) => {
             if e.code().is_server_error() {
@@ -359,8 +436,37 @@ pub async fn dispatch(
     resp
 }
 
+/// RBAC objects may only grant what their writer holds: the write is computed as a dry
+/// run, checked, and only then made (a concurrent change between the two is judged by
+/// what this request asked for).
+async fn check_rbac_write(
+    st: &ApiState,
+    user: &Identity,
+    def: &ResourceDef,
+    ns: Option<&str>,
+    dry: Result<Value, ApiError>,
+) -> Result<(), ApiError> {
+    if def.group != resources::CLUSTERROLES.group {
+        return Ok(());
+    }
+    let obj = dry?;
+    st.auth
+        .authz
+        .check_escalation(user, def, ns.unwrap_or_default(), &obj)
+        .await
+        .map_err(|why| {
+            let name = obj
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            ApiError::Forbidden(format!("{} {name:?} is forbidden: {why}", def.qualified()))
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     st: &ApiState,
+    user: &Identity,
     method: &Method,
     target: Target,
     headers: &HeaderMap,
@@ -371,6 +477,17 @@ async fn serve(
     let out = output_of(headers);
     let include = IncludeObject::parse(q.get("includeObject").map(String::as_str));
     let dry_run = q.contains_key("dryRun");
+    let is_rbac = |def: &ResourceDef| def.group == resources::CLUSTERROLES.group;
+    if let Target::Collection { def, .. } | Target::Item { def, .. } = &target {
+        if let Some(kind) = Review::of(def) {
+            if *method != Method::POST || !matches!(target, Target::Collection { .. }) {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            let obj = decode_body(headers, body)?;
+            let answered = review::review(kind, user, obj, &st.auth.authn, &st.auth.authz).await?;
+            return Ok(json_response(StatusCode::CREATED, &answered));
+        }
+    }
     match target {
         Target::ResourceList => Err(ApiError::NoRoute),
         Target::Collection { def, ns } => match *method {
@@ -410,6 +527,10 @@ async fn serve(
             }
             Method::POST => {
                 let obj = decode_body(headers, body)?;
+                if is_rbac(def) {
+                    let dry = reg.create(def, ns.as_deref(), obj.clone(), true).await;
+                    check_rbac_write(st, user, def, ns.as_deref(), dry).await?;
+                }
                 let created = reg.create(def, ns.as_deref(), obj, dry_run).await?;
                 Ok(json_response(
                     StatusCode::CREATED,
@@ -447,6 +568,10 @@ async fn serve(
                         Subresource::Main
                     };
                     let obj = decode_body(headers, body)?;
+                    if is_rbac(def) {
+                        let dry = reg.update_opts(def, ns, &name, obj.clone(), s, true).await;
+                        check_rbac_write(st, user, def, ns, dry).await?;
+                    }
                     let o = reg.update_opts(def, ns, &name, obj, s, dry_run).await?;
                     Ok(json_response(
                         StatusCode::OK,
@@ -466,6 +591,10 @@ async fn serve(
                     let patch: Value = serde_json::from_slice(body)
                         .map_err(|e| ApiError::BadRequest(format!("invalid patch body: {e}")))?;
                     let existed = kind != PatchType::Apply || reg.get(def, ns, &name).await.is_ok();
+                    if is_rbac(def) {
+                        let dry = reg.patch_opts(def, ns, &name, kind, &patch, s, true).await;
+                        check_rbac_write(st, user, def, ns, dry).await?;
+                    }
                     let o = reg
                         .patch_opts(def, ns, &name, kind, &patch, s, dry_run)
                         .await?;
@@ -589,7 +718,6 @@ async fn pod_log(
             "pod {name} does not have a host assigned"
         )));
     }
-    let node = st.registry.get(&NODES, None, &node_name).await.ok();
     match &st.info.logs {
         Some(logs) => {
             let req = super::LogRequest {
@@ -597,7 +725,6 @@ async fn pod_log(
                 pod: name.to_string(),
                 container,
                 node_name,
-                node,
                 follow: q_bool(q, "follow"),
                 tail_lines: q.get("tailLines").and_then(|t| t.parse().ok()),
                 previous: q_bool(q, "previous"),

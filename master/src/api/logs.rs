@@ -1,13 +1,22 @@
-//! `pods/{name}/log`: proxy to the worker's kubelet-style endpoint
-//! `http://{InternalIP}:{daemonEndpoints.kubeletEndpoint.Port}/containerLogs/{ns}/{pod}/{container}`.
+//! `pods/{name}/log`: proxied to the worker that runs the pod, at
+//! `https://{address}/containerLogs/{ns}/{pod}/{container}` over mutual TLS (the worker
+//! serves logs to masters' certificates only).
+//!
+//! The address is the worker's from the cluster config, never one read from a Node
+//! object: anyone allowed to write a Node could otherwise make the master dial an address
+//! of their choosing and read the answer (server-side request forgery). The worker's
+//! certificate must be valid for that address.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
-use serde_json::Value;
+use ballast_config::tls::{NodeTls, TlsError};
+use ballast_config::ClusterConfig;
 
 use super::error::ApiError;
 use super::{LogRequest, PodLogs};
@@ -16,38 +25,30 @@ use super::{LogRequest, PodLogs};
 #[derive(Clone)]
 pub struct KubeletLogProxy {
     http: reqwest::Client,
-}
-
-impl Default for KubeletLogProxy {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// Worker id (the Node's name) → its address, from the config.
+    workers: HashMap<String, SocketAddr>,
 }
 
 impl KubeletLogProxy {
-    pub fn new() -> Self {
+    /// A client presenting this master's certificate to the config's workers.
+    pub fn new(tls: &NodeTls, config: &ClusterConfig) -> Result<Self, TlsError> {
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls.client_config()?)
+            .no_proxy()
             .connect_timeout(Duration::from_secs(2))
             .build()
-            .unwrap_or_default();
-        Self { http }
+            .map_err(|e| TlsError::Verifier(format!("log client: {e}")))?;
+        let workers = config
+            .workers
+            .iter()
+            .map(|w| (w.id.clone(), w.address))
+            .collect();
+        Ok(Self { http, workers })
     }
 }
 
-/// The URL of a container's logs on its node, from the Node object.
-pub fn container_logs_url(node: &Value, req: &LogRequest) -> Option<String> {
-    let addrs = node.pointer("/status/addresses")?.as_array()?;
-    let pick = |ty: &str| {
-        addrs
-            .iter()
-            .find(|a| a["type"] == ty)
-            .and_then(|a| a["address"].as_str())
-    };
-    let addr = pick("InternalIP").or_else(|| pick("Hostname"))?;
-    let port = node
-        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
-        .and_then(Value::as_u64)
-        .unwrap_or(10250);
+/// The URL of a container's logs on the worker at `addr`.
+pub fn container_logs_url(addr: SocketAddr, req: &LogRequest) -> String {
     let mut q = Vec::new();
     if req.follow {
         q.push("follow=true".to_string());
@@ -65,27 +66,26 @@ pub fn container_logs_url(node: &Value, req: &LogRequest) -> Option<String> {
         q.push(format!("sinceSeconds={s}"));
     }
     let mut url = format!(
-        "http://{addr}:{port}/containerLogs/{}/{}/{}",
+        "https://{addr}/containerLogs/{}/{}/{}",
         req.namespace, req.pod, req.container
     );
     if !q.is_empty() {
         url.push('?');
         url.push_str(&q.join("&"));
     }
-    Some(url)
+    url
 }
 
 #[async_trait]
 impl PodLogs for KubeletLogProxy {
     async fn logs(&self, req: LogRequest) -> Result<Response, ApiError> {
-        let node = req.node.as_ref().ok_or_else(|| ApiError::NotFound {
-            group: String::new(),
-            resource: "nodes".into(),
-            name: req.node_name.clone(),
+        let addr = self.workers.get(&req.node_name).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "node {} is not a worker of the cluster config: logs are fetched only from configured workers",
+                req.node_name
+            ))
         })?;
-        let url = container_logs_url(node, &req).ok_or_else(|| {
-            ApiError::Unavailable(format!("node {} has no address", req.node_name))
-        })?;
+        let url = container_logs_url(*addr, &req);
         let resp = self.http.get(&url).send().await.map_err(|e| {
             ApiError::Unavailable(format!("cannot reach node {}: {e}", req.node_name))
         })?;
@@ -116,18 +116,14 @@ impl PodLogs for KubeletLogProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
-    fn url_from_node() {
-        let node = json!({"status": {"addresses": [{"type": "InternalIP", "address": "127.0.2.1"}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}}}});
+    fn url_from_the_configured_address() {
         let req = LogRequest {
             namespace: "default".into(),
             pod: "p".into(),
             container: "c".into(),
             node_name: "w1".into(),
-            node: None,
             follow: true,
             tail_lines: Some(5),
             previous: false,
@@ -135,8 +131,8 @@ mod tests {
             since_seconds: None,
         };
         assert_eq!(
-            container_logs_url(&node, &req).unwrap(),
-            "http://127.0.2.1:10250/containerLogs/default/p/c?follow=true&tailLines=5"
+            container_logs_url("127.0.2.1:10250".parse().unwrap(), &req),
+            "https://127.0.2.1:10250/containerLogs/default/p/c?follow=true&tailLines=5"
         );
     }
 }

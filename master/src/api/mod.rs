@@ -35,7 +35,6 @@ use async_trait::async_trait;
 use axum::response::Response;
 use axum::routing::{any, get};
 use axum::Router;
-use serde_json::Value;
 
 pub use error::ApiError;
 pub use objects::Objects;
@@ -50,8 +49,6 @@ pub struct LogRequest {
     pub pod: String,
     pub container: String,
     pub node_name: String,
-    /// The Node object, when it exists (addresses, daemon endpoint port).
-    pub node: Option<Value>,
     pub follow: bool,
     pub tail_lines: Option<i64>,
     pub previous: bool,
@@ -77,7 +74,7 @@ pub struct ApiInfo {
     pub git_version: String,
     /// The address clients should use (`serverAddressByClientCIDRs` of `/api`).
     pub server_address: String,
-    /// Pod log source (default: [`logs::KubeletLogProxy`] to the worker); `None` → 503.
+    /// Pod log source (a master uses [`logs::KubeletLogProxy`] to the worker); `None` → 503.
     pub logs: Option<Arc<dyn PodLogs>>,
     /// `ballast_master_api_requests_total{verb,resource,code}` if the caller registered it.
     pub requests_total: Option<prometheus::IntCounterVec>,
@@ -90,7 +87,7 @@ impl ApiInfo {
             master_id: master_id.into(),
             git_version: "v1.33.0".into(),
             server_address: "127.0.0.1:6443".into(),
-            logs: Some(Arc::new(logs::KubeletLogProxy::new())),
+            logs: None,
             requests_total: None,
         }
     }
@@ -110,10 +107,11 @@ pub fn requests_total_metric() -> prometheus::IntCounterVec {
 
 /// The Kubernetes API router. Mount it on the active master (it assumes it is active:
 /// store errors such as `NotActive` still map to 503 Status with `Retry-After: 1`).
-pub fn router(store: Arc<dyn Store>, info: ApiInfo) -> Router {
+pub fn router(store: Arc<dyn Store>, info: ApiInfo, auth: crate::auth::Auth) -> Router {
     let state = Arc::new(handlers::ApiState {
         registry: Registry::new(store),
         info,
+        auth,
         defaults_ready: std::sync::atomic::AtomicBool::new(false),
     });
     Router::new()

@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 
 use k8s_pb::api::apps::v1 as apps;
+use k8s_pb::api::authentication::v1 as authn;
+use k8s_pb::api::authorization::v1 as authz;
 use k8s_pb::api::core::v1 as core;
+use k8s_pb::api::rbac::v1 as rbac;
 use k8s_pb::apimachinery::pkg::api::resource::Quantity;
 use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
 use k8s_pb::apimachinery::pkg::runtime::Unknown;
@@ -318,6 +321,27 @@ fn omit_zero(v: &mut Value) {
     }
 }
 
+to_json!(rbac::PolicyRule { verbs => "verbs", api_groups => "apiGroups", resources => "resources",
+    resource_names => "resourceNames", non_resource_ur_ls => "nonResourceURLs" });
+to_json!(rbac::Subject { kind => "kind", api_group => "apiGroup", name => "name", namespace => "namespace" });
+to_json!(rbac::RoleRef { api_group => "apiGroup", kind => "kind", name => "name" });
+to_json!(rbac::Role { metadata => "metadata", rules => "rules" });
+to_json!(rbac::ClusterRole { metadata => "metadata", rules => "rules" });
+to_json!(rbac::RoleBinding { metadata => "metadata", subjects => "subjects", role_ref => "roleRef" });
+to_json!(rbac::ClusterRoleBinding { metadata => "metadata", subjects => "subjects", role_ref => "roleRef" });
+to_json!(authz::ResourceAttributes { namespace => "namespace", verb => "verb", group => "group",
+    version => "version", resource => "resource", subresource => "subresource", name => "name" });
+to_json!(authz::NonResourceAttributes { path => "path", verb => "verb" });
+to_json!(authz::SelfSubjectAccessReviewSpec { resource_attributes => "resourceAttributes",
+    non_resource_attributes => "nonResourceAttributes" });
+to_json!(authz::SelfSubjectAccessReview { metadata => "metadata", spec => "spec" });
+to_json!(authz::SubjectAccessReviewSpec { resource_attributes => "resourceAttributes",
+    non_resource_attributes => "nonResourceAttributes", user => "user", groups => "groups", uid => "uid" });
+to_json!(authz::SubjectAccessReview { metadata => "metadata", spec => "spec" });
+to_json!(authn::SelfSubjectReview { metadata => "metadata" });
+to_json!(authn::TokenReviewSpec { token => "token", audiences => "audiences" });
+to_json!(authn::TokenReview { metadata => "metadata", spec => "spec" });
+
 fn convert<T: Message + Default + ToJson>(raw: &[u8]) -> Result<Value, ApiError> {
     T::decode(raw)
         .map(|m| {
@@ -347,6 +371,22 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
         ("v1", "Namespace") => convert::<core::Namespace>(&raw)?,
         ("v1", "Service") => convert::<core::Service>(&raw)?,
         (_, "DeleteOptions") => convert::<meta::DeleteOptions>(&raw)?,
+        ("rbac.authorization.k8s.io/v1", "Role") => convert::<rbac::Role>(&raw)?,
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => convert::<rbac::ClusterRole>(&raw)?,
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => convert::<rbac::RoleBinding>(&raw)?,
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+            convert::<rbac::ClusterRoleBinding>(&raw)?
+        }
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => {
+            convert::<authz::SelfSubjectAccessReview>(&raw)?
+        }
+        ("authorization.k8s.io/v1", "SubjectAccessReview") => {
+            convert::<authz::SubjectAccessReview>(&raw)?
+        }
+        ("authentication.k8s.io/v1", "SelfSubjectReview") => {
+            convert::<authn::SelfSubjectReview>(&raw)?
+        }
+        ("authentication.k8s.io/v1", "TokenReview") => convert::<authn::TokenReview>(&raw)?,
         _ => {
             return Err(ApiError::UnsupportedMediaType(format!(
                 "protobuf bodies of {api_version}/{kind} are not supported; send JSON"

@@ -1384,5 +1384,30 @@ pub async fn ensure_defaults(store: &dyn Store) -> Result<(), ApiError> {
             })
             .await?;
     }
+    let rbac = crate::auth::bootstrap::cluster_roles()
+        .into_iter()
+        .map(|o| (&super::resources::CLUSTERROLES, o))
+        .chain(
+            crate::auth::bootstrap::cluster_role_bindings()
+                .into_iter()
+                .map(|o| (&super::resources::CLUSTERROLEBINDINGS, o)),
+        );
+    for (def, mut o) in rbac {
+        let name = meta_str(&o, "name").unwrap_or_default().to_string();
+        let key = Registry::key(def, None, &name);
+        if store.get(&key).await?.is_some() {
+            continue;
+        }
+        let meta = meta_mut(&mut o);
+        meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+        meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
+        store
+            .write(Command::Put {
+                key,
+                value: serde_json::to_vec(&o).unwrap_or_default(),
+                expect: Precondition::Absent,
+            })
+            .await?;
+    }
     Ok(())
 }

@@ -17,6 +17,8 @@ pub struct ResourceDef {
     /// Served subresources (`status`, `scale`, `binding`, `log`).
     pub subresources: &'static [&'static str],
     pub categories: &'static [&'static str],
+    /// A review (SelfSubjectAccessReview...): create-only, answered, never stored.
+    pub review: bool,
 }
 
 const VERBS: &[&str] = &[
@@ -42,9 +44,85 @@ macro_rules! def {
             short_names: $short,
             subresources: $sub,
             categories: $cat,
+            review: false,
         }
     };
 }
+
+macro_rules! review {
+    ($g:expr, $p:expr, $s:expr, $k:expr) => {
+        ResourceDef {
+            group: $g,
+            version: "v1",
+            plural: $p,
+            singular: $s,
+            kind: $k,
+            namespaced: false,
+            short_names: &[],
+            subresources: &[],
+            categories: &[],
+            review: true,
+        }
+    };
+}
+
+const RBAC: &str = "rbac.authorization.k8s.io";
+
+pub const ROLES: ResourceDef = def!(RBAC, "roles", "role", "Role", true, &[], &[], &[]);
+pub const CLUSTERROLES: ResourceDef = def!(
+    RBAC,
+    "clusterroles",
+    "clusterrole",
+    "ClusterRole",
+    false,
+    &[],
+    &[],
+    &[]
+);
+pub const ROLEBINDINGS: ResourceDef = def!(
+    RBAC,
+    "rolebindings",
+    "rolebinding",
+    "RoleBinding",
+    true,
+    &[],
+    &[],
+    &[]
+);
+pub const CLUSTERROLEBINDINGS: ResourceDef = def!(
+    RBAC,
+    "clusterrolebindings",
+    "clusterrolebinding",
+    "ClusterRoleBinding",
+    false,
+    &[],
+    &[],
+    &[]
+);
+pub const SELFSUBJECTACCESSREVIEWS: ResourceDef = review!(
+    "authorization.k8s.io",
+    "selfsubjectaccessreviews",
+    "selfsubjectaccessreview",
+    "SelfSubjectAccessReview"
+);
+pub const SUBJECTACCESSREVIEWS: ResourceDef = review!(
+    "authorization.k8s.io",
+    "subjectaccessreviews",
+    "subjectaccessreview",
+    "SubjectAccessReview"
+);
+pub const TOKENREVIEWS: ResourceDef = review!(
+    "authentication.k8s.io",
+    "tokenreviews",
+    "tokenreview",
+    "TokenReview"
+);
+pub const SELFSUBJECTREVIEWS: ResourceDef = review!(
+    "authentication.k8s.io",
+    "selfsubjectreviews",
+    "selfsubjectreview",
+    "SelfSubjectReview"
+);
 
 pub const NAMESPACES: ResourceDef = def!(
     "",
@@ -128,10 +206,24 @@ pub const ALL: &[ResourceDef] = &[
     LEASES,
     DEPLOYMENTS,
     REPLICASETS,
+    ROLES,
+    CLUSTERROLES,
+    ROLEBINDINGS,
+    CLUSTERROLEBINDINGS,
+    SELFSUBJECTACCESSREVIEWS,
+    SUBJECTACCESSREVIEWS,
+    TOKENREVIEWS,
+    SELFSUBJECTREVIEWS,
 ];
 
 /// The served API groups (besides core), with their one version.
-pub const GROUPS: &[&str] = &["apps", "coordination.k8s.io"];
+pub const GROUPS: &[&str] = &[
+    "apps",
+    "coordination.k8s.io",
+    "rbac.authorization.k8s.io",
+    "authorization.k8s.io",
+    "authentication.k8s.io",
+];
 
 impl ResourceDef {
     /// `v1` or `apps/v1`.
@@ -225,12 +317,13 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
     };
     let mut resources = Vec::new();
     for d in ALL.iter().filter(|d| d.group == group) {
+        let verbs: &[&str] = if d.review { &["create"] } else { VERBS };
         let mut r = json!({
             "name": d.plural,
             "singularName": d.singular,
             "namespaced": d.namespaced,
             "kind": d.kind,
-            "verbs": VERBS,
+            "verbs": verbs,
         });
         if !d.short_names.is_empty() {
             r["shortNames"] = json!(d.short_names);

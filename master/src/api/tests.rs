@@ -21,8 +21,14 @@ struct Api {
     store: Arc<dyn Store>,
 }
 
-async fn start_with(store: Arc<dyn Store>) -> Api {
-    let app = router(store.clone(), ApiInfo::new("test", "m1"));
+/// The API as `user` (the server's authentication layer, which puts the user in each
+/// request, is not part of these tests).
+async fn start_as(store: Arc<dyn Store>, user: crate::auth::Identity) -> Api {
+    let auth = crate::auth::Auth {
+        authn: Arc::new(crate::auth::Authenticator::default()),
+        authz: Arc::new(crate::auth::Authorizer::new(store.clone())),
+    };
+    let app = router(store.clone(), ApiInfo::new("test", "m1"), auth).layer(axum::Extension(user));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
@@ -31,6 +37,14 @@ async fn start_with(store: Arc<dyn Store>) -> Api {
         http: reqwest::Client::new(),
         store,
     }
+}
+
+async fn start_with(store: Arc<dyn Store>) -> Api {
+    let admin = crate::auth::Identity {
+        user: "admin".into(),
+        groups: vec!["system:masters".into(), "system:authenticated".into()],
+    };
+    start_as(store, admin).await
 }
 
 async fn start() -> Api {
@@ -608,6 +622,9 @@ impl Store for Inactive {
     fn revision(&self) -> u64 {
         0
     }
+    fn range_local(&self, _: &str) -> RangeResult {
+        RangeResult::default()
+    }
 }
 
 #[tokio::test]
@@ -815,6 +832,9 @@ impl Store for SmallHistory {
     fn revision(&self) -> u64 {
         self.0.state.lock().unwrap().revision()
     }
+    fn range_local(&self, p: &str) -> RangeResult {
+        self.0.state.lock().unwrap().range(p, None, 0)
+    }
 }
 
 #[tokio::test]
@@ -921,4 +941,152 @@ async fn node_name_watch_sees_binds_and_deletes_of_its_pods_only() {
         "{seen:?}"
     );
     assert!(seen.iter().all(|s| s.ends_with(" mine")), "{seen:?}");
+}
+
+#[tokio::test]
+async fn rbac_decides_for_ordinary_users() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    ensure_defaults(store.as_ref()).await.unwrap();
+    let admin = start_with(store.clone()).await;
+    for ns in ["a", "b"] {
+        let (c, _) = admin
+            .req(
+                "POST",
+                "/api/v1/namespaces",
+                Some(json!({"metadata": {"name": ns}})),
+            )
+            .await;
+        assert_eq!(c, 201);
+    }
+    let binding = json!({
+        "metadata": {"name": "alice-view"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+        "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "alice"}],
+    });
+    let (c, b) = admin
+        .req(
+            "POST",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/a/rolebindings",
+            Some(binding),
+        )
+        .await;
+    assert_eq!(c, 201, "{b}");
+    let alice = start_as(
+        store.clone(),
+        crate::auth::Identity {
+            user: "alice".into(),
+            groups: vec!["system:authenticated".into()],
+        },
+    )
+    .await;
+    assert_eq!(
+        alice.req("GET", "/api/v1/namespaces/a/pods", None).await.0,
+        200
+    );
+    let (c, b) = alice.req("GET", "/api/v1/namespaces/b/pods", None).await;
+    assert_eq!(c, 403);
+    assert_eq!(b["reason"], "Forbidden");
+    assert_eq!(
+        b["message"],
+        r#"pods is forbidden: User "alice" cannot list resource "pods" in API group "" in the namespace "b""#
+    );
+    let (c, _) = alice
+        .req("POST", "/api/v1/namespaces/a/pods", Some(pod("x")))
+        .await;
+    assert_eq!(c, 403);
+    // discovery is open to every authenticated user
+    assert_eq!(alice.req("GET", "/apis/apps/v1", None).await.0, 200);
+    // a SelfSubjectAccessReview answers both ways
+    let review = |ns: &str| {
+        json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {"namespace": ns, "verb": "list", "resource": "pods"}}})
+    };
+    let path = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews";
+    let (c, b) = alice.req("POST", path, Some(review("a"))).await;
+    assert_eq!(c, 201, "{b}");
+    assert_eq!(b["status"]["allowed"], true);
+    assert_eq!(
+        alice.req("POST", path, Some(review("b"))).await.1["status"]["allowed"],
+        false
+    );
+}
+
+#[tokio::test]
+async fn rbac_objects_cannot_grant_more_than_their_writer_holds() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    ensure_defaults(store.as_ref()).await.unwrap();
+    let admin = start_with(store.clone()).await;
+    admin
+        .req(
+            "POST",
+            "/api/v1/namespaces",
+            Some(json!({"metadata": {"name": "a"}})),
+        )
+        .await;
+    let bind = |name: &str, role: &str, user: &str| {
+        json!({
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": user}],
+        })
+    };
+    let rb = "/apis/rbac.authorization.k8s.io/v1/namespaces/a/rolebindings";
+    assert_eq!(
+        admin
+            .req("POST", rb, Some(bind("bob-admin", "admin", "bob")))
+            .await
+            .0,
+        201
+    );
+    let bob = start_as(
+        store.clone(),
+        crate::auth::Identity {
+            user: "bob".into(),
+            groups: vec!["system:authenticated".into()],
+        },
+    )
+    .await;
+    // bob administers namespace a: he may hand out `view` there...
+    let (c, b) = bob
+        .req("POST", rb, Some(bind("carol-view", "view", "carol")))
+        .await;
+    assert_eq!(c, 201, "{b}");
+    // ...but not cluster-admin, which he does not hold
+    let (c, b) = bob
+        .req("POST", rb, Some(bind("bob-root", "cluster-admin", "bob")))
+        .await;
+    assert_eq!(c, 403, "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("not currently held"),
+        "{b}"
+    );
+    // nor a Role with rights he lacks
+    let role = json!({"metadata": {"name": "nodes"}, "rules": [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["delete"]}]});
+    let (c, _) = bob
+        .req(
+            "POST",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/a/roles",
+            Some(role),
+        )
+        .await;
+    assert_eq!(c, 403);
+}
+
+#[tokio::test]
+async fn requests_without_a_user_are_unauthorized() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let auth = crate::auth::Auth {
+        authn: Arc::new(crate::auth::Authenticator::default()),
+        authz: Arc::new(crate::auth::Authorizer::new(store.clone())),
+    };
+    let app = router(store.clone(), ApiInfo::new("test", "m1"), auth);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let r = reqwest::get(format!("{base}/api/v1/pods")).await.unwrap();
+    assert_eq!(r.status(), 401);
 }

@@ -3,6 +3,7 @@
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod, Service};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -13,6 +14,7 @@ use super::selector::{labels_of, LabelSelector};
 
 const SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
 const LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
+const PATH_SEGMENT_MSG: &str = "may not be '.' or '..' and may not contain '/' or '%'";
 const DNS1035_MSG: &str = "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')";
 
 /// RFC 1123 label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
@@ -103,6 +105,10 @@ pub fn normalize(def: &ResourceDef, mut obj: Value) -> Result<Value, ApiError> {
         "Lease" => roundtrip::<Lease>(obj),
         "Deployment" => roundtrip::<Deployment>(obj),
         "ReplicaSet" => roundtrip::<ReplicaSet>(obj),
+        "Role" => roundtrip::<Role>(obj),
+        "ClusterRole" => roundtrip::<ClusterRole>(obj),
+        "RoleBinding" => roundtrip::<RoleBinding>(obj),
+        "ClusterRoleBinding" => roundtrip::<ClusterRoleBinding>(obj),
         _ => Ok(obj),
     };
     r.map_err(|e| ApiError::BadRequest(format!("error decoding {}: {e}", def.kind)))
@@ -121,6 +127,11 @@ pub fn validate(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
         let (ok, msg) = match def.kind {
             "Namespace" => (is_dns_label(name), LABEL_MSG),
             "Service" => (is_dns1035_label(name), DNS1035_MSG),
+            // RBAC names are path segments (`system:node`, `cluster-admin`)
+            "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => (
+                !matches!(name, "." | "..") && !name.contains(['/', '%']),
+                PATH_SEGMENT_MSG,
+            ),
             // Events are named `<object>.<hex>`, leases after nodes: subdomains.
             _ => (is_dns_subdomain(name), SUBDOMAIN_MSG),
         };

@@ -40,6 +40,7 @@ async fn token_and_watch_end_when_the_quorum_is_lost() {
         config: local_cluster(3, 0, AddressPlan::block(18)),
         warnings: vec![],
     };
+    ballast_config::pki::init(&loaded.pki_dir(), &loaded.config).unwrap();
     let mut masters = Vec::new();
     for m in &loaded.config.masters {
         let sd = CancellationToken::new();

@@ -10,11 +10,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, State};
+use std::collections::BTreeMap;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use ballast_config::listener::PeerInfo;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -108,11 +111,13 @@ impl Network {
     pub fn new(
         me: NodeId,
         local_ip: std::net::IpAddr,
+        tls: rustls::ClientConfig,
         rpc_timeout: Duration,
         fence: Arc<Fence>,
         metrics: Arc<MasterMetrics>,
     ) -> Self {
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .no_proxy()
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(30))
@@ -144,7 +149,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             net: self.clone(),
             target,
-            base: format!("http://{}/raft", node.addr),
+            base: format!("https://{}/raft", node.addr),
         }
     }
 }
@@ -308,6 +313,31 @@ pub struct PeerState {
     pub log: super::log_store::LogStore,
     /// When a leader's `AppendEntries` was last accepted here.
     pub contact: Arc<LeaderContact>,
+    /// Certificate user (`master:mI`) → Raft id of every configured master.
+    pub peers: Arc<BTreeMap<String, NodeId>>,
+}
+
+impl PeerState {
+    /// Refuse a request whose claimed sender (the leader or candidate it names) is not
+    /// the master whose certificate made the connection: one master cannot speak for
+    /// another, let alone anything else (the listener admits masters only).
+    fn refuse_impostor(&self, peer: &PeerInfo, claimed: NodeId) -> Option<Response> {
+        let caller = peer
+            .identity
+            .as_ref()
+            .and_then(|i| self.peers.get(&i.user).copied());
+        if caller == Some(claimed) {
+            return None;
+        }
+        tracing::warn!(peer = %peer.addr, ?caller, claimed, "peer RPC refused: sender and claim differ");
+        Some(
+            (
+                StatusCode::FORBIDDEN,
+                format!("this connection is master {caller:?}'s, not master {claimed}'s"),
+            )
+                .into_response(),
+        )
+    }
 }
 
 /// The router served on the peer address.
@@ -381,7 +411,7 @@ pub async fn peer_status(
     addr: &str,
     timeout: Duration,
 ) -> Option<PeerStatus> {
-    http.get(format!("http://{addr}/raft/status"))
+    http.get(format!("https://{addr}/raft/status"))
         .timeout(timeout)
         .send()
         .await
@@ -393,8 +423,12 @@ pub async fn peer_status(
 
 async fn append(
     State(st): State<PeerState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     Msgpack(req): Msgpack<AppendEntriesRequest<TypeConfig>>,
-) -> Msgpack<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+) -> Response {
+    if let Some(refused) = st.refuse_impostor(&peer, req.vote.leader_id.node_id) {
+        return refused;
+    }
     let res = st.raft.append_entries(req).await;
     if matches!(
         res,
@@ -405,17 +439,30 @@ async fn append(
         // After openraft took it: its leader lease started no later than this.
         st.contact.record(Instant::now());
     }
-    Msgpack(res)
+    Msgpack(res).into_response()
 }
 
 async fn snapshot(
     State(st): State<PeerState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     Msgpack(req): Msgpack<InstallSnapshotRequest<TypeConfig>>,
-) -> Msgpack<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
-    Msgpack(st.raft.install_snapshot(req).await)
+) -> Response {
+    if let Some(refused) = st.refuse_impostor(&peer, req.vote.leader_id.node_id) {
+        return refused;
+    }
+    let res: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> =
+        st.raft.install_snapshot(req).await;
+    Msgpack(res).into_response()
 }
 
-async fn vote(State(st): State<PeerState>, Msgpack(req): Msgpack<VoteRequest<NodeId>>) -> Response {
+async fn vote(
+    State(st): State<PeerState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    Msgpack(req): Msgpack<VoteRequest<NodeId>>,
+) -> Response {
+    if let Some(refused) = st.refuse_impostor(&peer, req.vote.leader_id.node_id) {
+        return refused;
+    }
     let (view, view_vote) = {
         let rx = st.raft.metrics();
         let m = rx.borrow();

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
-use ballast_config::{LoadedConfig, RaftConfig};
+use ballast_config::listener::{Admit, PeerInfo, TlsListener};
+use ballast_config::tls::{ClientAuth, NodeTls, TlsError};
+use ballast_config::{pki, LoadedConfig, RaftConfig};
 use openraft::error::{InitializeError, RaftError};
 use openraft::{Config, Raft, SnapshotPolicy};
 use tokio_util::sync::CancellationToken;
@@ -51,6 +52,8 @@ pub enum RaftStartError {
     },
     #[error("Raft failed to start: {0}")]
     Raft(String),
+    #[error("peer TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Raft timings derived from the `[raft]` config.
@@ -126,6 +129,7 @@ impl RaftNode {
     pub async fn start(
         loaded: &LoadedConfig,
         name: &str,
+        tls: &NodeTls,
         metrics: Arc<MasterMetrics>,
         shutdown: CancellationToken,
     ) -> Result<Self, RaftStartError> {
@@ -183,6 +187,7 @@ impl RaftNode {
         let network = Network::new(
             id,
             me.peer.ip(),
+            tls.client_config()?,
             cfg.raft.rpc_timeout,
             fence.clone(),
             metrics.clone(),
@@ -231,19 +236,39 @@ impl RaftNode {
             http.clone(),
             shutdown.clone(),
         ));
+        let peers: BTreeMap<String, NodeId> = names
+            .iter()
+            .map(|(rid, n)| (pki::master_user(n), *rid))
+            .collect();
         let router = peer_router(PeerState {
             me: id,
             raft: raft.clone(),
             fence: fence.clone(),
             log: log_reader,
             contact,
+            peers: Arc::new(peers.clone()),
         });
-        let listener = listener.tap_io(|s| {
-            let _ = s.set_nodelay(true);
+        // Mutual TLS, and only the configured masters' certificates: anything else is
+        // dropped after the handshake, before the peer router reads a byte.
+        let admit: Admit = Arc::new(move |p: &PeerInfo| {
+            p.identity
+                .as_ref()
+                .is_some_and(|i| i.in_group(pki::MASTERS_GROUP) && peers.contains_key(&i.user))
         });
+        let listener = TlsListener::new(
+            listener,
+            tls.server_config(ClientAuth::Required)?,
+            "peer",
+            Some(admit),
+        )
+        .map_err(|source| RaftStartError::Bind {
+            addr: me.peer,
+            source,
+        })?;
         let sd = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router)
+            let app = router.into_make_service_with_connect_info::<PeerInfo>();
+            if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(sd.cancelled_owned())
                 .await
             {

@@ -247,4 +247,12 @@ impl Store for RaftStore {
     fn revision(&self) -> u64 {
         self.applied.state.lock().expect("kv state lock").revision()
     }
+
+    fn range_local(&self, prefix: &str) -> RangeResult {
+        self.applied
+            .state
+            .lock()
+            .expect("kv state lock")
+            .range(prefix, None, 0)
+    }
 }

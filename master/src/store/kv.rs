@@ -186,7 +186,7 @@ pub enum KvError {
 }
 
 /// A page of a range read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeResult {
     pub kvs: Vec<KeyValue>,
     /// More keys follow the last one returned.

@@ -76,6 +76,10 @@ pub trait Store: Send + Sync + 'static {
     async fn watch(&self, prefix: &str, after: u64) -> Result<WatchReceiver, StoreError>;
     /// The current store revision (applied on this master).
     fn revision(&self) -> u64;
+    /// Every key under `prefix` as applied on this master, active or not: may lag the
+    /// cluster on a standby. For caches that tolerate that (the RBAC policy), never for
+    /// answering API reads.
+    fn range_local(&self, prefix: &str) -> RangeResult;
 }
 
 /// Shared state of a store: the state machine plus the watchers of applied events.
@@ -369,6 +373,9 @@ impl Store for MemStore {
     }
     fn revision(&self) -> u64 {
         self.applied.state.lock().unwrap().revision()
+    }
+    fn range_local(&self, prefix: &str) -> RangeResult {
+        self.applied.state.lock().unwrap().range(prefix, None, 0)
     }
 }
 
