@@ -63,7 +63,12 @@ impl<T: ToJson> ToJson for Vec<T> {
         if self.is_empty() {
             Value::Null
         } else {
-            Value::Array(self.iter().map(ToJson::to_json).collect())
+            // an empty string in a list is a value (`apiGroups: [""]`, the core group)
+            let item = |x: &T| match x.to_json() {
+                Value::Null => json!(""),
+                v => v,
+            };
+            Value::Array(self.iter().map(item).collect())
         }
     }
 }
