@@ -7,6 +7,7 @@
 //! - [`checker`]: the `/active` health checks feeding it;
 //! - [`state`]: what everything shares (settings, published routing, hold queue, connections);
 //! - [`proxy`]: the pingora `ProxyHttp` (hold, re-route, retry rules, stream closing);
+//! - [`tcp`]: the L4 passthrough mode (`proxy.mode = "tcp"`);
 //! - [`dns`]: zone answers and the hickory request handler;
 //! - [`admin`]: the admin HTTP endpoint;
 //! - this file: startup, signals (SIGTERM/SIGINT stop, SIGHUP reloads) and shutdown.
@@ -18,6 +19,7 @@ pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod state;
+pub mod tcp;
 
 #[cfg(test)]
 mod e2e_tests;
@@ -29,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_config::tls::{ClientAuth, Identity, NodeTls, TlsError};
+use ballast_config::ProxyMode;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{ListenerConfig, TlsAccept};
 use pingora::protocols::l4::stream::L4BufferSettings;
@@ -214,17 +217,34 @@ impl Running {
             }
         }));
 
-        // The pingora proxy service, on its own threads.
+        // The pingora proxy service on its own threads, or the L4 forwarder.
         let (pingora_shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let io_stop = CancellationToken::new();
-        let io_threads = spawn_io_threads(
-            &shared,
-            &check,
-            &tls,
-            api_addr,
-            shutdown_rx,
-            io_stop.clone(),
-        )?;
+        let io_threads = match px.mode {
+            ProxyMode::Http => spawn_io_threads(
+                &shared,
+                &check,
+                &tls,
+                api_addr,
+                shutdown_rx,
+                io_stop.clone(),
+            )?,
+            ProxyMode::Tcp => {
+                let listener = tokio::net::TcpListener::bind(api_addr)
+                    .await
+                    .map_err(|source| ProxyError::Bind {
+                        what: "API",
+                        addr: api_addr,
+                        source,
+                    })?;
+                tasks.push(tokio::spawn(tcp::serve(
+                    listener,
+                    shared.clone(),
+                    io_stop.clone(),
+                )));
+                Vec::new()
+            }
+        };
         wait_listening(api_addr)
             .await
             .then_some(())
@@ -234,7 +254,7 @@ impl Running {
             })?;
 
         tracing::info!(api = %api_addr, dns = %dns_addr, admin = %admin_addr,
-            zone = %px.dns_zone, "proxy serving");
+            zone = %px.dns_zone, mode = ?px.mode, "proxy serving");
         Ok(Self {
             shared,
             api: api_addr,
@@ -294,9 +314,13 @@ impl Running {
                 tracing::warn!(key = what, %was, %now, "address change needs a restart; keeping the old one");
             }
         }
+        if old.proxy.mode != new.proxy.mode {
+            tracing::warn!(was = ?old.proxy.mode, now = ?new.proxy.mode, "proxy.mode change needs a restart; keeping the old one");
+        }
         new.proxy.api = old.proxy.api;
         new.proxy.dns = old.proxy.dns;
         new.proxy.admin = old.proxy.admin;
+        new.proxy.mode = old.proxy.mode;
         if *old == new {
             tracing::info!("config reloaded, nothing changed");
             return;

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub streams_closed: IntCounter,
     pub upstream_retries: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// L4 mode: client connections by outcome.
+    pub tcp_connections: IntCounterVec,
 }
 
 impl Metrics {
@@ -126,8 +128,17 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let tcp_connections = IntCounterVec::new(
+            Opts::new(
+                "ballast_proxy_tcp_connections_total",
+                "L4 mode: client connections by outcome (forwarded, no_active_master, connect_failed)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(active_master.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tcp_connections.clone()),
             Box::new(upstream_healthy.clone()),
             Box::new(master_term.clone()),
             Box::new(failovers.clone()),
@@ -159,7 +170,13 @@ impl Metrics {
             streams_closed,
             upstream_retries,
             config_reloads,
+            tcp_connections,
         }
+    }
+
+    /// Count one L4 client connection by outcome.
+    pub fn count_connection(&self, result: &str) {
+        self.tcp_connections.with_label_values(&[result]).inc();
     }
 
     /// Count one answered request (`code` 0: no answer, labelled "000").

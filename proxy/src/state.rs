@@ -290,6 +290,11 @@ impl ConnRegistry {
         }
     }
 
+    /// The connection of `fd` is closed: forget it.
+    pub fn forget(&self, fd: RawFd) {
+        self.conns.lock().expect("conns lock").remove(&fd);
+    }
+
     pub fn end(&self, fd: RawFd) {
         if let Some(e) = self.conns.lock().expect("conns lock").get_mut(&fd) {
             e.in_flight = false;

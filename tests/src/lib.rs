@@ -12,8 +12,9 @@
 //! - [`UpProcess`] runs `ballast up` itself.
 //!
 //! Address blocks in use (one per test): 10 harness self-tests and `ballast up`,
-//! 11–19 master tests, 21–29 proxy tests, 31–39 API tests, 41–49 worker tests, 70–79 the
-//! benchmarks (`examples/bench_*.rs`).
+//! 11–19 master tests, 21–29 proxy tests, 31–39 API tests, 41–49 worker tests, 50 the
+//! in-process Raft group test (`master/src/raft/group_tests.rs`), 51–59 security tests,
+//! 70–79 the benchmarks (`examples/bench_*.rs`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};

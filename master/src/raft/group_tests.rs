@@ -1,4 +1,4 @@
-//! In-process Raft group tests: three masters on `127.18.1.{1,2,3}` (address block 18).
+//! In-process Raft group tests: three masters on `127.50.1.{1,2,3}` (address block 50).
 
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ async fn token_and_watch_end_when_the_quorum_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = LoadedConfig {
         path: dir.path().join("ballast.toml"),
-        config: local_cluster(3, 0, AddressPlan::block(18)),
+        config: local_cluster(3, 0, AddressPlan::block(50)),
         warnings: vec![],
     };
     ballast_config::pki::init(&loaded.pki_dir(), &loaded.config).unwrap();
