@@ -1,33 +1,34 @@
-//! Proxy benchmarks (issue 4): `./task bench-proxy`.
+//! Proxy benchmarks: `./task bench-proxy`.
 //!
-//! One cluster (3 real masters + `ballast proxy`, in `127.71.0.0/16`) and, in front of the
-//! same masters, HAProxy 2.6 (frontends: default checks `inter 2s fall 3 rise 2` on
-//! `127.71.0.2:8080`, tuned checks `inter 100ms fall 1 rise 1` on `127.71.0.2:8081`, tuned +
-//! retries on `127.71.0.2:8082`; all `option httpchk GET /readyz` + `http-check expect status
-//! 200`; the config is written to `<cluster dir>/haproxy/haproxy.cfg`) and nginx (`proxy_pass` to
-//! the active master with an `upstream` keepalive pool, `127.71.0.3:8080`).
+//! One cluster (3 real masters + `ballast proxy`, in `127.71.0.0/16`, TLS everywhere) and, in
+//! front of the same masters, HAProxy 2.6 terminating TLS with the ballast proxy's own
+//! certificate and re-encrypting to the masters with it (`verify required` against the
+//! cluster CA; client certificates verified and passed on as `X-Remote-User` /
+//! `X-Remote-Group`, as the ballast proxy does): frontends with default checks
+//! (`inter 2s fall 3 rise 2`, `127.71.0.2:8080`), tuned checks (`inter 100ms fall 1 rise 1`,
+//! `:8081`), tuned + retries (`:8082`), all `option httpchk GET /readyz` over TLS; and a
+//! `mode tcp` frontend (`:8443`, tuned checks) beside a second ballast proxy in L4 mode
+//! (`proxy.mode = "tcp"`, `127.71.0.5:6443`). The HAProxy config is written to
+//! `<cluster dir>/haproxy/haproxy.cfg`.
 //!
-//! Part A, throughput (`BENCH_PARTS` contains `a`): `wrk $BENCH_WRK_ARGS` (default
-//! `-t2 -c32 -d10s --latency`) against `/readyz` of the active master directly, through
-//! ballast, through HAProxy (default checks) and through nginx, `BENCH_ROUNDS` rounds
-//! (default 2) interleaved; prints req/s and p50/p99 per run, the median over rounds and the
-//! ballast/haproxy ratios, and each path's CPU time per request (its processes' user + system
-//! time from `/proc`, over the requests wrk counted). Three reference forwarders ("floors", see
-//! [`floor`]) run beside them, pinned to the active master: `floor-tcp` (bytes copied, no
-//! HTTP), `floor-pingora` (pingora's HTTP/1 sessions in the leanest loop) and `floor-hyper`
-//! (hyper's HTTP/1, the same loop): what any proxy built on that codec costs before doing any
-//! of the ballast proxy's work.
+//! Part A, throughput (`BENCH_PARTS` contains `a`): every proxy is pinned to core 0 and wrk
+//! to core 1 (`taskset`), the masters float. `wrk $BENCH_WRK_ARGS` (default
+//! `-t1 -c50 -d10s --latency`) against `/readyz` (a public path) of the active master
+//! directly, through ballast and through HAProxy (keep-alive, TLS terminated); then with
+//! `Connection: close` (a new TLS connection per request) through both; then through the L4
+//! ballast and HAProxy `mode tcp`. `BENCH_ROUNDS` rounds (default 3) interleaved; prints
+//! req/s and p50/p99 per run, the median over rounds, the ballast/HAProxy ratios, and each
+//! path's CPU time per request (its processes' user + system time from `/proc`).
 //!
 //! Part B, failover seen by clients (`BENCH_PARTS` contains `b`): four client loops run at
-//! once, each `GET /api/v1/namespaces` every 10 ms on its own keep-alive connection, through
-//! ballast, HAProxy-default, HAProxy-tuned and HAProxy-tuned-retry (a third HAProxy frontend,
-//! `127.71.0.2:8082`: tuned checks plus `option redispatch 1`, `retries 20`,
-//! `retry-on all-retryable-errors`, which re-sends a request answered 503 or refused to
-//! another server, like ballast does for reads), while the active master is killed with SIGKILL
-//! `BENCH_KILLS` times (default 20; the killed master is restarted and rejoins each time).
-//! Per kill and front: the longest client-visible stall (a request's start → the first 200
-//! answer to it or to a later request), the longest single request, and the failed requests
-//! (non-200 or transport error).
+//! once, each `GET /api/v1/namespaces` (as `admin`, a client certificate) every 10 ms on its
+//! own keep-alive connection, through ballast, HAProxy-default, HAProxy-tuned and
+//! HAProxy-tuned-retry (`option redispatch 1`, `retries 20`, `retry-on
+//! all-retryable-errors`), while the active master is killed with SIGKILL `BENCH_KILLS` times
+//! (default 20; the killed master is restarted and rejoins each time). Per kill and front:
+//! the longest client-visible stall (a request's start → the first 200 answer to it or to a
+//! later request), the longest single request, and the failed requests (non-200 or
+//! transport error).
 //!
 //! Run with a release build: `BALLAST_BIN=$CARGO_TARGET_DIR/release/ballast`.
 
@@ -41,7 +42,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ballast_tests::bench::{client, env_or, rank};
-use ballast_tests::{spawn_tied, wait_until, Cluster, ClusterOpts};
+use ballast_tests::{spawn_tied, test_pki, wait_until, Cluster, ClusterOpts};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -50,16 +51,9 @@ const LONG: Duration = Duration::from_secs(30);
 const HAPROXY_DEFAULT: &str = "127.71.0.2:8080";
 const HAPROXY_TUNED: &str = "127.71.0.2:8081";
 const HAPROXY_RETRY: &str = "127.71.0.2:8082";
-const NGINX: &str = "127.71.0.3:8080";
-/// The floors' addresses (`tcp`, `pingora`, `hyper`).
-const FLOORS: [(&str, &str); 3] = [
-    ("tcp", "127.71.0.4:8080"),
-    ("pingora", "127.71.0.4:8081"),
-    ("hyper", "127.71.0.4:8082"),
-];
-
-#[path = "bench_proxy/floor.rs"]
-mod floor;
+const HAPROXY_TCP: &str = "127.71.0.2:8443";
+/// The second ballast proxy, in L4 mode.
+const BALLAST_L4: &str = "127.71.0.5:6443";
 
 /// Nearest-rank percentile of sorted values.
 /// min / p50 / p99 / max by nearest rank, in milliseconds.
@@ -117,7 +111,12 @@ impl Drop for Helper {
     }
 }
 
-fn haproxy_config(c: &Cluster) -> String {
+/// HAProxy as the ballast proxy is: TLS with the proxy's certificate (`proxy.pem`: chain
+/// and key), client certificates verified and forwarded as the request-header identity,
+/// TLS with the same certificate to the masters.
+fn haproxy_config(c: &Cluster, pem: &Path) -> String {
+    let ca = test_pki().ca();
+    let (ca, pem) = (ca.display(), pem.display());
     let mut s = String::from(
         "global\n    maxconn 4096\n\n\
          defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    \
@@ -135,40 +134,44 @@ fn haproxy_config(c: &Cluster) -> String {
     ] {
         let _ = write!(
             s,
-            "frontend fe_{name}\n    bind {bind}\n    default_backend be_{name}\n\n\
+            "frontend fe_{name}\n    bind {bind} ssl crt {pem} ca-file {ca} verify optional\n    \
+             http-request del-header X-Remote-User\n    http-request del-header X-Remote-Group\n    \
+             http-request set-header X-Remote-User %[ssl_c_s_dn(CN)] if {{ ssl_c_used }}\n    \
+             http-request set-header X-Remote-Group %[ssl_c_s_dn(O)] if {{ ssl_c_used }}\n    \
+             default_backend be_{name}\n\n\
              backend be_{name}\n    option httpchk GET /readyz\n    \
-             http-check expect status 200\n    default-server {checks}\n{extra}"
+             http-check expect status 200\n    \
+             default-server {checks} ssl verify required ca-file {ca} crt {pem} check-ssl\n{extra}"
         );
         for id in c.master_ids() {
             let _ = writeln!(s, "    server {id} {} check", c.master_api(&id));
         }
         s.push('\n');
     }
+    let _ = write!(
+        s,
+        "frontend fe_tcp\n    mode tcp\n    bind {HAPROXY_TCP}\n    default_backend be_tcp\n\n\
+         backend be_tcp\n    mode tcp\n    option httpchk GET /readyz\n    \
+         http-check expect status 200\n    \
+         default-server inter 100ms fall 1 rise 1 check-ssl verify required ca-file {ca} crt {pem}\n"
+    );
+    for id in c.master_ids() {
+        let _ = writeln!(s, "    server {id} {} check", c.master_api(&id));
+    }
     s
 }
 
-fn nginx_config(dir: &Path, active: &str) -> String {
-    let d = dir.display();
-    format!(
-        "worker_processes 2;\n\
-         error_log {d}/error.log warn;\n\
-         pid {d}/nginx.pid;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n\
-         \x20   access_log off;\n\
-         \x20   client_body_temp_path {d}/body;\n\
-         \x20   proxy_temp_path {d}/proxy;\n\
-         \x20   upstream active {{ server {active}; keepalive 64; }}\n\
-         \x20   server {{\n\
-         \x20       listen {NGINX};\n\
-         \x20       location / {{\n\
-         \x20           proxy_pass http://active;\n\
-         \x20           proxy_http_version 1.1;\n\
-         \x20           proxy_set_header Connection \"\";\n\
-         \x20       }}\n\
-         \x20   }}\n\
-         }}\n"
-    )
+/// Pin every thread of `pid` to `cpu`.
+fn pin(pid: u32, cpu: u32) {
+    let out = Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .output()
+        .expect("taskset (util-linux)");
+    assert!(
+        out.status.success(),
+        "taskset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The master the ballast proxy routes to now.
@@ -251,7 +254,9 @@ fn parse_wrk(out: &str) -> Wrk {
 }
 
 fn run_wrk(args: &[String], url: &str) -> Wrk {
-    let out = Command::new("wrk")
+    // wrk on core 1, every proxy on core 0 (see `pin`)
+    let out = Command::new("taskset")
+        .args(["-c", "1", "wrk"])
         .args(args)
         .arg(url)
         .stdin(Stdio::null())
@@ -272,8 +277,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// User + system CPU seconds used so far by `pid` and its child processes (nginx's
-/// workers). `/proc` counts in USER_HZ, 100 per second on Linux.
+/// User + system CPU seconds used so far by `pid` and its child processes. `/proc`
+/// counts in USER_HZ, 100 per second on Linux.
 fn cpu_seconds(pid: u32) -> f64 {
     let own = fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -294,78 +299,99 @@ fn cpu_seconds(pid: u32) -> f64 {
     own + children
 }
 
-/// The processes behind each path of part A, for their CPU time per request.
-struct Pids {
-    haproxy: u32,
-    nginx: u32,
+/// One wrk target of part A: a name, a URL, the process to count CPU of, extra wrk args.
+struct Target {
+    name: &'static str,
+    url: String,
+    pid: u32,
+    extra: &'static [&'static str],
 }
 
-fn part_a(c: &Cluster, active: &str, pids: &Pids) {
+fn part_a(c: &Cluster, active: &str, haproxy: u32, l4: u32) {
     let args: Vec<String> = std::env::var("BENCH_WRK_ARGS")
-        .unwrap_or_else(|_| "-t2 -c32 -d10s --latency".into())
+        .unwrap_or_else(|_| "-t1 -c50 -d10s --latency".into())
         .split_whitespace()
         .map(str::to_string)
         .collect();
-    let rounds: usize = env_or("BENCH_ROUNDS", 2);
-    let upstream = c.master_api(active);
-    let floors: Vec<(String, String, Helper)> = FLOORS
-        .iter()
-        .map(|(kind, addr)| {
-            let log = c.dir().join(format!("floor-{kind}.log"));
-            let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
-            cmd.args(["--floor", kind, addr, &upstream.to_string()]);
-            let h = Helper::start("floor", &mut cmd, &log);
-            (format!("floor-{kind}"), format!("http://{addr}/readyz"), h)
-        })
-        .collect();
-    for (_, url, _) in &floors {
-        wait_streak(url, 20);
-    }
-    let mut targets: Vec<(String, String, u32)> = vec![
-        (
-            "direct".into(),
-            format!("{}/readyz", c.master_url(active)),
-            c.pid(active).unwrap_or(0),
-        ),
-        (
-            "ballast".into(),
-            format!("{}/readyz", c.proxy_url()),
-            c.pid("proxy").unwrap_or(0),
-        ),
-        (
-            "haproxy".into(),
-            format!("http://{HAPROXY_DEFAULT}/readyz"),
-            pids.haproxy,
-        ),
-        ("nginx".into(), format!("http://{NGINX}/readyz"), pids.nginx),
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
+    let proxy = c.pid("proxy").unwrap_or(0);
+    let close: &[&str] = &["-H", "Connection: close"];
+    let targets = [
+        Target {
+            name: "direct",
+            url: format!("{}/readyz", c.master_url(active)),
+            pid: c.pid(active).unwrap_or(0),
+            extra: &[],
+        },
+        Target {
+            name: "ballast",
+            url: format!("{}/readyz", c.proxy_url()),
+            pid: proxy,
+            extra: &[],
+        },
+        Target {
+            name: "haproxy",
+            url: format!("https://{HAPROXY_DEFAULT}/readyz"),
+            pid: haproxy,
+            extra: &[],
+        },
+        Target {
+            name: "ballast-newconn",
+            url: format!("{}/readyz", c.proxy_url()),
+            pid: proxy,
+            extra: close,
+        },
+        Target {
+            name: "haproxy-newconn",
+            url: format!("https://{HAPROXY_DEFAULT}/readyz"),
+            pid: haproxy,
+            extra: close,
+        },
+        Target {
+            name: "ballast-l4",
+            url: format!("https://{BALLAST_L4}/readyz"),
+            pid: l4,
+            extra: &[],
+        },
+        Target {
+            name: "haproxy-tcp",
+            url: format!("https://{HAPROXY_TCP}/readyz"),
+            pid: haproxy,
+            extra: &[],
+        },
     ];
-    for (name, url, h) in &floors {
-        targets.push((name.clone(), url.clone(), h.child.id()));
+    for pid in [proxy, haproxy, l4] {
+        pin(pid, 0);
     }
     println!(
-        "\n== part A: wrk {} against /readyz of the active master ({active}) ==",
+        "\n== part A: wrk {} against /readyz of the active master ({active}); proxies on core 0, wrk on core 1 ==",
         args.join(" ")
     );
+    let with = |t: &Target, base: &[String]| -> Vec<String> {
+        base.iter()
+            .cloned()
+            .chain(t.extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
     // warm up every path (connection pools, page cache)
-    let warm: Vec<String> = ["-t2", "-c32", "-d2s"].map(String::from).to_vec();
-    for (_, url, _) in &targets {
-        run_wrk(&warm, url);
+    let warm: Vec<String> = ["-t1", "-c50", "-d2s"].map(String::from).to_vec();
+    for t in &targets {
+        run_wrk(&with(t, &warm), &t.url);
     }
     let mut results: Vec<Vec<(Wrk, f64)>> = vec![Vec::new(); targets.len()];
     for round in 1..=rounds {
-        for (i, (name, url, pid)) in targets.iter().enumerate() {
+        for (i, t) in targets.iter().enumerate() {
             thread::sleep(Duration::from_millis(500));
-            let cpu0 = cpu_seconds(*pid);
-            let w = run_wrk(&args, url);
-            let us = (cpu_seconds(*pid) - cpu0) * 1e6 / w.requests.max(1) as f64;
+            let cpu0 = cpu_seconds(t.pid);
+            let w = run_wrk(&with(t, &args), &t.url);
+            let us = (cpu_seconds(t.pid) - cpu0) * 1e6 / w.requests.max(1) as f64;
             println!(
-                "round {round} {name:13} {:9.0} req/s  p50 {:6.2} ms  p99 {:6.2} ms  cpu {us:5.1} us/req  non-2xx {}  {}",
-                w.rps, w.p50_ms, w.p99_ms, w.non2xx, w.errors
+                "round {round} {:16} {:9.0} req/s  p50 {:6.2} ms  p99 {:6.2} ms  cpu {us:6.1} us/req  non-2xx {}  {}",
+                t.name, w.rps, w.p50_ms, w.p99_ms, w.non2xx, w.errors
             );
             results[i].push((w, us));
         }
     }
-    drop(floors);
     let (now, _) = c.wait_one_active(LONG);
     if now != active {
         println!("WARNING: the active master changed during part A ({active} -> {now})");
@@ -384,29 +410,23 @@ fn part_a(c: &Cluster, active: &str, pids: &Pids) {
             )
         })
         .collect();
-    for ((name, _, _), (rps, p50, p99, us)) in targets.iter().zip(&med) {
-        println!("| {name} | {rps:.0} | {p50:.2} | {p99:.2} | {us:.1} |");
+    for (t, (rps, p50, p99, us)) in targets.iter().zip(&med) {
+        println!("| {} | {rps:.0} | {p50:.2} | {p99:.2} | {us:.1} |", t.name);
     }
-    let (b, h) = (med[1], med[2]);
-    println!(
-        "ballast/haproxy: req/s {:.2}x (goal >= 1.0: {}), p99 {:.2}x (goal <= 1.0: {})",
-        b.0 / h.0,
-        if b.0 >= h.0 { "met" } else { "NOT met" },
-        b.2 / h.2,
-        if b.2 <= h.2 { "met" } else { "NOT met" },
-    );
-    println!(
-        "ballast/nginx: req/s {:.2}x, p99 {:.2}x; ballast/direct: req/s {:.2}x",
-        b.0 / med[3].0,
-        b.2 / med[3].2,
-        b.0 / med[0].0
-    );
-    for (i, (name, _, _)) in targets.iter().enumerate().skip(4) {
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    for (what, b, h) in [
+        ("keep-alive TLS", 1, 2),
+        ("new TLS connections", 3, 4),
+        ("L4 passthrough", 5, 6),
+    ] {
+        let (b, h) = (med[b], med[h]);
         println!(
-            "{name}/haproxy: req/s {:.2}x, p99 {:.2}x, CPU per request {:.2}x",
-            med[i].0 / h.0,
-            med[i].2 / h.2,
-            med[i].3 / h.3
+            "ballast/haproxy {what}: req/s {:.2}x (goal >= 1.0: {}), p99 {:.2}x (goal <= 1.0: {}), CPU per request {:.2}x",
+            b.0 / h.0,
+            verdict(b.0 >= h.0),
+            b.2 / h.2,
+            verdict(b.2 <= h.2),
+            b.3 / h.3,
         );
     }
 }
@@ -509,11 +529,14 @@ fn part_b(c: &mut Cluster) {
     let path = "/api/v1/namespaces";
     let fronts: Vec<Arc<Front>> = [
         ("ballast", format!("{}{path}", c.proxy_url())),
-        ("haproxy-default", format!("http://{HAPROXY_DEFAULT}{path}")),
-        ("haproxy-tuned", format!("http://{HAPROXY_TUNED}{path}")),
+        (
+            "haproxy-default",
+            format!("https://{HAPROXY_DEFAULT}{path}"),
+        ),
+        ("haproxy-tuned", format!("https://{HAPROXY_TUNED}{path}")),
         (
             "haproxy-tuned-retry",
-            format!("http://{HAPROXY_RETRY}{path}"),
+            format!("https://{HAPROXY_RETRY}{path}"),
         ),
     ]
     .into_iter()
@@ -650,21 +673,29 @@ fn part_b(c: &mut Cluster) {
     );
 }
 
+/// A second ballast proxy in L4 mode on [`BALLAST_L4`], from a copy of the cluster's
+/// config (its own DNS and admin addresses).
+fn start_l4_proxy(c: &Cluster) -> Helper {
+    let mut cfg = c.config().clone();
+    cfg.proxy.mode = ballast_config::ProxyMode::Tcp;
+    cfg.proxy.api = BALLAST_L4.parse().unwrap();
+    cfg.proxy.dns = "127.71.0.5:5353".parse().unwrap();
+    cfg.proxy.admin = "127.71.0.5:9180".parse().unwrap();
+    let path = c.dir().join("ballast-l4.toml");
+    fs::write(&path, ballast_config::local::to_toml(&cfg)).unwrap();
+    let log = c.dir().join("logs/proxy-l4.log");
+    let mut cmd = Command::new(ballast_tests::ballast_bin());
+    cmd.args(["proxy", "--config"])
+        .arg(&path)
+        .current_dir(c.dir());
+    Helper::start("ballast proxy (L4)", &mut cmd, &log)
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--floor") {
-        let addr = |i: usize| -> std::net::SocketAddr {
-            args.get(i)
-                .and_then(|a| a.parse().ok())
-                .expect("usage: bench_proxy --floor <tcp|pingora|hyper> <listen> <upstream>")
-        };
-        floor::run(&args[2], addr(3), addr(4));
-        return;
-    }
     let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "ab".into());
     println!(
-        "bench-proxy: 3 masters + ballast proxy in 127.{BLOCK}.0.0/16, haproxy {HAPROXY_DEFAULT} \
-         (default checks) / {HAPROXY_TUNED} (tuned), nginx {NGINX}; binary {}",
+        "bench-proxy: 3 masters + ballast proxy in 127.{BLOCK}.0.0/16 (TLS), haproxy {HAPROXY_DEFAULT} \
+         (default checks) / {HAPROXY_TUNED} (tuned) / {HAPROXY_TCP} (mode tcp), ballast L4 {BALLAST_L4}; binary {}",
         ballast_tests::ballast_bin().display()
     );
     let mut c = Cluster::start(ClusterOpts::new(BLOCK).proxy(true), |_| {});
@@ -675,7 +706,15 @@ fn main() {
 
     let hdir = c.dir().join("haproxy");
     fs::create_dir_all(&hdir).unwrap();
-    fs::write(hdir.join("haproxy.cfg"), haproxy_config(&c)).unwrap();
+    // HAProxy's `crt`: the certificate chain and its key in one file
+    let (crt, key) = ballast_config::pki::identity_paths(&c.pki_dir(), "proxy");
+    let pem = hdir.join("proxy.pem");
+    fs::write(
+        &pem,
+        [fs::read(&crt).unwrap(), fs::read(&key).unwrap()].concat(),
+    )
+    .unwrap();
+    fs::write(hdir.join("haproxy.cfg"), haproxy_config(&c, &pem)).unwrap();
     let hlog = hdir.join("haproxy.log");
     let mut haproxy = Helper::start(
         "haproxy",
@@ -685,52 +724,25 @@ fn main() {
             .arg(hdir.join("haproxy.cfg")),
         &hlog,
     );
-
-    let mut nginx = None;
-    if parts.contains('a') {
-        let ndir = c.dir().join("nginx");
-        fs::create_dir_all(&ndir).unwrap();
-        fs::write(
-            ndir.join("nginx.conf"),
-            nginx_config(&ndir, &c.master_api(&active).to_string()),
-        )
-        .unwrap();
-        let nlog = ndir.join("nginx.out");
-        nginx = Some((
-            Helper::start(
-                "nginx",
-                Command::new("nginx")
-                    .arg("-p")
-                    .arg(&ndir)
-                    .arg("-c")
-                    .arg(ndir.join("nginx.conf"))
-                    .arg("-g")
-                    .arg("daemon off;"),
-                &nlog,
-            ),
-            nlog,
-        ));
-    }
+    let l4_log = c.dir().join("logs/proxy-l4.log");
+    let mut l4 = start_l4_proxy(&c);
     thread::sleep(Duration::from_millis(500));
     haproxy.check_running(&hlog);
-    if let Some((n, log)) = nginx.as_mut() {
-        n.check_running(log);
-    }
-    wait_streak(&format!("http://{HAPROXY_DEFAULT}/readyz"), 20);
-    wait_streak(&format!("http://{HAPROXY_TUNED}/readyz"), 20);
-    wait_streak(&format!("http://{HAPROXY_RETRY}/readyz"), 20);
-    if nginx.is_some() {
-        wait_streak(&format!("http://{NGINX}/readyz"), 20);
+    l4.check_running(&l4_log);
+    for front in [
+        HAPROXY_DEFAULT,
+        HAPROXY_TUNED,
+        HAPROXY_RETRY,
+        HAPROXY_TCP,
+        BALLAST_L4,
+    ] {
+        wait_streak(&format!("https://{front}/readyz"), 20);
     }
 
-    if let Some((n, _)) = nginx.as_ref().filter(|_| parts.contains('a')) {
-        let pids = Pids {
-            haproxy: haproxy.child.id(),
-            nginx: n.child.id(),
-        };
-        part_a(&c, &active, &pids);
+    if parts.contains('a') {
+        part_a(&c, &active, haproxy.child.id(), l4.child.id());
     }
-    drop(nginx);
+    drop(l4);
     if parts.contains('b') {
         part_b(&mut c);
     }

@@ -1116,10 +1116,11 @@ pub mod bench {
             .unwrap_or(default)
     }
 
-    /// A blocking HTTP client for load loops: no proxy, `TCP_NODELAY`, `timeout` per request.
+    /// A blocking HTTPS client for load loops, as `admin` of the test CA: no proxy,
+    /// `TCP_NODELAY`, `timeout` per request.
     pub fn client(timeout: Duration) -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder()
-            .no_proxy()
+        super::test_pki()
+            .admin_builder()
             .tcp_nodelay(true)
             .timeout(timeout)
             .build()

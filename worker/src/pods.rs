@@ -1113,7 +1113,7 @@ mod tests {
         m.upsert(pod("u1", "echo hi; exec sleep 30", "Always"));
         m.upsert(pod("u2", "exit 3", "OnFailure"));
         let pid = wait("u1 started", || pid_of(&c1, "u1")).await;
-        assert!(process::alive(pid, 0));
+        assert!(process::start_ticks(pid).is_some());
         // OnFailure with exit 3: restarted with back-off, restart count grows.
         wait("u2 restarted twice", || {
             let r = c1
@@ -1133,7 +1133,7 @@ mod tests {
             h.task.abort();
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(process::alive(pid, 0));
+        assert!(process::start_ticks(pid).is_some());
 
         // The next worker adopts the process: same pid, no second one.
         let stop2 = CancellationToken::new();
@@ -1153,7 +1153,10 @@ mod tests {
         deleting.metadata.deletion_timestamp = Some(Time(crate::now()));
         deleting.metadata.deletion_grace_period_seconds = Some(1);
         m2.upsert(deleting);
-        wait("u1 stopped", || (!process::alive(pid, 0)).then_some(())).await;
+        wait("u1 stopped", || {
+            process::start_ticks(pid).is_none().then_some(())
+        })
+        .await;
         // Gone from the API: forgotten.
         m2.gone("u1");
         wait("u1 forgotten, its logs too", || {
@@ -1168,7 +1171,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), m2.wait_all())
             .await
             .unwrap();
-        assert!(!process::alive(pid3, 0));
+        assert!(process::start_ticks(pid3).is_none());
         let rec = c2.state.snapshot().pods["u3"].containers["c"].clone();
         assert_eq!(rec.pid, None);
         assert_eq!(rec.last.unwrap().exit_code, 143);

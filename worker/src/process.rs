@@ -128,7 +128,12 @@ pub fn spawn(spec: &ProcSpec) -> Result<Started, SpawnError> {
         source,
     })?;
     let pid = child.id().unwrap_or(0);
-    let start_ticks = start_ticks(pid).unwrap_or(0);
+    // Read in any state: a child that already exited is a zombie until it is reaped, and
+    // until then its pid is still this process's (no other process can reuse it).
+    let start_ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_stat(&s))
+        .map_or(0, |(_, t)| t);
     Ok(Started {
         pid,
         start_ticks,
@@ -158,9 +163,10 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
     }
 }
 
-/// Whether the process `pid` that started at `ticks` still runs (not a reused pid).
+/// Whether the process `pid` that started at `ticks` still runs (not a reused pid). An
+/// unknown start time (0) proves nothing: such a pid is never taken for the process.
 pub fn alive(pid: u32, ticks: u64) -> bool {
-    start_ticks(pid).is_some_and(|t| ticks == 0 || t == ticks)
+    ticks != 0 && start_ticks(pid) == Some(ticks)
 }
 
 /// Signal a container's whole process group (best effort).
