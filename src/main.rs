@@ -57,6 +57,10 @@ enum Cmd {
         /// The cluster config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// This proxy's id in the config's `[[proxies]]` (e.g. `p1`); not needed with one
+        /// `[proxy]`.
+        #[arg(long)]
+        id: Option<String>,
     },
     /// Run one worker node.
     Worker {
@@ -135,10 +139,10 @@ fn run(cmd: Cmd, log_format: LogFormat) -> anyhow::Result<()> {
     match cmd {
         Cmd::Up(args) => up::run(args, log_format),
         Cmd::Pki(cmd) => pki::run(cmd),
-        Cmd::Proxy { config } => {
+        Cmd::Proxy { config, id } => {
             no_transparent_huge_pages();
             // The proxy owns its runtimes and signal handling (pingora).
-            ballast_proxy::run(&config).context("proxy failed")
+            ballast_proxy::run(&config, id.as_deref()).context("proxy failed")
         }
         Cmd::Master { config, id } => {
             no_transparent_huge_pages();

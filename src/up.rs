@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ballast_config::local::{local_cluster, to_toml, AddressPlan};
+use ballast_config::local::{local_cluster, to_toml, with_proxies, AddressPlan};
 use ballast_config::ClusterConfig;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
@@ -35,6 +35,11 @@ pub struct UpArgs {
     /// Number of workers. Only used when DIR has no config yet.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Number of proxies. With more than one, proxies p1..pN run on 127.0.3.I and share
+    /// the VIP 127.0.0.1 (the one proxy's address), which exactly one of them serves.
+    /// Only used when DIR has no config yet.
+    #[arg(long, default_value_t = 1)]
+    proxies: usize,
     /// Put every node in 127.K.0.0/16 instead of the default addresses (127.0.1.x masters,
     /// 127.0.0.1 proxy, 127.0.2.x workers), e.g. to run two clusters side by side.
     #[arg(long, value_name = "K")]
@@ -92,9 +97,13 @@ async fn run_async(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
     let config_path = dir.join("ballast.toml");
     let config = if config_path.exists() {
         let loaded = ballast_config::load(&config_path)?;
-        if args.masters != 3 || args.workers != 2 || args.address_block.is_some() {
+        if args.masters != 3
+            || args.workers != 2
+            || args.proxies != 1
+            || args.address_block.is_some()
+        {
             eprintln!(
-                "note: {} exists; using it as is (--masters/--workers/--address-block only apply to a new DIR)",
+                "note: {} exists; using it as is (--masters/--workers/--proxies/--address-block only apply to a new DIR)",
                 config_path.display()
             );
         }
@@ -103,14 +112,20 @@ async fn run_async(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
         if args.masters == 0 {
             bail!("--masters must be at least 1");
         }
-        if args.masters > 254 || args.workers > 254 {
-            bail!("at most 254 masters and 254 workers fit in an address block");
+        if args.masters > 254 || args.workers > 254 || args.proxies > 254 {
+            bail!("at most 254 masters, 254 workers and 254 proxies fit in an address block");
+        }
+        if args.proxies == 0 {
+            bail!("--proxies must be at least 1");
         }
         let plan = args
             .address_block
             .map(AddressPlan::block)
             .unwrap_or_default();
-        let c = local_cluster(args.masters, args.workers, plan);
+        let mut c = local_cluster(args.masters, args.workers, plan);
+        if args.proxies > 1 {
+            with_proxies(&mut c, args.proxies, plan);
+        }
         let text = to_toml(&c);
         // Validate what we write, exactly as a child will read it.
         ballast_config::parse_str(&config_path, &text)?;
@@ -154,11 +169,26 @@ async fn run_async(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
             child: None,
         });
     }
-    nodes.push(Node {
-        id: "proxy".into(),
-        args: vec!["proxy".into(), "--config".into(), cfg.clone()],
-        child: None,
-    });
+    if config.proxies.is_empty() {
+        nodes.push(Node {
+            id: "proxy".into(),
+            args: vec!["proxy".into(), "--config".into(), cfg.clone()],
+            child: None,
+        });
+    }
+    for p in &config.proxies {
+        nodes.push(Node {
+            id: p.id.clone(),
+            args: vec![
+                "proxy".into(),
+                "--config".into(),
+                cfg.clone(),
+                "--id".into(),
+                p.id.clone(),
+            ],
+            child: None,
+        });
+    }
     for w in &config.workers {
         nodes.push(Node {
             id: w.id.clone(),
@@ -291,6 +321,11 @@ fn check_addresses_free(c: &ClusterConfig) -> anyhow::Result<()> {
     tcp.push(("proxy api".into(), c.proxy.api));
     tcp.push(("proxy admin".into(), c.proxy.admin));
     tcp.push(("proxy dns (tcp)".into(), c.proxy.dns));
+    for p in &c.proxies {
+        tcp.push((format!("proxy {} api", p.id), p.api));
+        tcp.push((format!("proxy {} admin", p.id), p.admin));
+        tcp.push((format!("proxy {} dns (tcp)", p.id), p.dns));
+    }
     for w in &c.workers {
         tcp.push((format!("worker {}", w.id), w.address));
     }
@@ -337,6 +372,18 @@ fn print_summary(dir: &Path, c: &ClusterConfig) {
         "  metrics:       http://{}/metrics   status: http://{}/status",
         c.proxy.admin, c.proxy.admin
     );
+    if !c.proxies.is_empty() {
+        let proxies: Vec<String> = c
+            .proxies
+            .iter()
+            .map(|p| format!("{}={}", p.id, p.api))
+            .collect();
+        println!(
+            "  proxies:       {} (one of them holds the VIP {} and serves the addresses above)",
+            proxies.join(" "),
+            c.proxy.api.ip()
+        );
+    }
     println!("  masters:       {}", masters.join(" "));
     println!("  workers:       {}", workers.join(" "));
     println!(

@@ -129,6 +129,8 @@ impl LoadedConfig {
             &m.tls
         } else if let Some(w) = c.worker(id) {
             &w.tls
+        } else if let Some(p) = c.proxies.iter().find(|p| p.id == id) {
+            &p.tls
         } else if c.proxy.id == id {
             &c.proxy.tls
         } else {

@@ -107,9 +107,27 @@ pub fn local_cluster(masters: usize, workers: usize, plan: AddressPlan) -> Clust
             ..WorkerDefaults::default()
         },
         workers,
+        proxies: Vec::new(),
+        vip: None,
         tls: TlsConfig::default(),
         auth: AuthConfig::default(),
     }
+}
+
+/// Give `c` `n` proxies `p1`..`pN` on `127.K.3.I` (their own API, DNS and admin
+/// addresses) sharing a VIP: the `[proxy]` row's address (`127.0.0.1` by default), which
+/// the holder serves besides its own. The workers keep reaching the API at that address.
+pub fn with_proxies(c: &mut ClusterConfig, n: usize, plan: AddressPlan) {
+    c.proxies = (1..=n)
+        .map(|i| ProxyNode {
+            id: format!("p{i}"),
+            api: plan.addr(3, i as u8, 6443),
+            dns: plan.addr(3, i as u8, 5353),
+            admin: plan.addr(3, i as u8, 9180),
+            tls: CertFiles::default(),
+        })
+        .collect();
+    c.vip = Some(VipConfig::new(c.proxy.api.ip()));
 }
 
 /// Render a config as TOML with a header comment.

@@ -12,7 +12,7 @@
 //! | identity | CN | O | serves (SANs) |
 //! | --- | --- | --- | --- |
 //! | master `mI` | `master:mI` | `ballast:masters` | its API and peer IPs, `mI.<zone>`, `api.<zone>`, the proxy's names |
-//! | proxy | `proxy:<id>` | `ballast:proxies` | its API IP, `api.<zone>`, `proxy.<zone>` |
+//! | proxy | `proxy:<id>` | `ballast:proxies` | its API IP (and the VIP's), `api.<zone>`, `proxy.<zone>` |
 //! | worker `wI` | `system:node:wI` | `system:nodes` | its IP, `wI` |
 //! | admin | `admin` | `system:masters` | — (client only) |
 //!
@@ -136,7 +136,15 @@ pub fn identities(c: &ClusterConfig) -> Vec<IdentitySpec> {
     let api_name = format!("api.{zone}");
     let proxy_name = format!("proxy.{zone}");
     let mut out = Vec::new();
-    let proxy_ips = vec![c.proxy.api.ip()];
+    // every address a client may reach a proxy at: the one proxy's, or the VIP and each
+    // of several proxies' own
+    let mut proxy_ips = vec![c.proxy.api.ip()];
+    for p in &c.proxies {
+        push_unique(&mut proxy_ips, p.api.ip());
+    }
+    if let Some(v) = &c.vip {
+        push_unique(&mut proxy_ips, v.address);
+    }
     for m in &c.masters {
         let mut ips = Vec::new();
         push_unique(&mut ips, m.api.ip());
@@ -157,13 +165,34 @@ pub fn identities(c: &ClusterConfig) -> Vec<IdentitySpec> {
             ips,
         });
     }
-    out.push(IdentitySpec {
-        name: c.proxy.id.clone(),
-        user: proxy_user(&c.proxy.id),
-        groups: vec![PROXIES_GROUP.into()],
-        dns_names: vec![api_name.clone(), proxy_name.clone()],
-        ips: proxy_ips.clone(),
-    });
+    if c.proxies.is_empty() {
+        out.push(IdentitySpec {
+            name: c.proxy.id.clone(),
+            user: proxy_user(&c.proxy.id),
+            groups: vec![PROXIES_GROUP.into()],
+            dns_names: vec![api_name.clone(), proxy_name.clone()],
+            ips: proxy_ips.clone(),
+        });
+    }
+    for p in &c.proxies {
+        // its own address, and the VIP's (any of them may hold it)
+        let mut ips = vec![p.api.ip(), c.proxy.api.ip()];
+        if let Some(v) = &c.vip {
+            push_unique(&mut ips, v.address);
+        }
+        ips.dedup();
+        out.push(IdentitySpec {
+            name: p.id.clone(),
+            user: proxy_user(&p.id),
+            groups: vec![PROXIES_GROUP.into()],
+            dns_names: vec![
+                api_name.clone(),
+                proxy_name.clone(),
+                format!("{}.{zone}", p.id),
+            ],
+            ips,
+        });
+    }
     for w in &c.workers {
         out.push(IdentitySpec {
             name: w.id.clone(),

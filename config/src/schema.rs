@@ -21,9 +21,17 @@ pub struct ClusterConfig {
     pub control: ControlConfig,
     /// The master nodes; keep their number odd.
     pub masters: Vec<MasterConfig>,
-    /// The proxy + DNS responder + admin endpoint.
+    /// The proxy + DNS responder + admin endpoint: the one proxy, or, with `[[proxies]]`,
+    /// the settings they share and the addresses served on the VIP.
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// Several proxies, each with its own addresses (optional; without it `[proxy]` is
+    /// the one proxy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxies: Vec<ProxyNode>,
+    /// A virtual IP held by exactly one of the `[[proxies]]` at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<VipConfig>,
     /// Settings shared by every worker.
     #[serde(default)]
     pub worker: WorkerDefaults,
@@ -282,6 +290,68 @@ pub struct ProxyConfig {
     /// The proxy's certificate and key. Default `<tls.dir>/<id>.crt|.key`.
     #[serde(default, skip_serializing_if = "CertFiles::is_default")]
     pub tls: CertFiles,
+}
+
+/// One of several proxies: its id and its own addresses (the rest of its settings are
+/// `[proxy]`'s).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyNode {
+    /// Unique id, e.g. `p1` (a DNS label; the name of its certificate).
+    pub id: String,
+    /// Its own API address.
+    pub api: SocketAddr,
+    /// Its own DNS responder (UDP and TCP).
+    pub dns: SocketAddr,
+    /// Its own admin endpoint.
+    pub admin: SocketAddr,
+    /// Its certificate and key. Default `<tls.dir>/<id>.crt|.key`.
+    #[serde(default, skip_serializing_if = "CertFiles::is_default")]
+    pub tls: CertFiles,
+}
+
+/// The VIP of several proxies: its holder also serves `[proxy]`'s API, DNS and admin
+/// addresses (which must be on the VIP).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    /// The virtual IP.
+    pub address: std::net::IpAddr,
+    /// Prefix length when the VIP is added to `interface`. Default 32 (128 for IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<u8>,
+    /// The interface the holder adds the VIP to (needs CAP_NET_ADMIN). Without it the
+    /// VIP is an address every proxy host already has (loopback: `127.0.0.0/8`), and
+    /// holding it means serving on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// How long a lease version must stand before another proxy may take the VIP.
+    /// Default `900ms`.
+    #[serde(with = "humantime_serde", default = "d_vip_lease")]
+    pub lease: Duration,
+    /// How often the holder renews (and every proxy reads the lease). Default `100ms`.
+    #[serde(with = "humantime_serde", default = "d_vip_renew")]
+    pub renew: Duration,
+}
+
+impl VipConfig {
+    /// A VIP at `address` with the default timings, added to no interface.
+    pub fn new(address: std::net::IpAddr) -> Self {
+        Self {
+            address,
+            prefix: None,
+            interface: None,
+            lease: d_vip_lease(),
+            renew: d_vip_renew(),
+        }
+    }
+}
+
+fn d_vip_lease() -> Duration {
+    Duration::from_millis(900)
+}
+fn d_vip_renew() -> Duration {
+    Duration::from_millis(100)
 }
 
 /// How the proxy forwards.

@@ -181,6 +181,53 @@ pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
             "must be a DNS name like `ballast.local`",
         ));
     }
+    for (i, pn) in c.proxies.iter().enumerate() {
+        let p = |k: &str| vec![key("proxies"), PathSeg::Index(i), key(k)];
+        if !is_dns_label(&pn.id) {
+            return Err(err(p("id"), ValidationErrorKind::BadId(pn.id.clone())));
+        }
+        if ids.insert(&pn.id, ()).is_some() {
+            return Err(err(
+                p("id"),
+                ValidationErrorKind::DuplicateId(pn.id.clone()),
+            ));
+        }
+        claim(pn.api, format!("proxy {} (api)", pn.id), p("api"))?;
+        claim(pn.admin, format!("proxy {} (admin)", pn.id), p("admin"))?;
+        claim(pn.dns, format!("proxy {} (dns)", pn.id), p("dns"))?;
+    }
+    if let Some(v) = &c.vip {
+        let vp = |k: &str| vec![key("vip"), key(k)];
+        if c.proxies.is_empty() {
+            return Err(invalid(
+                vec![key("vip")],
+                "a VIP needs several proxies: add [[proxies]]",
+            ));
+        }
+        for (k, addr) in [("api", px.api), ("dns", px.dns), ("admin", px.admin)] {
+            if addr.ip() != v.address {
+                return Err(invalid(
+                    pp(k),
+                    format!(
+                        "with a [vip], [proxy] addresses are the ones served on the VIP: use {}",
+                        v.address
+                    ),
+                ));
+            }
+        }
+        if v.interface.is_some() {
+            return Err(invalid(
+                vp("interface"),
+                "adding the VIP to an interface is not supported yet: leave it out and use an address the proxy hosts already route to themselves (a loopback address)",
+            ));
+        }
+        if v.renew.is_zero() || v.lease < v.renew * 3 {
+            return Err(invalid(
+                vp("lease"),
+                "must be at least three times vip.renew (and renew more than zero)",
+            ));
+        }
+    }
     let hp = |k: &str| vec![key("proxy"), key("health"), key(k)];
     if px.health.interval.is_zero() {
         return Err(invalid(hp("interval"), "must be greater than zero"));

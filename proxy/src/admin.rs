@@ -15,6 +15,11 @@ use crate::state::Shared;
 /// The `/status` document.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct Status {
+    /// The answering proxy's id.
+    pub id: String,
+    /// Whether it holds the VIP (absent without a `[vip]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vip_holder: Option<bool>,
     pub active: Option<String>,
     pub masters: Vec<StatusMaster>,
     pub failovers: u64,
@@ -32,8 +37,10 @@ pub struct StatusMaster {
 }
 
 impl Status {
-    pub fn from_routing(r: &Routing, held: usize) -> Self {
+    pub fn new(id: &str, r: &Routing, held: usize, vip_holder: Option<bool>) -> Self {
         Self {
+            id: id.to_string(),
+            vip_holder,
             active: r.active.as_ref().map(|a| a.id.clone()),
             masters: r
                 .masters
@@ -70,7 +77,17 @@ async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn status(State(s): State<Arc<Shared>>) -> Json<Status> {
-    Json(Status::from_routing(&s.current(), s.held()))
+    let settings = s.settings();
+    let vip_holder = settings
+        .vip
+        .as_ref()
+        .map(|_| s.metrics.vip_holder.get() == 1);
+    Json(Status::new(
+        &settings.proxy.id,
+        &s.current(),
+        s.held(),
+        vip_holder,
+    ))
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
@@ -105,11 +122,13 @@ mod tests {
             }],
             failovers: 0,
         };
-        let v = serde_json::to_value(Status::from_routing(&r, 0)).unwrap();
+        let v = serde_json::to_value(Status::new("proxy", &r, 0, None)).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"active":"m1","masters":[{"id":"m1","address":"127.0.1.1:6443",
+            serde_json::json!({"id":"proxy","active":"m1","masters":[{"id":"m1","address":"127.0.1.1:6443",
                 "healthy":true,"active":true,"term":7}],"failovers":0,"held":0})
         );
+        let v = serde_json::to_value(Status::new("p2", &r, 0, Some(true))).unwrap();
+        assert_eq!(v["vip_holder"], true);
     }
 }

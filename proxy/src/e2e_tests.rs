@@ -224,6 +224,7 @@ fn settings(masters: &[&FakeMaster], hold: Duration) -> Settings {
             .iter()
             .map(|m| (m.state.id.clone(), m.addr))
             .collect(),
+        vip: None,
     }
 }
 

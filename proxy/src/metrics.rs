@@ -27,6 +27,10 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// L4 mode: client connections by outcome.
     pub tcp_connections: IntCounterVec,
+    /// 1 while this proxy serves the VIP.
+    pub vip_holder: IntGauge,
+    /// How often this proxy started or stopped serving the VIP.
+    pub vip_changes: IntCounter,
 }
 
 impl Metrics {
@@ -136,9 +140,21 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let vip_holder = IntGauge::new(
+            "ballast_proxy_vip_holder",
+            "1 while this proxy holds the VIP (serves its addresses), 0 otherwise",
+        )
+        .expect("valid metric");
+        let vip_changes = IntCounter::new(
+            "ballast_proxy_vip_changes_total",
+            "How often this proxy took or let go of the VIP",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(active_master.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(tcp_connections.clone()),
+            Box::new(vip_holder.clone()),
+            Box::new(vip_changes.clone()),
             Box::new(upstream_healthy.clone()),
             Box::new(master_term.clone()),
             Box::new(failovers.clone()),
@@ -171,6 +187,8 @@ impl Metrics {
             upstream_retries,
             config_reloads,
             tcp_connections,
+            vip_holder,
+            vip_changes,
         }
     }
 

@@ -18,17 +18,57 @@ use crate::metrics::Metrics;
 /// The part of the cluster config the proxy uses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
+    /// `[proxy]`, with this proxy's own id and addresses.
     pub proxy: ProxyConfig,
     /// `(id, api address)` of every master, in config order.
     pub masters: Vec<(String, SocketAddr)>,
+    /// The VIP this proxy competes for, when the config has one.
+    pub vip: Option<crate::vip::VipSettings>,
 }
 
+/// The config names no proxy `id`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown proxy id `{0}` (not in the config's [[proxies]])")]
+pub struct UnknownProxy(pub String);
+
 impl Settings {
-    pub fn from_cluster(c: &ClusterConfig) -> Self {
-        Self {
-            proxy: c.proxy.clone(),
-            masters: c.masters.iter().map(|m| (m.id.clone(), m.api)).collect(),
+    /// The settings of proxy `id`: one of `[[proxies]]`, or the one `[proxy]` (`id`
+    /// `None`, or its id).
+    pub fn from_cluster(c: &ClusterConfig, id: Option<&str>) -> Result<Self, UnknownProxy> {
+        let mut proxy = c.proxy.clone();
+        let mine = match id {
+            Some(id) => c.proxies.iter().find(|p| p.id == id),
+            None => c.proxies.first().filter(|_| c.proxies.len() == 1),
+        };
+        match (mine, id) {
+            (Some(p), _) => {
+                proxy.id = p.id.clone();
+                proxy.api = p.api;
+                proxy.dns = p.dns;
+                proxy.admin = p.admin;
+                proxy.tls = p.tls.clone();
+            }
+            (None, Some(id)) if id != c.proxy.id => return Err(UnknownProxy(id.to_string())),
+            (None, None) if !c.proxies.is_empty() => {
+                return Err(UnknownProxy("(none given: use --id)".into()))
+            }
+            (None, _) => {}
         }
+        let vip = c.vip.as_ref().map(|v| crate::vip::VipSettings {
+            me: proxy.id.clone(),
+            address: v.address,
+            timings: crate::lease::Timings::new(v.lease, v.renew),
+            addrs: crate::listeners::Addrs {
+                api: c.proxy.api,
+                dns: c.proxy.dns,
+                admin: c.proxy.admin,
+            },
+        });
+        Ok(Self {
+            proxy,
+            masters: c.masters.iter().map(|m| (m.id.clone(), m.api)).collect(),
+            vip,
+        })
     }
 }
 
@@ -367,6 +407,7 @@ mod tests {
                 ("m1".into(), "127.0.1.1:6443".parse().unwrap()),
                 ("m2".into(), "127.0.1.2:6443".parse().unwrap()),
             ],
+            vip: None,
         }
     }
 

@@ -187,9 +187,13 @@ fn proxy_active(c: &Cluster) -> Option<String> {
     v["active"].as_str().map(str::to_string)
 }
 
-/// `n` consecutive 200s for `url`.
+/// `n` consecutive 200s for `url` (from a client verifying the server's certificate
+/// against `name` when given, else against the address dialed).
 fn wait_streak(url: &str, n: usize) {
-    let http = client(Duration::from_secs(2));
+    wait_streak_with(url, n, client(Duration::from_secs(2)));
+}
+
+fn wait_streak_with(url: &str, n: usize, http: reqwest::blocking::Client) {
     let mut streak = 0;
     wait_until(&format!("{n} consecutive 200s from {url}"), LONG, || {
         let ok = http
@@ -706,8 +710,17 @@ fn main() {
 
     let hdir = c.dir().join("haproxy");
     fs::create_dir_all(&hdir).unwrap();
-    // HAProxy's `crt`: the certificate chain and its key in one file
-    let (crt, key) = ballast_config::pki::identity_paths(&c.pki_dir(), "proxy");
+    // HAProxy's certificate: a proxy's (user `proxy:haproxy`, group `ballast:proxies`, so
+    // the masters believe its X-Remote-* headers), for its own address, from the same CA
+    // and of the same kind (ECDSA P-256) as the ballast proxy's; `crt` takes the chain
+    // and its key in one file.
+    let haproxy_ip: std::net::IpAddr = HAPROXY_DEFAULT.split(':').next().unwrap().parse().unwrap();
+    let (crt, key) = test_pki().server(
+        "haproxy-71",
+        "proxy:haproxy",
+        &[ballast_config::pki::PROXIES_GROUP],
+        &[haproxy_ip],
+    );
     let pem = hdir.join("proxy.pem");
     fs::write(
         &pem,
@@ -729,14 +742,17 @@ fn main() {
     thread::sleep(Duration::from_millis(500));
     haproxy.check_running(&hlog);
     l4.check_running(&l4_log);
-    for front in [
-        HAPROXY_DEFAULT,
-        HAPROXY_TUNED,
-        HAPROXY_RETRY,
-        HAPROXY_TCP,
-        BALLAST_L4,
-    ] {
+    for front in [HAPROXY_DEFAULT, HAPROXY_TUNED, HAPROXY_RETRY] {
         wait_streak(&format!("https://{front}/readyz"), 20);
+    }
+    // L4 fronts show the active master's certificate, valid for `api.<zone>`
+    for front in [HAPROXY_TCP, BALLAST_L4] {
+        let http = test_pki()
+            .admin_builder_for_name("api.ballast.local")
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        wait_streak_with(&format!("https://{front}/readyz"), 20, http);
     }
 
     if parts.contains('a') {

@@ -702,6 +702,33 @@ impl TestPki {
         self.builder_as("admin", "admin", &[ballast_config::pki::SUPERUSER_GROUP])
     }
 
+    /// Like [`TestPki::admin_builder`], but the server must prove `name` whatever address
+    /// is dialed (a front that passes TLS through to a master: `api.ballast.local`).
+    pub fn admin_builder_for_name(&self, name: &str) -> reqwest::blocking::ClientBuilder {
+        let (crt, key) = self.user("admin", "admin", &[ballast_config::pki::SUPERUSER_GROUP]);
+        let tls = ballast_config::tls::NodeTls::load(&crt, &key, &self.ca()).unwrap();
+        reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(tls.client_config_for_name(name).unwrap())
+            .no_proxy()
+    }
+
+    /// Issue a serving identity (certificate and key in this PKI's directory) for a
+    /// program beside the cluster, e.g. a HAProxy on `ips`.
+    pub fn server(
+        &self,
+        name: &str,
+        user: &str,
+        groups: &[&str],
+        ips: &[std::net::IpAddr],
+    ) -> (PathBuf, PathBuf) {
+        let mut spec = ballast_config::pki::IdentitySpec::client(name, user, groups);
+        spec.ips = ips.to_vec();
+        self.ca
+            .issue_into(&self.dir, &spec)
+            .expect("server certificate");
+        ballast_config::pki::identity_paths(&self.dir, name)
+    }
+
     /// A blocking client without a certificate (it still trusts the CA).
     pub fn anonymous_client(&self) -> reqwest::blocking::Client {
         let config = ballast_config::tls::anonymous_client_config(&self.ca()).unwrap();

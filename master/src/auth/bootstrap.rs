@@ -180,6 +180,14 @@ pub fn cluster_roles() -> Vec<Value> {
             ],
         ),
         cluster_role(
+            "system:ballast-proxy",
+            vec![
+                json!({"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                    "resourceNames": ["ballast-vip"], "verbs": ["get", "update", "patch"]}),
+                rule(&["coordination.k8s.io"], &["leases"], &["create"]),
+            ],
+        ),
+        cluster_role(
             "system:monitoring",
             vec![urls(
                 &["/metrics", "/livez", "/readyz", "/healthz"],
@@ -204,6 +212,11 @@ pub fn cluster_role_bindings() -> Vec<Value> {
             "system:monitoring",
             "system:monitoring",
             &[MONITORING_GROUP],
+        ),
+        binding(
+            "system:ballast-proxy",
+            "system:ballast-proxy",
+            &[ballast_config::pki::PROXIES_GROUP],
         ),
     ]
 }
