@@ -185,6 +185,12 @@ impl PodSink for Manager {
             self.gone(&uid);
             return;
         }
+        if let Some(bad) = unsafe_container_name(&pod) {
+            // the API refuses such names; a pod stored before it did is never run, since
+            // the names become file names under the pod's directory
+            tracing::warn!(pod = ?pod.metadata.name, container = %bad, "container name is not a DNS label; not running the pod");
+            return;
+        }
         match self.pods.get(&uid) {
             Some(h) => {
                 h.tx.send_replace(Desired::Present(Arc::new(pod)));
@@ -241,6 +247,24 @@ struct Runner {
     last_status: Option<PodStatus>,
     /// Terminal in the API and unknown locally: never start anything.
     inert: bool,
+}
+
+/// The first container name (init containers included) that is not a DNS label.
+fn unsafe_container_name(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let label = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 63
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .map(|c| c.name.as_str())
+        .find(|n| !label(n))
+        .map(String::from)
 }
 
 fn grace_of(pod: &Pod) -> Duration {
@@ -873,12 +897,14 @@ impl Runner {
 
     /// Poll until the listed containers exited (recording each) or `limit` passed.
     async fn wait_exit(&mut self, which: &[usize], limit: Duration) {
-        let deadline = Instant::now() + limit;
+        // a grace period of ~i64::MAX seconds has no representable deadline: no deadline
+        let deadline = Instant::now().checked_add(limit);
         loop {
             for &i in which {
                 self.check_exit(i);
             }
-            if which.iter().all(|&i| self.ctrs[i].proc.is_none()) || Instant::now() >= deadline {
+            let over = deadline.is_some_and(|d| Instant::now() >= d);
+            if which.iter().all(|&i| self.ctrs[i].proc.is_none()) || over {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1088,6 +1114,44 @@ mod tests {
             }),
             status: None,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_grace_period_near_i64_max_does_not_panic_the_worker() {
+        let d = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let c = ctx(d.path(), stop.clone());
+        let mut m = Manager::new(c.clone());
+        // ignores SIGTERM: the worker waits out the grace (forever, here) without panicking
+        let script = "trap '' TERM; exec sleep 30";
+        m.upsert(pod("g1", script, "Always"));
+        let pid = wait("g1 started", || pid_of(&c, "g1")).await;
+        let mut deleting = pod("g1", script, "Always");
+        deleting.metadata.deletion_timestamp = Some(Time(crate::now()));
+        deleting.metadata.deletion_grace_period_seconds = Some(i64::MAX - 1);
+        m.upsert(deleting);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !m.pods["g1"].task.is_finished(),
+            "the pod's task ended (panicked?)"
+        );
+        assert!(process::start_ticks(pid).is_some(), "SIGKILL came early");
+        nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn container_names_that_are_not_labels_are_never_run() {
+        let mut p = pod("n1", "true", "Never");
+        assert_eq!(unsafe_container_name(&p), None);
+        p.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+            name: "../../x".into(),
+            ..Default::default()
+        }]);
+        assert_eq!(unsafe_container_name(&p).as_deref(), Some("../../x"));
     }
 
     fn pid_of(ctx: &Ctx, uid: &str) -> Option<u32> {

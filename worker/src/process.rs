@@ -225,6 +225,8 @@ mod tests {
         assert!(start_ticks(me).is_some());
         assert!(alive(me, start_ticks(me).unwrap()));
         assert!(!alive(me, start_ticks(me).unwrap() + 1));
+        // an unknown start time never proves it is the same process
+        assert!(!alive(me, 0));
     }
 
     #[test]

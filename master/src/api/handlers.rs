@@ -25,6 +25,9 @@ use super::ApiInfo;
 use crate::auth::review::{self, Review};
 use crate::auth::{node, Attributes, Auth, Identity};
 
+/// The longest a watch runs before the server ends it (whatever `timeoutSeconds` asks).
+pub const MAX_WATCH_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Shared state of the router.
 pub struct ApiState {
     pub registry: Registry,
@@ -760,10 +763,12 @@ async fn watch(
         field_selector: lopts.field_selector,
         resource_version: rv,
         allow_bookmarks: q_bool(q, "allowWatchBookmarks"),
+        // a watch ends after at most MAX_WATCH_TIMEOUT (clients re-watch from their last
+        // resourceVersion): no timeout overflows a deadline
         timeout: q
             .get("timeoutSeconds")
             .and_then(|t| t.parse::<u64>().ok())
-            .map(Duration::from_secs),
+            .map(|s| Duration::from_secs(s).min(MAX_WATCH_TIMEOUT)),
         bookmark_interval: None,
     };
     let rx = reg.watch(def, ns, opts).await?;

@@ -3,13 +3,58 @@
 
 use serde_json::{Map, Value};
 
-/// A patch that cannot be applied (400 BadRequest, or 422 for a failed `test`).
+/// A patch that cannot be applied (400 BadRequest, 422 for a failed `test`, 413 when it
+/// would grow the object past the limit).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
     #[error("invalid patch: {0}")]
     Invalid(String),
     #[error("the JSON patch test operation failed at {0}")]
     TestFailed(String),
+    #[error("the patched object would exceed {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the JSON patch has {ops} operations, more than the limit of {limit}")]
+    TooManyOperations { ops: usize, limit: usize },
+}
+
+/// Bounds on what a patch may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchLimits {
+    /// Operations in one JSON patch (kube-apiserver: 10 000).
+    pub max_operations: usize,
+    /// The patched object, as JSON, in bytes (about: see [`json_size`]).
+    pub max_bytes: usize,
+}
+
+impl Default for PatchLimits {
+    fn default() -> Self {
+        Self {
+            max_operations: 10_000,
+            max_bytes: 1536 * 1024,
+        }
+    }
+}
+
+/// About the size of `v` as JSON (exact for ASCII without escapes): what a patch adds is
+/// counted with it, so a patch that copies a document into itself is refused as soon as
+/// the document would pass the limit, not after it filled the memory.
+pub fn json_size(v: &Value) -> usize {
+    match v {
+        Value::Null => 4,
+        Value::Bool(b) => 4 + usize::from(!*b),
+        Value::Number(n) => n.to_string().len(),
+        Value::String(s) => s.len() + 2,
+        // brackets, the items, and a comma between two items
+        Value::Array(a) => 2 + a.iter().map(json_size).sum::<usize>() + a.len().saturating_sub(1),
+        // braces, `"key":value` per entry, commas between entries
+        Value::Object(o) => {
+            2 + o
+                .iter()
+                .map(|(k, x)| k.len() + 3 + json_size(x))
+                .sum::<usize>()
+                + o.len().saturating_sub(1)
+        }
+    }
 }
 
 /// The patch types the API accepts (by Content-Type).
@@ -34,13 +79,31 @@ impl PatchType {
     }
 }
 
-/// Apply a patch of `kind` to `target`.
+/// Apply a patch of `kind` to `target`, within the default [`PatchLimits`].
 pub fn apply(target: &Value, patch: &Value, kind: PatchType) -> Result<Value, PatchError> {
-    match kind {
-        PatchType::Json => json_patch(target, patch),
-        PatchType::Merge => Ok(merge_patch(target, patch)),
-        PatchType::StrategicMerge | PatchType::Apply => strategic_merge(target, patch),
+    apply_limited(target, patch, kind, PatchLimits::default())
+}
+
+/// Apply a patch of `kind` to `target` within `limits`. A merge patch can only produce
+/// what the target and the patch hold, so only JSON patches (which can copy) are counted
+/// as they go; every result is checked.
+pub fn apply_limited(
+    target: &Value,
+    patch: &Value,
+    kind: PatchType,
+    limits: PatchLimits,
+) -> Result<Value, PatchError> {
+    let out = match kind {
+        PatchType::Json => json_patch_limited(target, patch, limits)?,
+        PatchType::Merge => merge_patch(target, patch),
+        PatchType::StrategicMerge | PatchType::Apply => strategic_merge(target, patch)?,
+    };
+    if json_size(&out) > limits.max_bytes {
+        return Err(PatchError::TooLarge {
+            limit: limits.max_bytes,
+        });
     }
+    Ok(out)
 }
 
 /// RFC 7386 JSON merge patch.
@@ -404,10 +467,36 @@ fn add_at(doc: &mut Value, path: &str, value: Value, replace: bool) -> Result<()
 
 /// RFC 6902 JSON patch.
 pub fn json_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
+    json_patch_limited(target, patch, PatchLimits::default())
+}
+
+fn json_patch_limited(
+    target: &Value,
+    patch: &Value,
+    limits: PatchLimits,
+) -> Result<Value, PatchError> {
     let ops = patch
         .as_array()
         .ok_or_else(|| PatchError::Invalid("a JSON patch must be a list of operations".into()))?;
+    if ops.len() > limits.max_operations {
+        return Err(PatchError::TooManyOperations {
+            ops: ops.len(),
+            limit: limits.max_operations,
+        });
+    }
     let mut doc = target.clone();
+    // an upper bound of the document's size: what is added counts, what is removed not
+    let mut size = json_size(&doc);
+    let mut grow = |by: usize| {
+        size += by;
+        if size > limits.max_bytes {
+            Err(PatchError::TooLarge {
+                limit: limits.max_bytes,
+            })
+        } else {
+            Ok(())
+        }
+    };
     for op in ops {
         let name = op["op"].as_str().unwrap_or_default();
         let path = op["path"]
@@ -424,8 +513,16 @@ pub fn json_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
                 .ok_or_else(|| PatchError::Invalid(format!("{name} {path} needs from")))
         };
         match name {
-            "add" => add_at(&mut doc, path, value()?, false)?,
-            "replace" => add_at(&mut doc, path, value()?, true)?,
+            "add" => {
+                let v = value()?;
+                grow(json_size(&v) + path.len())?;
+                add_at(&mut doc, path, v, false)?
+            }
+            "replace" => {
+                let v = value()?;
+                grow(json_size(&v))?;
+                add_at(&mut doc, path, v, true)?
+            }
             "remove" => {
                 remove_at(&mut doc, path)?;
             }
@@ -434,12 +531,16 @@ pub fn json_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
                 add_at(&mut doc, path, v, false)?;
             }
             "copy" => {
-                let v = doc.pointer(from()?).cloned().ok_or_else(|| {
+                let src = doc.pointer(from()?).ok_or_else(|| {
                     PatchError::Invalid(format!(
                         "path {} does not exist",
                         from().unwrap_or_default()
                     ))
                 })?;
+                // counted before the copy is made: each copy of a document into itself
+                // doubles it
+                grow(json_size(src) + path.len())?;
+                let v = src.clone();
                 add_at(&mut doc, path, v, false)?;
             }
             "test" => {
@@ -457,6 +558,34 @@ pub fn json_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_json_patch_that_doubles_the_document_is_refused_early() {
+        // 2 KB of `copy` from "" (the whole document) into itself: 30 doublings would be
+        // gigabytes; the limit stops it after a few
+        let target = json!({"metadata": {"name": "x"}, "data": "y".repeat(1000)});
+        let ops: Vec<Value> = (0..30)
+            .map(|i| json!({"op": "copy", "from": "", "path": format!("/c{i}")}))
+            .collect();
+        let e = json_patch(&target, &Value::Array(ops)).unwrap_err();
+        assert!(matches!(e, PatchError::TooLarge { .. }), "{e}");
+        let many: Vec<Value> = (0..10_001)
+            .map(|_| json!({"op": "test", "path": "/metadata/name", "value": "x"}))
+            .collect();
+        assert!(matches!(
+            json_patch(&target, &Value::Array(many)),
+            Err(PatchError::TooManyOperations { .. })
+        ));
+        // and within the limits patches still apply
+        let ok = json!([{"op": "copy", "from": "/metadata/name", "path": "/n"}]);
+        assert_eq!(json_patch(&target, &ok).unwrap()["n"], "x");
+    }
+
+    #[test]
+    fn json_size_matches_serde_for_plain_values() {
+        let v = json!({"a": [1, true, null, "str"], "b": {"c": false, "d": 12.5}});
+        assert_eq!(json_size(&v), serde_json::to_vec(&v).unwrap().len());
+    }
 
     #[test]
     fn merge_patch_null_deletes() {

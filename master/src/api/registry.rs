@@ -19,6 +19,10 @@ use super::validate::{normalize, validate};
 use crate::store::{Command, CommandResult, Event, KeyValue, Precondition, Store, StoreError};
 
 /// Namespaces that always exist and cannot be deleted (`kube-node-lease` can be recreated).
+/// The largest object stored, as JSON (etcd's default request limit, which
+/// kube-apiserver inherits).
+pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
+
 pub const DEFAULT_NAMESPACES: &[&str] =
     &["default", "kube-system", "kube-node-lease", "kube-public"];
 const UNDELETABLE_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
@@ -107,7 +111,7 @@ pub fn now_rfc3339() -> String {
 
 fn rfc3339_after(secs: i64) -> String {
     let t = table::now();
-    k8s_openapi::jiff::Timestamp::from_second(t.as_second() + secs)
+    k8s_openapi::jiff::Timestamp::from_second(t.as_second().saturating_add(secs))
         .unwrap_or(t)
         .to_string()
 }
@@ -359,10 +363,21 @@ impl Registry {
         Ok(v)
     }
 
-    fn encode(o: &Value) -> Vec<u8> {
+    /// The stored form of an object (no `resourceVersion`), refused when larger than
+    /// [`MAX_OBJECT_BYTES`].
+    fn encode(def: &ResourceDef, o: &Value) -> Result<Vec<u8>, ApiError> {
         let mut o = o.clone();
         meta_mut(&mut o).remove("resourceVersion");
-        serde_json::to_vec(&o).unwrap_or_default()
+        let bytes = serde_json::to_vec(&o).unwrap_or_default();
+        if bytes.len() > MAX_OBJECT_BYTES {
+            return Err(ApiError::TooLarge(format!(
+                "{} {:?} is {} bytes, more than the limit of {MAX_OBJECT_BYTES}",
+                def.qualified(),
+                meta_str(&o, "name").unwrap_or_default(),
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
     }
 
     fn not_found(def: &ResourceDef, name: &str) -> ApiError {
@@ -533,7 +548,7 @@ impl Registry {
                 .store
                 .write(Command::Put {
                     key,
-                    value: Self::encode(&o),
+                    value: Self::encode(def, &o)?,
                     expect: Precondition::Absent,
                 })
                 .await?
@@ -598,7 +613,7 @@ impl Registry {
         } else {
             Command::Put {
                 key,
-                value: Self::encode(&new),
+                value: Self::encode(def, &new)?,
                 expect: Precondition::ModRevision(rev),
             }
         };
@@ -849,6 +864,10 @@ impl Registry {
                     name: name.into(),
                     causes: vec![Cause::invalid("", "", &e.to_string())],
                 },
+                patch::PatchError::TooLarge { .. }
+                | patch::PatchError::TooManyOperations { .. } => {
+                    ApiError::TooLarge(format!("{} {name:?}: {e}", def.qualified()))
+                }
                 e => ApiError::BadRequest(e.to_string()),
             })?;
             let explicit_rev = meta_str(&patched, "resourceVersion")

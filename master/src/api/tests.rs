@@ -1090,3 +1090,42 @@ async fn requests_without_a_user_are_unauthorized() {
     let r = reqwest::get(format!("{base}/api/v1/pods")).await.unwrap();
     assert_eq!(r.status(), 401);
 }
+
+#[tokio::test]
+async fn a_watch_timeout_near_u64_max_is_capped_not_a_panic() {
+    let a = start().await;
+    let r = a
+        .http
+        .get(format!(
+            "{}{PODS}?watch=true&timeoutSeconds=18446744073709551615",
+            a.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // the server is still serving
+    assert_eq!(a.req("GET", PODS, None).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_patch_that_grows_the_object_past_the_limit_is_413_and_changes_nothing() {
+    let a = start().await;
+    assert_eq!(a.req("POST", PODS, Some(pod("big"))).await.0, 201);
+    // a 2 KB value, then 30 copies of everything so far into itself: doubling each time
+    let ops: Vec<Value> = std::iter::once(json!({"op": "add", "path": "/metadata/annotations", "value": {"pad": "x".repeat(2000)}}))
+        .chain((0..30).map(|i| json!({"op": "copy", "from": "/metadata/annotations", "path": format!("/metadata/annotations/c{i}")})))
+        .collect();
+    let (code, body) = a
+        .req_ct(
+            "PATCH",
+            &format!("{PODS}/big"),
+            "application/json-patch+json",
+            Some(Value::Array(ops)),
+        )
+        .await;
+    assert_eq!(code, 413, "{body}");
+    assert_eq!(body["reason"], "RequestEntityTooLarge");
+    let (_, got) = a.req("GET", &format!("{PODS}/big"), None).await;
+    assert!(got["metadata"]["annotations"].is_null(), "{got}");
+}

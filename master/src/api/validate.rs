@@ -196,42 +196,18 @@ fn validate_pod_spec(spec: &Value, path: &str, template: bool, causes: &mut Vec<
     if containers.is_empty() {
         causes.push(Cause::required(format!("{path}.containers")));
     }
+    let init = spec
+        .get("initContainers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    // names are unique across both lists (the worker keys files and logs by them)
     let mut seen = Vec::new();
-    for (i, c) in containers.iter().enumerate() {
-        let cpath = format!("{path}.containers[{i}]");
-        let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
-        if name.is_empty() {
-            causes.push(Cause::required(format!("{cpath}.name")));
-        } else if !is_dns_label(name) {
-            causes.push(Cause::invalid(format!("{cpath}.name"), name, LABEL_MSG));
-        } else if seen.contains(&name) {
-            causes.push(Cause::duplicate(format!("{cpath}.name"), name));
-        } else {
-            seen.push(name);
-        }
-        if c.get("image")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .trim()
-            .is_empty()
-        {
-            causes.push(Cause::required(format!("{cpath}.image")));
-        }
-        for (j, p) in c
-            .get("ports")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            let port = p.get("containerPort").and_then(Value::as_i64).unwrap_or(0);
-            if !(1..=65535).contains(&port) {
-                causes.push(Cause::invalid(
-                    format!("{cpath}.ports[{j}].containerPort"),
-                    port,
-                    "must be between 1 and 65535, inclusive",
-                ));
-            }
+    let lists = [("initContainers", &init), ("containers", &containers)];
+    for (field, list) in lists {
+        for (i, c) in list.iter().enumerate() {
+            let cpath = format!("{path}.{field}[{i}]");
+            validate_container(c, &cpath, &mut seen, causes);
         }
     }
     if let Some(rp) = spec.get("restartPolicy").and_then(Value::as_str) {
@@ -253,6 +229,49 @@ fn validate_pod_spec(spec: &Value, path: &str, template: bool, causes: &mut Vec<
                 ),
                 field: format!("{path}.restartPolicy"),
             });
+        }
+    }
+}
+
+/// One container of `initContainers` or `containers`; `seen` holds the names so far.
+fn validate_container<'a>(
+    c: &'a Value,
+    cpath: &str,
+    seen: &mut Vec<&'a str>,
+    causes: &mut Vec<Cause>,
+) {
+    let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+    if name.is_empty() {
+        causes.push(Cause::required(format!("{cpath}.name")));
+    } else if !is_dns_label(name) {
+        causes.push(Cause::invalid(format!("{cpath}.name"), name, LABEL_MSG));
+    } else if seen.contains(&name) {
+        causes.push(Cause::duplicate(format!("{cpath}.name"), name));
+    } else {
+        seen.push(name);
+    }
+    if c.get("image")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        causes.push(Cause::required(format!("{cpath}.image")));
+    }
+    for (j, p) in c
+        .get("ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let port = p.get("containerPort").and_then(Value::as_i64).unwrap_or(0);
+        if !(1..=65535).contains(&port) {
+            causes.push(Cause::invalid(
+                format!("{cpath}.ports[{j}].containerPort"),
+                port,
+                "must be between 1 and 65535, inclusive",
+            ));
         }
     }
 }
@@ -354,6 +373,21 @@ mod tests {
                 json!({"metadata": {"name": "p"}, "spec": {"containers": []}})
             ),
             vec!["spec.containers"]
+        );
+    }
+
+    #[test]
+    fn init_container_names_are_labels_like_the_others() {
+        // the worker joins container names into file paths
+        let f = causes(
+            &PODS,
+            json!({"metadata": {"name": "p"}, "spec": {
+                "initContainers": [{"name": "../../etc/x", "image": "i"}, {"name": "a", "image": "i"}],
+                "containers": [{"name": "a", "image": "x"}]}}),
+        );
+        assert_eq!(
+            f,
+            vec!["spec.initContainers[0].name", "spec.containers[0].name"]
         );
     }
 

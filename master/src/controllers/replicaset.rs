@@ -8,6 +8,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 
 use super::{is_active, is_owned_by, is_ready, is_terminating, Plan};
 
+/// At most this many pods are created or deleted for one ReplicaSet in one pass
+/// (kube-controller-manager's `burstReplicas`): a huge `replicas` costs passes, not a pass
+/// that builds millions of pods in memory.
+pub const BURST_REPLICAS: usize = 500;
+
 /// What the ReplicaSet needs.
 pub fn reconcile(
     rs: &ReplicaSet,
@@ -31,13 +36,16 @@ pub fn reconcile(
         .unwrap_or(1)
         .max(0) as usize;
     if owned.len() < want {
-        for _ in owned.len()..want {
+        for _ in 0..(want - owned.len()).min(BURST_REPLICAS) {
             plan.create_pods.push(pod_from_template(rs, &mut new_name));
         }
     } else if owned.len() > want {
         let mut victims = owned.clone();
         victims.sort_by_key(|p| deletion_rank(p));
-        for p in victims.into_iter().take(owned.len() - want) {
+        for p in victims
+            .into_iter()
+            .take((owned.len() - want).min(BURST_REPLICAS))
+        {
             if let Some(n) = &p.metadata.name {
                 plan.delete_pods.push(n.clone());
             }
@@ -139,6 +147,17 @@ mod tests {
         assert_eq!(owner.uid, "u1");
         assert_eq!(plan.create_pods[0].metadata.name.as_deref(), Some("web-1"));
         assert!(plan.delete_pods.is_empty());
+    }
+
+    #[test]
+    fn a_huge_replica_count_is_created_a_burst_at_a_time() {
+        let r = rs("web", "u1", i32::MAX);
+        let mut n = 0;
+        let plan = reconcile(&r, &[] as &[Pod], |p| {
+            n += 1;
+            format!("{p}{n}")
+        });
+        assert_eq!(plan.create_pods.len(), BURST_REPLICAS);
     }
 
     #[test]
