@@ -161,14 +161,39 @@ pub fn classify(method: &http::Method, path: &str, query: Option<&str>) -> (Stri
         ["apis", _g, _v, rest @ ..] => Some(rest),
         _ => None,
     };
+    // Labels come from a closed set, never from what a client wrote: a path or method
+    // of the client's choosing must not make a new series each time.
     let Some(rest) = rest else {
-        let resource = segs.first().copied().unwrap_or("root").to_string();
-        return (method.as_str().to_ascii_lowercase(), resource);
+        let resource = match segs.first().copied() {
+            None => "root",
+            Some(
+                p @ ("livez" | "readyz" | "healthz" | "active" | "metrics" | "version" | "openapi"
+                | "internal"),
+            ) => p,
+            Some(_) => "other",
+        };
+        let verb = match *method {
+            http::Method::GET => "get",
+            http::Method::HEAD => "head",
+            http::Method::POST => "post",
+            http::Method::PUT => "put",
+            http::Method::PATCH => "patch",
+            http::Method::DELETE => "delete",
+            _ => "other",
+        };
+        return (verb.to_string(), resource.to_string());
+    };
+    let served = |res: &str| {
+        crate::api::resources::ALL
+            .iter()
+            .any(|d| d.plural == res)
+            .then(|| res.to_string())
+            .unwrap_or_else(|| "other".to_string())
     };
     // namespaces/{ns}/{resource}/{name}/{sub} | {resource}/{name}/{sub}
     let (resource, name) = match rest {
-        ["namespaces", _ns, res, tail @ ..] => (res.to_string(), tail.first().copied()),
-        [res, tail @ ..] => (res.to_string(), tail.first().copied()),
+        ["namespaces", _ns, res, tail @ ..] => (served(res), tail.first().copied()),
+        [res, tail @ ..] => (served(res), tail.first().copied()),
         [] => ("discovery".to_string(), None),
     };
     let watch = query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
@@ -205,6 +230,21 @@ pub async fn count_requests(
 mod tests {
     use super::*;
     use http::Method;
+
+    #[test]
+    fn labels_come_from_a_closed_set() {
+        let c = |m: &str, p: &str| classify(&Method::from_bytes(m.as_bytes()).unwrap(), p, None);
+        assert_eq!(c("GET", "/x-attacker-1"), ("get".into(), "other".into()));
+        assert_eq!(c("FOO123", "/livez"), ("other".into(), "livez".into()));
+        assert_eq!(
+            c("GET", "/api/v1/whatever-1"),
+            ("list".into(), "other".into())
+        );
+        assert_eq!(
+            c("GET", "/apis/g/v1/namespaces/a/nope/x"),
+            ("get".into(), "other".into())
+        );
+    }
 
     #[test]
     fn classify_kubernetes_paths() {

@@ -84,6 +84,13 @@ fn node_info(config: &LoadedConfig, me: &WorkerConfig, name: String) -> node::No
     }
 }
 
+/// Create `dir` (and its parents) and make it 0700: pod logs, process state.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, WorkerError> {
     tokio::net::TcpListener::bind(addr)
         .await
@@ -104,7 +111,7 @@ pub async fn run(
         .clone();
     let data_dir = config.worker_data_dir(&me);
     // Absolute: container processes run in their own working directories.
-    let data_dir = std::fs::create_dir_all(&data_dir)
+    let data_dir = private_dir(&data_dir)
         .and_then(|()| std::fs::canonicalize(&data_dir))
         .map_err(|source| WorkerError::DataDir {
             path: data_dir.clone(),

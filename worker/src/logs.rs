@@ -34,11 +34,21 @@ pub fn rotated(path: &Path) -> PathBuf {
 }
 
 /// Open the log file for a new process (append, create).
+/// Open a container's log for appending; its directory is made 0700 and the file 0600
+/// (a pod's output is its own business, not every local user's).
 pub fn open_for_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(d) = path.parent() {
-        fs::create_dir_all(d)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)?;
     }
-    OpenOptions::new().create(true).append(true).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// The last `n` lines of `data` (a final line without `\n` counts as a line).
@@ -170,6 +180,17 @@ pub fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_are_private_to_the_worker() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("pods").join("default_p_u").join("c.log");
+        drop(open_for_append(&path).unwrap());
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+    }
 
     #[test]
     fn tails() {

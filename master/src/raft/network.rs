@@ -347,7 +347,9 @@ pub fn peer_router(state: PeerState) -> Router {
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/status", axum::routing::get(status))
-        .layer(DefaultBodyLimit::max(256 * 1024 * 1024))
+        // AppendEntries carry at most 16 entries of at most 64 KiB each, snapshots come in
+        // 1 MiB chunks: 16 MiB is room to spare
+        .layer(DefaultBodyLimit::max(16 * 1024 * 1024))
         .with_state(state)
 }
 

@@ -156,10 +156,16 @@ impl RaftNode {
         let timings = timings(&cfg.raft)?;
 
         let dir = loaded.master_data_dir(&me);
-        std::fs::create_dir_all(&dir).map_err(|source| RaftStartError::DataDir {
-            path: dir.clone(),
-            source,
-        })?;
+        // 0700: the Raft log holds every object, secrets included
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|source| RaftStartError::DataDir {
+                path: dir.clone(),
+                source,
+            })?;
         let log_path = dir.join("raft.redb");
         let log_store = LogStore::open(&log_path).map_err(|source| RaftStartError::LogStore {
             path: log_path.clone(),
