@@ -832,6 +832,14 @@ pub fn run(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
+/// Fail (never skip) when a program a test needs is missing: `./task deps` installs them.
+pub fn require(program: &str) {
+    assert!(
+        have(program),
+        "{program} is required and not installed: run ./task deps (the README's test command does)"
+    );
+}
+
 /// Whether a program is on PATH.
 pub fn have(program: &str) -> bool {
     Command::new("sh")

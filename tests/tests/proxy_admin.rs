@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use ballast_tests::{have, http_timeout, raw_tls, wait_until, Cluster, ClusterOpts};
+use ballast_tests::{http_timeout, raw_tls, wait_until, Cluster, ClusterOpts};
 use nix::sys::signal::Signal;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -84,7 +84,8 @@ fn admin_bad_http_reload_and_shutdown() {
     ] {
         assert!(metrics.contains(name), "missing {name}");
     }
-    if have("promtool") {
+    {
+        ballast_tests::require("promtool");
         let path = c.dir().join("proxy-metrics.txt");
         std::fs::write(&path, &metrics).unwrap();
         let out = std::process::Command::new("promtool")

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ballast_tests::{have, http_timeout, run, wait_until, Cluster, ClusterOpts};
+use ballast_tests::{http_timeout, require, run, wait_until, Cluster, ClusterOpts};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -38,10 +38,7 @@ fn short(c: &Cluster, name: &str, rtype: &str) -> Vec<String> {
 
 #[test]
 fn dns_answers_follow_the_cluster() {
-    if !have("dig") {
-        eprintln!("dig not installed; skipping");
-        return;
-    }
+    require("dig");
     let c = Cluster::start(ClusterOpts::new(23).proxy(true), |_| {});
     let (active, _) = c.wait_one_active(LONG);
     let active_ip = c.master_api(&active).ip().to_string();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use ballast_tests::{have, http_timeout, run, wait_until, Cluster, ClusterOpts};
+use ballast_tests::{http_timeout, require, run, wait_until, Cluster, ClusterOpts};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -132,7 +132,8 @@ fn reads_through_the_proxy_survive_killing_the_active_master() {
         let s = proxy_status(&c)?;
         (s["active"] == second.as_str() && s["failovers"].as_u64()? >= 1).then_some(())
     });
-    if have("dig") {
+    {
+        require("dig");
         let ip = c.master_api(&second).ip().to_string();
         wait_until("api.ballast.local follows the new active", LONG, || {
             (dig_short(&c, "api.ballast.local", "A") == ip).then_some(())

@@ -5,7 +5,6 @@
 //! The tests of this file take a lock: each starts a whole cluster, and the machine has
 //! few cores.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ballast_tests::*;
@@ -14,12 +13,6 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(120);
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A cluster that, on drop, first kills its workers, then every pod process they recorded
 /// (those outlive a SIGKILLed worker by design, so the harness alone would leave them
@@ -116,7 +109,6 @@ fn start(block: u8, workers: usize) -> Cluster {
 /// pod stops its process within the grace period.
 #[test]
 fn pods_survive_failover_and_a_control_plane_outage() {
-    let _g = serial();
     let mut c = start(41, 2);
     wait_nodes_ready(&c, &["w1", "w2"]);
     let script = "echo started; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
@@ -170,7 +162,15 @@ fn pods_survive_failover_and_a_control_plane_outage() {
             renew().filter(|r| *r > second)
         });
     }
-    std::thread::sleep(Duration::from_secs(10));
+    // for 10 s after the failover, neither process is touched
+    let watch_from = Instant::now();
+    while watch_from.elapsed() < Duration::from_secs(10) {
+        assert!(
+            pid_alive(pid1) && pid_alive(pid2),
+            "a pod's process died after the failover"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     wait_nodes_ready(&c, &["w1", "w2"]);
     for (name, pid) in [("p1", pid1), ("p2", pid2)] {
         let p = get_pod(&c, name).unwrap();
@@ -265,7 +265,6 @@ fn count_sleepers(marker: &str) -> usize {
 /// duplicate); SIGTERM of the worker stops them.
 #[test]
 fn a_restarted_worker_adopts_its_processes_and_sigterm_stops_them() {
-    let _g = serial();
     let mut c = start(42, 1);
     wait_nodes_ready(&c, &["w1"]);
     let body = json!({
@@ -289,7 +288,14 @@ fn a_restarted_worker_adopts_its_processes_and_sigterm_stops_them() {
     wait_until("worker back", T, || {
         (status_of(&format!("https://{}/livez", c.worker_addr("w1"))) == 200).then_some(())
     });
-    std::thread::sleep(Duration::from_secs(5));
+    // the restarted worker has taken the pod up again: it counts it running
+    let metrics = format!("https://{}/metrics", c.worker_addr("w1"));
+    wait_until("the restarted worker adopted the pod", T, || {
+        let m = http("GET", &metrics, None).ok()?.body;
+        m.lines()
+            .any(|l| l == "ballast_worker_pods_running 1")
+            .then_some(())
+    });
     assert!(pid_alive(pid));
     assert_eq!(count_sleepers("4242"), 1, "no duplicate after the restart");
     assert_eq!(pod_processes(c.dir()).get("s"), Some(&pid));
@@ -310,7 +316,6 @@ fn a_restarted_worker_adopts_its_processes_and_sigterm_stops_them() {
 /// proxies to the worker's `/containerLogs`).
 #[test]
 fn kubectl_logs_show_the_process_output() {
-    let _g = serial();
     let c = start(43, 2);
     wait_nodes_ready(&c, &["w1", "w2"]);
     let script =
@@ -350,7 +355,6 @@ fn kubectl_logs_show_the_process_output() {
 /// other worker.
 #[test]
 fn a_lost_workers_pods_are_replaced() {
-    let _g = serial();
     let mut c = start(44, 2);
     wait_nodes_ready(&c, &["w1", "w2"]);
     let k = Kubectl::new("1.33", &c.proxy_url(), c.dir());
