@@ -184,11 +184,11 @@ pub fn classify(method: &http::Method, path: &str, query: Option<&str>) -> (Stri
         return (verb.to_string(), resource.to_string());
     };
     let served = |res: &str| {
-        crate::api::resources::ALL
-            .iter()
-            .any(|d| d.plural == res)
-            .then(|| res.to_string())
-            .unwrap_or_else(|| "other".to_string())
+        if crate::api::resources::ALL.iter().any(|d| d.plural == res) {
+            res.to_string()
+        } else {
+            "other".to_string()
+        }
     };
     // namespaces/{ns}/{resource}/{name}/{sub} | {resource}/{name}/{sub}
     let (resource, name) = match rest {
