@@ -25,7 +25,7 @@ use crate::LogFormat;
 
 /// Arguments of `ballast up`.
 #[derive(clap::Args, Debug)]
-pub struct UpArgs {
+pub(crate) struct UpArgs {
     /// Directory holding the cluster's config, kubeconfig, pidfiles, logs and data.
     #[arg(long, default_value = "./ballast-data")]
     dir: PathBuf,
@@ -55,7 +55,7 @@ struct Node {
     child: Option<Child>,
 }
 
-pub fn run(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
+pub(crate) fn run(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -13,14 +13,14 @@
 //! server, and returns a [`MasterHandle`]; build the Kubernetes API router from
 //! [`MasterHandle::store`] (an `Arc<dyn Store>`) and pass it to [`MasterHandle::serve`].
 
-pub mod api;
-pub mod auth;
-pub mod controllers;
-pub mod metrics;
-pub mod raft;
-pub mod scheduler;
-pub mod server;
-pub mod store;
+mod api;
+mod auth;
+mod controllers;
+mod metrics;
+mod raft;
+mod scheduler;
+mod server;
+mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -262,10 +262,8 @@ pub async fn run(
 ) -> Result<(), MasterError> {
     let handle = Master::start(config, id, shutdown).await?;
     let cfg = &handle.config.config;
-    let mut info = api::ApiInfo::new(cfg.cluster.name.clone(), handle.id.clone());
+    let mut info = api::ApiInfo::new(handle.id.clone());
     info.server_address = cfg.proxy.api.to_string();
-    // Requests are counted by the server's middleware (every endpoint), not by the API.
-    info.requests_total = None;
     info.logs = Some(Arc::new(api::logs::KubeletLogProxy::new(&handle.tls, cfg)?));
     let kube = api::router(handle.store(), info, handle.auth.clone());
     controllers::spawn(

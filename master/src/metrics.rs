@@ -153,7 +153,7 @@ impl MasterMetrics {
 }
 
 /// `(verb, resource)` of a request, Kubernetes style where the path is a Kubernetes one.
-pub fn classify(method: &http::Method, path: &str, query: Option<&str>) -> (String, String) {
+pub(crate) fn classify(method: &http::Method, path: &str, query: Option<&str>) -> (String, String) {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     // /api/v1/..., /apis/{group}/{version}/...
     let rest: Option<&[&str]> = match segs.as_slice() {
@@ -212,7 +212,7 @@ pub fn classify(method: &http::Method, path: &str, query: Option<&str>) -> (Stri
 }
 
 /// Middleware counting every request in `ballast_master_api_requests_total`.
-pub async fn count_requests(
+pub(crate) async fn count_requests(
     State(metrics): State<std::sync::Arc<MasterMetrics>>,
     req: Request,
     next: Next,

@@ -13,10 +13,10 @@ use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 
 use crate::controllers::{controller_uid, is_active};
 
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub(crate) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Requests of a pod: (cpu cores, memory bytes).
-pub fn requests(p: &Pod) -> (f64, f64) {
+pub(crate) fn requests(p: &Pod) -> (f64, f64) {
     let mut cpu = 0.0;
     let mut mem = 0.0;
     for c in p
@@ -109,7 +109,7 @@ impl Reject {
 /// once per pending pod: with 10 000 pending pods that was 10⁸ pod visits a pass, and
 /// the pass held an API thread for minutes).
 #[derive(Debug, Default)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// Per node: cpu, memory, pod count.
     nodes: HashMap<String, (f64, f64, usize)>,
     /// Pods per (controller uid, node).
@@ -121,7 +121,7 @@ pub struct Usage {
 
 impl Usage {
     /// `pods` are all pods in the cluster (bound ones count against their node).
-    pub fn new(nodes: &[impl Borrow<Node>], pods: &[impl Borrow<Pod>]) -> Self {
+    pub(crate) fn new(nodes: &[impl Borrow<Node>], pods: &[impl Borrow<Pod>]) -> Self {
         let mut u = Usage {
             zone_of: nodes
                 .iter()
@@ -146,7 +146,7 @@ impl Usage {
     }
 
     /// Count `pod` on `node` (a bind made in this pass).
-    pub fn add(&mut self, pod: &Pod, node: &str) {
+    pub(crate) fn add(&mut self, pod: &Pod, node: &str) {
         let (c, m) = requests(pod);
         let e = self.nodes.entry(node.to_string()).or_default();
         e.0 += c;
@@ -169,12 +169,13 @@ impl Usage {
 
 /// Choose a node for `pod`; `Err` carries the `PodScheduled=False` message.
 /// `pods` are all pods in the cluster (bound ones count against their node).
-pub fn schedule(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Result<String, String> {
+#[cfg(test)]
+pub(crate) fn schedule(pod: &Pod, nodes: &[Node], pods: &[Pod]) -> Result<String, String> {
     schedule_with(pod, nodes, &Usage::new(nodes, pods))
 }
 
 /// [`schedule`] against a precomputed [`Usage`].
-pub fn schedule_with(
+pub(crate) fn schedule_with(
     pod: &Pod,
     nodes: &[impl Borrow<Node>],
     usage: &Usage,

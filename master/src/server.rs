@@ -38,7 +38,7 @@ pub struct ServerState {
 /// plus `extra` (the Kubernetes API), which answers only on the active master and
 /// otherwise 503 with a Kubernetes `Status` and `Retry-After: 1`. Every request is
 /// counted in `ballast_master_api_requests_total`.
-pub fn build_router(state: ServerState, extra: Router) -> Router {
+pub(crate) fn build_router(state: ServerState, extra: Router) -> Router {
     let gated = extra.layer(middleware::from_fn_with_state(
         state.clone(),
         require_active,
@@ -185,10 +185,10 @@ async fn impersonate(
 /// Header on the 503 a non-active master answers *before* acting on a request: the
 /// request never reached the store, so a proxy may send it (even a write) elsewhere.
 /// A 503 without it (e.g. leadership lost during a write) may have been committed.
-pub const REJECTED_HEADER: &str = "x-ballast-rejected";
+pub(crate) const REJECTED_HEADER: &str = "x-ballast-rejected";
 
 /// The Kubernetes `Status` a non-active master answers with, before acting on a request.
-pub fn not_active_status(me: &str, leader: Option<&str>) -> Response {
+pub(crate) fn not_active_status(me: &str, leader: Option<&str>) -> Response {
     let message = match leader {
         Some(l) => format!("master {me} is not active; the active master is {l}"),
         None => format!("master {me} is not active; no active master is known"),

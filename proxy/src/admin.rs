@@ -14,7 +14,7 @@ use crate::state::Shared;
 
 /// The `/status` document.
 #[derive(Debug, Serialize, PartialEq)]
-pub struct Status {
+pub(crate) struct Status {
     /// The answering proxy's id.
     pub id: String,
     /// Whether it holds the VIP (absent without a `[vip]`).
@@ -28,7 +28,7 @@ pub struct Status {
 }
 
 #[derive(Debug, Serialize, PartialEq)]
-pub struct StatusMaster {
+pub(crate) struct StatusMaster {
     pub id: String,
     pub address: String,
     pub healthy: bool,
@@ -37,7 +37,7 @@ pub struct StatusMaster {
 }
 
 impl Status {
-    pub fn new(id: &str, r: &Routing, held: usize, vip_holder: Option<bool>) -> Self {
+    pub(crate) fn new(id: &str, r: &Routing, held: usize, vip_holder: Option<bool>) -> Self {
         Self {
             id: id.to_string(),
             vip_holder,
@@ -59,7 +59,7 @@ impl Status {
     }
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

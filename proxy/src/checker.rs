@@ -40,12 +40,12 @@ pub trait ActiveCheck: Send + Sync + 'static {
 
 /// The one implementation: HTTPS `GET /active`, reading the JSON body (status 200 or
 /// 503). The master's certificate is verified against the cluster CA and its address.
-pub struct HttpActiveCheck {
+pub(crate) struct HttpActiveCheck {
     client: reqwest::Client,
 }
 
 impl HttpActiveCheck {
-    pub fn new(tls: &NodeTls) -> Result<Self, TlsError> {
+    pub(crate) fn new(tls: &NodeTls) -> Result<Self, TlsError> {
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(tls.client_config()?)
             .no_proxy()
@@ -93,7 +93,7 @@ impl ActiveCheck for HttpActiveCheck {
 
 /// Run one checker task per master until `cancel`; restart them when a reload
 /// changes the masters or the health timings.
-pub async fn run_checkers(
+pub(crate) async fn run_checkers(
     shared: Arc<Shared>,
     check: Arc<dyn ActiveCheck>,
     cancel: CancellationToken,

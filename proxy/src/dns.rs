@@ -16,7 +16,7 @@ use crate::health::Routing;
 use crate::state::Shared;
 
 /// The zone's view of the cluster, everything [`answer`] needs.
-pub struct ZoneView<'a> {
+pub(crate) struct ZoneView<'a> {
     /// Fully qualified, lower case, e.g. `ballast.local.`.
     pub zone: &'a Name,
     pub ttl: u32,
@@ -27,7 +27,7 @@ pub struct ZoneView<'a> {
 
 /// A computed DNS answer.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub rcode: ResponseCode,
     pub authoritative: bool,
     pub answers: Vec<Record>,
@@ -48,7 +48,7 @@ impl Answer {
 }
 
 /// Parse a configured zone name (`ballast.local` or `ballast.local.`) into an FQDN.
-pub fn zone_name(zone: &str) -> Result<Name, hickory_server::proto::ProtoError> {
+pub(crate) fn zone_name(zone: &str) -> Result<Name, hickory_server::proto::ProtoError> {
     let z = zone.trim().trim_end_matches('.');
     Ok(Name::from_ascii(format!("{z}."))?.to_lowercase())
 }
@@ -95,7 +95,12 @@ fn ns_record(v: &ZoneView<'_>) -> Record {
 }
 
 /// Answer one question. Pure: no I/O, no clock.
-pub fn answer(v: &ZoneView<'_>, qname: &Name, qtype: RecordType, qclass: DNSClass) -> Answer {
+pub(crate) fn answer(
+    v: &ZoneView<'_>,
+    qname: &Name,
+    qtype: RecordType,
+    qclass: DNSClass,
+) -> Answer {
     let qname = qname.to_lowercase();
     let mut fq = qname.clone();
     fq.set_fqdn(true);
@@ -201,7 +206,7 @@ pub fn answer(v: &ZoneView<'_>, qname: &Name, qtype: RecordType, qclass: DNSClas
 }
 
 /// hickory-server request handler for the zone.
-pub struct DnsHandler {
+pub(crate) struct DnsHandler {
     pub shared: Arc<Shared>,
 }
 
@@ -217,7 +222,7 @@ impl DnsHandler {
 }
 
 /// Metric label of a response code: `NOERROR`, `NXDOMAIN`, `REFUSED`, ...
-pub fn rcode_label(rcode: ResponseCode) -> &'static str {
+pub(crate) fn rcode_label(rcode: ResponseCode) -> &'static str {
     match rcode {
         ResponseCode::NoError => "NOERROR",
         ResponseCode::FormErr => "FORMERR",

@@ -22,19 +22,19 @@ pub struct ActiveReport {
 /// Flap hysteresis: `rise` consecutive successes make a master healthy, `fall`
 /// consecutive failures make it unhealthy. Starts unhealthy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Hysteresis {
+pub(crate) struct Hysteresis {
     healthy: bool,
     /// Consecutive results that disagree with `healthy`.
     streak: u32,
 }
 
 impl Hysteresis {
-    pub fn healthy(&self) -> bool {
+    pub(crate) fn healthy(&self) -> bool {
         self.healthy
     }
 
     /// Record one check result; returns whether the health flipped.
-    pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> bool {
+    pub(crate) fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> bool {
         if ok == self.healthy {
             self.streak = 0;
             return false;
@@ -51,7 +51,7 @@ impl Hysteresis {
     }
 
     /// Force unhealthy at once (a request saw the master refuse connections).
-    pub fn force_down(&mut self) {
+    pub(crate) fn force_down(&mut self) {
         self.healthy = false;
         self.streak = 0;
     }
@@ -59,7 +59,7 @@ impl Hysteresis {
 
 /// One master as the proxy sees it.
 #[derive(Debug, Clone)]
-pub struct MasterState {
+pub(crate) struct MasterState {
     pub id: String,
     pub addr: SocketAddr,
     pub health: Hysteresis,
@@ -71,7 +71,7 @@ pub struct MasterState {
 }
 
 impl MasterState {
-    pub fn new(id: impl Into<String>, addr: SocketAddr) -> Self {
+    pub(crate) fn new(id: impl Into<String>, addr: SocketAddr) -> Self {
         Self {
             id: id.into(),
             addr,
@@ -118,7 +118,7 @@ pub struct Routing {
 
 /// All masters' health plus the term ordering; computes [`Routing`].
 #[derive(Debug, Clone, Default)]
-pub struct HealthTable {
+pub(crate) struct HealthTable {
     pub masters: Vec<MasterState>,
     /// Highest term any healthy master has claimed to be active in. A claim with a
     /// lower term is never routed to again.
@@ -134,7 +134,7 @@ pub struct HealthTable {
 
 /// A change of the routed master, for metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// An active master appeared; `failover` when it differs from the last one.
     Up { failover: bool },
     /// The routed master went away and none replaced it.
@@ -144,7 +144,7 @@ pub enum Transition {
 }
 
 impl HealthTable {
-    pub fn new(masters: impl IntoIterator<Item = (String, SocketAddr)>) -> Self {
+    pub(crate) fn new(masters: impl IntoIterator<Item = (String, SocketAddr)>) -> Self {
         Self {
             masters: masters
                 .into_iter()
@@ -156,7 +156,7 @@ impl HealthTable {
 
     /// Replace the master list (config reload), keeping the state of masters whose id
     /// and address did not change.
-    pub fn set_masters(&mut self, masters: impl IntoIterator<Item = (String, SocketAddr)>) {
+    pub(crate) fn set_masters(&mut self, masters: impl IntoIterator<Item = (String, SocketAddr)>) {
         let old = std::mem::take(&mut self.masters);
         self.masters = masters
             .into_iter()
@@ -175,7 +175,7 @@ impl HealthTable {
 
     /// Record the result of a check of master `id` that started at `started`.
     /// `Ok(report)` for any valid `/active` answer (200 or 503), `Err(())` otherwise.
-    pub fn observe(
+    pub(crate) fn observe(
         &mut self,
         id: &str,
         started: Instant,
@@ -217,7 +217,7 @@ impl HealthTable {
     }
 
     /// A request could not reach master `id` (connect refused/reset): down at once.
-    pub fn mark_down(&mut self, id: &str, now: Instant) {
+    pub(crate) fn mark_down(&mut self, id: &str, now: Instant) {
         if let Some(m) = self.get_mut(id) {
             m.health.force_down();
             m.report = None;
@@ -226,7 +226,7 @@ impl HealthTable {
     }
 
     /// Master `id` answered a request with "not active": stop routing to it at once.
-    pub fn mark_not_active(&mut self, id: &str, now: Instant) {
+    pub(crate) fn mark_not_active(&mut self, id: &str, now: Instant) {
         if let Some(m) = self.get_mut(id) {
             if let Some(r) = m.report.as_mut() {
                 r.active = false;
@@ -237,7 +237,7 @@ impl HealthTable {
 
     /// Recompute who to route to. Returns the new routing and the transition, if the
     /// routed master changed.
-    pub fn routing(&mut self) -> (Routing, Option<Transition>) {
+    pub(crate) fn routing(&mut self) -> (Routing, Option<Transition>) {
         let floor = self.max_active_term;
         let best = self
             .masters

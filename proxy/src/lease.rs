@@ -51,7 +51,7 @@ impl Timings {
 
 /// The lease object as read from the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Observed {
+pub(crate) struct Observed {
     /// `spec.holderIdentity`; `None` (or empty) when released.
     pub holder: Option<String>,
     /// `metadata.resourceVersion`.
@@ -60,7 +60,7 @@ pub struct Observed {
 
 /// What to write next.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Write the lease naming this proxy: create it (`expect: None`) or compare-and-swap
     /// on `expect`.
     Claim { expect: Option<u64> },
@@ -70,7 +70,7 @@ pub enum Step {
 
 /// This proxy's view of the lease.
 #[derive(Debug, Clone)]
-pub struct Lease {
+pub(crate) struct Lease {
     me: String,
     t: Timings,
     /// Until when this proxy may serve the VIP.
@@ -84,7 +84,7 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn new(me: impl Into<String>, t: Timings) -> Self {
+    pub(crate) fn new(me: impl Into<String>, t: Timings) -> Self {
         Self {
             me: me.into(),
             t,
@@ -95,12 +95,8 @@ impl Lease {
         }
     }
 
-    pub fn timings(&self) -> Timings {
-        self.t
-    }
-
     /// Record a read of the lease at `now` (`None`: the object does not exist).
-    pub fn observe(&mut self, obs: Option<Observed>, now: Instant) {
+    pub(crate) fn observe(&mut self, obs: Option<Observed>, now: Instant) {
         self.absent = obs.is_none();
         match obs {
             None => self.seen = None,
@@ -128,7 +124,7 @@ impl Lease {
     }
 
     /// What to do at `now`.
-    pub fn next(&self, now: Instant) -> Step {
+    pub(crate) fn next(&self, now: Instant) -> Step {
         if self.absent {
             return Step::Claim { expect: None };
         }
@@ -157,7 +153,7 @@ impl Lease {
     }
 
     /// A claim that began at `started` succeeded and wrote `version`.
-    pub fn claimed(&mut self, started: Instant, version: u64) {
+    pub(crate) fn claimed(&mut self, started: Instant, version: u64) {
         let until = started + self.t.lease.saturating_sub(self.t.margin);
         self.held_until = Some(self.held_until.map_or(until, |h| h.max(until)));
         self.last_claim = Some(started);
@@ -173,22 +169,22 @@ impl Lease {
 
     /// A claim failed (a conflict: someone else wrote first; or an error). Nothing
     /// changes: the hold, if any, still ends at its deadline.
-    pub fn claim_failed(&mut self) {}
+    pub(crate) fn claim_failed(&mut self) {}
 
     /// This proxy released the lease (it wrote an empty holder, or gave up): it stops
     /// serving now.
-    pub fn released_now(&mut self) {
+    pub(crate) fn released_now(&mut self) {
         self.held_until = None;
         self.last_claim = None;
     }
 
     /// Whether this proxy may serve the VIP at `now`.
-    pub fn holds(&self, now: Instant) -> bool {
+    pub(crate) fn holds(&self, now: Instant) -> bool {
         self.held_until.is_some_and(|h| now < h)
     }
 
     /// When the current hold ends, if holding.
-    pub fn held_until(&self) -> Option<Instant> {
+    pub(crate) fn held_until(&self) -> Option<Instant> {
         self.held_until
     }
 }

@@ -14,17 +14,17 @@
 //! - [`admin`]: the admin HTTP endpoint;
 //! - this file: startup, signals (SIGTERM/SIGINT stop, SIGHUP reloads) and shutdown.
 
-pub mod admin;
-pub mod checker;
-pub mod dns;
-pub mod health;
-pub mod lease;
-pub mod listeners;
-pub mod metrics;
-pub mod proxy;
-pub mod state;
-pub mod tcp;
-pub mod vip;
+mod admin;
+mod checker;
+mod dns;
+mod health;
+mod lease;
+mod listeners;
+mod metrics;
+mod proxy;
+mod state;
+mod tcp;
+mod vip;
 
 #[cfg(test)]
 mod e2e_tests;

@@ -34,7 +34,7 @@ pub struct Addrs {
 
 /// What every set of listeners serves with.
 #[derive(Clone)]
-pub struct Serving {
+pub(crate) struct Serving {
     pub shared: Arc<Shared>,
     pub check: Arc<dyn ActiveCheck>,
     pub tls: NodeTls,
@@ -42,7 +42,7 @@ pub struct Serving {
 }
 
 /// Running listeners (see the module docs).
-pub struct Listeners {
+pub(crate) struct Listeners {
     /// Where each one really is (port 0 resolved).
     pub addrs: Addrs,
     pingora_shutdown: tokio::sync::watch::Sender<bool>,
@@ -67,7 +67,11 @@ impl Drop for Listeners {
 impl Listeners {
     /// Bind all three (an address in use is an error, nothing is left bound) and serve
     /// on the current tokio runtime (the API on threads of its own).
-    pub async fn start(what: &'static str, addrs: Addrs, s: &Serving) -> Result<Self, ProxyError> {
+    pub(crate) async fn start(
+        what: &'static str,
+        addrs: Addrs,
+        s: &Serving,
+    ) -> Result<Self, ProxyError> {
         let admin_listener =
             tokio::net::TcpListener::bind(addrs.admin)
                 .await
@@ -158,14 +162,14 @@ impl Listeners {
     }
 
     /// Stop accepting new connections and DNS queries; what is open goes on.
-    pub fn stop_accepting(&self) {
+    pub(crate) fn stop_accepting(&self) {
         let _ = self.pingora_shutdown.send(true);
         self.dns_shutdown.cancel();
     }
 
     /// Stop everything now, open connections included, and wait (briefly) for the
     /// threads.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.stop_accepting();
         self.stop.cancel();
         let io_threads = std::mem::take(&mut self.io_threads);

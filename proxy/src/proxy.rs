@@ -22,7 +22,7 @@ use crate::state::Shared;
 
 /// Request bodies larger than this are refused with 413 (the Kubernetes API itself
 /// caps request bodies at 3 MiB).
-pub const MAX_REQUEST_BODY: u64 = 16 * 1024 * 1024;
+pub(crate) const MAX_REQUEST_BODY: u64 = 16 * 1024 * 1024;
 
 /// How long connecting to a master may take before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -40,7 +40,7 @@ const REMOTE_GROUP: &str = "x-remote-group";
 const REMOTE_EXTRA_PREFIX: &str = "x-remote-extra-";
 
 /// The pingora proxy logic.
-pub struct BallastProxy {
+pub(crate) struct BallastProxy {
     pub shared: Arc<Shared>,
     /// Used to confirm that a master answering 503 is no longer active.
     pub check: Arc<dyn ActiveCheck>,
@@ -49,7 +49,7 @@ pub struct BallastProxy {
 }
 
 /// Per-request state.
-pub struct Ctx {
+pub(crate) struct Ctx {
     start: Instant,
     /// When a held request gives up.
     hold_deadline: Option<tokio::time::Instant>,
@@ -96,7 +96,7 @@ fn is_safe(method: &Method) -> bool {
 }
 
 /// `?watch=true` (also `watch=1`) or `?follow=true`: a long-lived stream.
-pub fn is_stream(query: Option<&str>) -> bool {
+pub(crate) fn is_stream(query: Option<&str>) -> bool {
     query.is_some_and(|q| {
         q.split('&').any(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
@@ -106,7 +106,7 @@ pub fn is_stream(query: Option<&str>) -> bool {
 }
 
 /// A Kubernetes `Status` body.
-pub fn status_body(code: u16, reason: &str, message: &str) -> Bytes {
+pub(crate) fn status_body(code: u16, reason: &str, message: &str) -> Bytes {
     let mut v = serde_json::json!({
         "kind": "Status",
         "apiVersion": "v1",
@@ -490,7 +490,7 @@ impl ProxyHttp for BallastProxy {
 
 /// Ordinary requests still in flight to a master this long after it stopped being the
 /// routed one are cut (reads are then retried on the new master; writes get 503).
-pub const IN_FLIGHT_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const IN_FLIGHT_GRACE: Duration = Duration::from_secs(2);
 
 /// Close open streams and idle upstream connections to the former active master when
 /// another master becomes the active one; cut requests still waiting on the former one
@@ -502,7 +502,7 @@ pub const IN_FLIGHT_GRACE: Duration = Duration::from_secs(2);
 /// when it loses its leader token. (Closing on every "no active" made an overloaded new
 /// active flap: 5 000 nodes' watches closed, re-opened at once, the master's health
 /// check timed out again, and so on, for ~8 s after a failover.)
-pub async fn close_stale_connections(
+pub(crate) async fn close_stale_connections(
     shared: Arc<Shared>,
     cancel: tokio_util::sync::CancellationToken,
 ) {

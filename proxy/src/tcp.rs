@@ -23,7 +23,7 @@ use crate::state::Shared;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Accept connections on `listener` until `cancel`.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
     loop {
         let (client, peer) = tokio::select! {
             _ = cancel.cancelled() => return,

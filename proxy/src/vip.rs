@@ -19,8 +19,8 @@ use crate::lease::{Lease, Observed, Step, Timings};
 use crate::listeners::{Addrs, Listeners, Serving};
 
 /// Where the VIP lease lives.
-pub const LEASE_NAMESPACE: &str = "kube-system";
-pub const LEASE_NAME: &str = "ballast-vip";
+pub(crate) const LEASE_NAMESPACE: &str = "kube-system";
+pub(crate) const LEASE_NAME: &str = "ballast-vip";
 
 /// What the VIP loop needs to know.
 #[derive(Debug, Clone, PartialEq)]
@@ -162,7 +162,7 @@ impl Client {
 }
 
 /// Run the VIP loop until `cancel`, then stop serving the VIP and release the lease.
-pub async fn run(serving: Serving, vip: VipSettings, cancel: CancellationToken) {
+pub(crate) async fn run(serving: Serving, vip: VipSettings, cancel: CancellationToken) {
     let shared = serving.shared.clone();
     let metrics = &shared.metrics;
     let t = vip.timings;

@@ -25,7 +25,7 @@ const CACHE_MAX: usize = 1024;
 
 /// The answer to a request for an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Allow,
     /// No credentials (401).
     Unauthenticated,
@@ -36,7 +36,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn refusal(self) -> Option<(StatusCode, &'static str)> {
+    pub(crate) fn refusal(self) -> Option<(StatusCode, &'static str)> {
         match self {
             Verdict::Allow => None,
             Verdict::Unauthenticated => Some((StatusCode::UNAUTHORIZED, "Unauthorized\n")),
@@ -50,7 +50,7 @@ impl Verdict {
 }
 
 /// Decides access to the worker's endpoints.
-pub struct Access {
+pub(crate) struct Access {
     api: Arc<Api>,
     cache: Mutex<HashMap<String, (Instant, bool)>>,
 }
@@ -60,7 +60,7 @@ fn trusted(id: &Identity) -> bool {
 }
 
 impl Access {
-    pub fn new(api: Arc<Api>) -> Self {
+    pub(crate) fn new(api: Arc<Api>) -> Self {
         Self {
             api,
             cache: Mutex::new(HashMap::new()),
@@ -68,7 +68,7 @@ impl Access {
     }
 
     /// Container logs: a master's certificate.
-    pub fn logs(&self, peer: &PeerInfo) -> Verdict {
+    pub(crate) fn logs(&self, peer: &PeerInfo) -> Verdict {
         match &peer.identity {
             None => Verdict::Unauthenticated,
             Some(id) if id.in_group(pki::MASTERS_GROUP) => Verdict::Allow,
@@ -77,7 +77,7 @@ impl Access {
     }
 
     /// `/metrics`: see the module docs.
-    pub async fn metrics(&self, peer: &PeerInfo, headers: &HeaderMap) -> Verdict {
+    pub(crate) async fn metrics(&self, peer: &PeerInfo, headers: &HeaderMap) -> Verdict {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())

@@ -18,7 +18,7 @@ use crate::route::{Route, RouteError};
 
 /// A failed API call.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error("{method} {url}: {source} (will retry)")]
@@ -49,26 +49,26 @@ pub enum ApiError {
 
 impl ApiError {
     /// Whether the same call may succeed later (connection trouble, no active master...).
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             ApiError::Route(_) | ApiError::Transport { .. } => true,
             ApiError::Status { code, .. } => *code >= 500 || *code == 429 || *code == 409,
             ApiError::Decode { .. } | ApiError::Cancelled => false,
         }
     }
-    pub fn code(&self) -> Option<u16> {
+    pub(crate) fn code(&self) -> Option<u16> {
         match self {
             ApiError::Status { code, .. } => Some(*code),
             _ => None,
         }
     }
-    pub fn is_not_found(&self) -> bool {
+    pub(crate) fn is_not_found(&self) -> bool {
         self.code() == Some(404)
     }
-    pub fn is_conflict(&self) -> bool {
+    pub(crate) fn is_conflict(&self) -> bool {
         self.code() == Some(409)
     }
-    pub fn is_gone(&self) -> bool {
+    pub(crate) fn is_gone(&self) -> bool {
         self.code() == Some(410)
     }
     fn retry_after(&self) -> Option<Duration> {
@@ -84,7 +84,7 @@ impl ApiError {
 }
 
 /// The API client of one worker (or of every hollow node of one process).
-pub struct Api {
+pub(crate) struct Api {
     route: Route,
     http: reqwest::Client,
     watch_http: reqwest::Client,
@@ -100,7 +100,7 @@ impl Api {
     /// the cluster CA and the URL's host, or, on a DNS route, the route's name (the
     /// address is then a DNS answer: the active master, whose certificate carries the
     /// name).
-    pub fn new(route: Route, metrics: Metrics, tls: &NodeTls) -> Result<Self, TlsError> {
+    pub(crate) fn new(route: Route, metrics: Metrics, tls: &NodeTls) -> Result<Self, TlsError> {
         let config = match &route {
             Route::Url(_) => tls.client_config()?,
             Route::Dns { name, .. } => tls.client_config_for_name(name)?,
@@ -127,7 +127,7 @@ impl Api {
 
     /// A client without TLS, for unit tests against in-process fakes.
     #[cfg(test)]
-    pub fn plain(route: Route, metrics: Metrics) -> Self {
+    pub(crate) fn plain(route: Route, metrics: Metrics) -> Self {
         Self {
             route,
             http: reqwest::Client::builder()
@@ -139,7 +139,7 @@ impl Api {
         }
     }
 
-    pub fn route(&self) -> &Route {
+    pub(crate) fn route(&self) -> &Route {
         &self.route
     }
 
@@ -209,7 +209,7 @@ impl Api {
     }
 
     /// One call; the answer's body.
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -241,7 +241,7 @@ impl Api {
         self.note(r)
     }
 
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let b = self.call(Method::GET, path, None).await?;
         self.decode(Method::GET, path, &b)
     }
@@ -258,7 +258,7 @@ impl Api {
         self.decode(method, path, &b)
     }
 
-    pub async fn post<T: DeserializeOwned>(
+    pub(crate) async fn post<T: DeserializeOwned>(
         &self,
         path: &str,
         body: &impl Serialize,
@@ -267,7 +267,7 @@ impl Api {
             .await
     }
 
-    pub async fn put<T: DeserializeOwned>(
+    pub(crate) async fn put<T: DeserializeOwned>(
         &self,
         path: &str,
         body: &impl Serialize,
@@ -276,7 +276,7 @@ impl Api {
             .await
     }
 
-    pub async fn merge_patch<T: DeserializeOwned>(
+    pub(crate) async fn merge_patch<T: DeserializeOwned>(
         &self,
         path: &str,
         body: &impl Serialize,
@@ -285,7 +285,7 @@ impl Api {
             .await
     }
 
-    pub async fn delete(&self, path: &str, body: &impl Serialize) -> Result<(), ApiError> {
+    pub(crate) async fn delete(&self, path: &str, body: &impl Serialize) -> Result<(), ApiError> {
         let bytes = serde_json::to_vec(body).expect("serializable body");
         self.call(Method::DELETE, path, Some(("application/json", bytes)))
             .await
@@ -293,13 +293,13 @@ impl Api {
     }
 
     /// Open a watch stream (no overall timeout: the caller bounds each read).
-    pub async fn watch(&self, path: &str) -> Result<reqwest::Response, ApiError> {
+    pub(crate) async fn watch(&self, path: &str) -> Result<reqwest::Response, ApiError> {
         let r = self.start(&self.watch_http, Method::GET, path, None).await;
         self.note(r)
     }
 
     /// Count a failure seen while reading a stream.
-    pub fn stream_failed(&self) {
+    pub(crate) fn stream_failed(&self) {
         self.metrics.api_errors.inc();
         self.route.invalidate();
     }
@@ -307,7 +307,7 @@ impl Api {
 
 /// Exponential back-off between retries: 100 ms doubling to 2 s.
 #[derive(Debug, Clone)]
-pub struct RetryDelay {
+pub(crate) struct RetryDelay {
     next: Duration,
 }
 
@@ -320,22 +320,22 @@ impl Default for RetryDelay {
 }
 
 impl RetryDelay {
-    pub const MAX: Duration = Duration::from_secs(2);
+    pub(crate) const MAX: Duration = Duration::from_secs(2);
 
     /// The next delay (at least `hint`, e.g. a `Retry-After`).
-    pub fn next(&mut self, hint: Option<Duration>) -> Duration {
+    pub(crate) fn next(&mut self, hint: Option<Duration>) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         hint.map_or(d, |h| h.min(Self::MAX * 2).max(d))
     }
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         *self = Self::default();
     }
 }
 
 /// Run `f` until it succeeds or fails for good; retryable failures are retried with
 /// back-off, forever (until `shutdown`).
-pub async fn retry<T, F, Fut>(
+pub(crate) async fn retry<T, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
     mut f: F,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// `spec.restartPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestartPolicy {
+pub(crate) enum RestartPolicy {
     Always,
     OnFailure,
     Never,
@@ -18,7 +18,7 @@ pub enum RestartPolicy {
 
 impl RestartPolicy {
     /// Parse the API value; absent or unknown means `Always` (the Kubernetes default).
-    pub fn parse(s: Option<&str>) -> Self {
+    pub(crate) fn parse(s: Option<&str>) -> Self {
         match s {
             Some("OnFailure") => RestartPolicy::OnFailure,
             Some("Never") => RestartPolicy::Never,
@@ -27,7 +27,7 @@ impl RestartPolicy {
     }
 
     /// Whether a container that exited with `exit_code` is started again.
-    pub fn restarts(self, exit_code: i32) -> bool {
+    pub(crate) fn restarts(self, exit_code: i32) -> bool {
         match self {
             RestartPolicy::Always => true,
             RestartPolicy::OnFailure => exit_code != 0,
@@ -38,7 +38,7 @@ impl RestartPolicy {
 
 /// Back-off timings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BackoffConfig {
+pub(crate) struct BackoffConfig {
     pub base: Duration,
     pub max: Duration,
     /// A run at least this long resets the back-off.
@@ -52,7 +52,7 @@ impl Default for BackoffConfig {
 }
 
 impl BackoffConfig {
-    pub fn new(base: Duration, max: Duration) -> Self {
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
         let max = max.max(base);
         Self {
             base,
@@ -62,14 +62,14 @@ impl BackoffConfig {
     }
 
     /// From the config's `[worker]` restart back-off keys.
-    pub fn from_config(w: &ballast_config::WorkerDefaults) -> Self {
+    pub(crate) fn from_config(w: &ballast_config::WorkerDefaults) -> Self {
         Self::new(w.restart_backoff_base, w.restart_backoff_max)
     }
 }
 
 /// The back-off state of one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     cfg: BackoffConfig,
     /// Delay before the next restart.
     next: Duration,
@@ -80,7 +80,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    pub fn new(cfg: BackoffConfig) -> Self {
+    pub(crate) fn new(cfg: BackoffConfig) -> Self {
         Self {
             cfg,
             next: Duration::ZERO,
@@ -90,7 +90,7 @@ impl Backoff {
     }
 
     /// The container exited at `now` after running for `ran`; returns when it may start again.
-    pub fn on_exit(&mut self, now: Instant, ran: Duration) -> Instant {
+    pub(crate) fn on_exit(&mut self, now: Instant, ran: Duration) -> Instant {
         if ran >= self.cfg.reset_after {
             self.next = Duration::ZERO;
         }
@@ -107,22 +107,17 @@ impl Backoff {
     }
 
     /// Whether a restart is still being held back at `now` (the `CrashLoopBackOff` state).
-    pub fn in_backoff(&self, now: Instant) -> bool {
+    pub(crate) fn in_backoff(&self, now: Instant) -> bool {
         self.until.is_some_and(|u| now < u)
     }
 
-    /// The restart the last [`Backoff::on_exit`] allowed, if any.
-    pub fn until(&self) -> Option<Instant> {
-        self.until
-    }
-
     /// The restart happened.
-    pub fn started(&mut self) {
+    pub(crate) fn started(&mut self) {
         self.until = None;
     }
 
     /// The delay the last exit got (for the waiting message).
-    pub fn current_delay(&self) -> Duration {
+    pub(crate) fn current_delay(&self) -> Duration {
         self.last
     }
 }

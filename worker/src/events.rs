@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::api::Api;
 
 /// The event queue of one node.
-pub struct Events {
+pub(crate) struct Events {
     node: String,
     tx: mpsc::Sender<Event>,
     seq: AtomicU64,
@@ -20,7 +20,7 @@ pub struct Events {
 
 impl Events {
     /// Start the sender task (it ends when the queue is dropped).
-    pub fn new(api: Arc<Api>, node: String) -> Self {
+    pub(crate) fn new(api: Arc<Api>, node: String) -> Self {
         let (tx, mut rx) = mpsc::channel::<Event>(256);
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
@@ -39,7 +39,7 @@ impl Events {
     }
 
     /// Record an event about `container` of `pod` (`warning` for type `Warning`).
-    pub fn pod(
+    pub(crate) fn pod(
         &self,
         pod: &Pod,
         container: Option<&str>,
@@ -61,7 +61,7 @@ impl Events {
 }
 
 /// The Event object.
-pub fn event(
+pub(crate) fn event(
     pod: &Pod,
     container: Option<&str>,
     node: &str,

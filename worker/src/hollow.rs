@@ -19,7 +19,7 @@ use crate::sync::StatusSync;
 use crate::watch::{self, PodSink};
 
 /// The status a hollow node reports for a pod: Running, all containers ready.
-pub fn running_status(pod: &Pod, ip: IpAddr, now: Timestamp) -> PodStatus {
+pub(crate) fn running_status(pod: &Pod, ip: IpAddr, now: Timestamp) -> PodStatus {
     let spec = pod.spec.clone().unwrap_or_default();
     let view = PodView {
         containers: spec
@@ -47,7 +47,7 @@ pub fn running_status(pod: &Pod, ip: IpAddr, now: Timestamp) -> PodStatus {
 }
 
 /// One hollow node's pods.
-pub struct HollowNode {
+pub(crate) struct HollowNode {
     name: String,
     ip: IpAddr,
     api: Arc<Api>,
@@ -59,7 +59,7 @@ pub struct HollowNode {
 }
 
 impl HollowNode {
-    pub fn new(
+    pub(crate) fn new(
         name: String,
         ip: IpAddr,
         api: Arc<Api>,
@@ -78,7 +78,7 @@ impl HollowNode {
         }
     }
 
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let api = self.api.clone();
         let name = self.name.clone();
         let shutdown = self.shutdown.clone();

@@ -13,23 +13,23 @@
 //!   TLS; [`access`] decides who may read what.
 //! - [`hollow`]: many simulated nodes in one process (no processes), like kubemark.
 
-pub mod access;
-pub mod api;
-pub mod backoff;
-pub mod events;
-pub mod hollow;
-pub mod logs;
-pub mod metrics;
-pub mod node;
-pub mod pods;
-pub mod probe;
-pub mod process;
-pub mod route;
-pub mod server;
-pub mod state;
-pub mod status;
-pub mod sync;
-pub mod watch;
+mod access;
+mod api;
+mod backoff;
+mod events;
+mod hollow;
+mod logs;
+mod metrics;
+mod node;
+mod pods;
+mod probe;
+mod process;
+mod route;
+mod server;
+mod state;
+mod status;
+mod sync;
+mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

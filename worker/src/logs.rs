@@ -15,19 +15,19 @@ use std::time::Duration;
 use bytes::Bytes;
 
 /// The directory of one pod's logs under the worker's data dir.
-pub fn pod_dir(data_dir: &Path, namespace: &str, name: &str, uid: &str) -> PathBuf {
+pub(crate) fn pod_dir(data_dir: &Path, namespace: &str, name: &str, uid: &str) -> PathBuf {
     data_dir
         .join("pods")
         .join(format!("{namespace}_{name}_{uid}"))
 }
 
 /// The live log file of one container.
-pub fn container_log(pod_dir: &Path, container: &str) -> PathBuf {
+pub(crate) fn container_log(pod_dir: &Path, container: &str) -> PathBuf {
     pod_dir.join(format!("{container}.log"))
 }
 
 /// The rotated log file of one container.
-pub fn rotated(path: &Path) -> PathBuf {
+pub(crate) fn rotated(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".1");
     PathBuf::from(s)
@@ -36,7 +36,7 @@ pub fn rotated(path: &Path) -> PathBuf {
 /// Open the log file for a new process (append, create).
 /// Open a container's log for appending; its directory is made 0700 and the file 0600
 /// (a pod's output is its own business, not every local user's).
-pub fn open_for_append(path: &Path) -> io::Result<File> {
+pub(crate) fn open_for_append(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(d) = path.parent() {
         fs::DirBuilder::new()
@@ -52,7 +52,7 @@ pub fn open_for_append(path: &Path) -> io::Result<File> {
 }
 
 /// The last `n` lines of `data` (a final line without `\n` counts as a line).
-pub fn tail_lines(data: &[u8], n: usize) -> &[u8] {
+pub(crate) fn tail_lines(data: &[u8], n: usize) -> &[u8] {
     if n == 0 {
         return &data[data.len()..];
     }
@@ -70,7 +70,7 @@ pub fn tail_lines(data: &[u8], n: usize) -> &[u8] {
 }
 
 /// Rotate `path` if it is larger than `max` bytes; returns whether it did.
-pub fn rotate_if_needed(path: &Path, max: u64) -> io::Result<bool> {
+pub(crate) fn rotate_if_needed(path: &Path, max: u64) -> io::Result<bool> {
     let len = match fs::metadata(path) {
         Ok(m) => m.len(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -97,7 +97,7 @@ pub fn rotate_if_needed(path: &Path, max: u64) -> io::Result<bool> {
 }
 
 /// The log of a container: rotated part then live part, optionally only the last lines.
-pub fn read_log(path: &Path, tail: Option<usize>) -> io::Result<(Vec<u8>, u64)> {
+pub(crate) fn read_log(path: &Path, tail: Option<usize>) -> io::Result<(Vec<u8>, u64)> {
     let mut data = fs::read(rotated(path)).unwrap_or_default();
     let live = match fs::read(path) {
         Ok(d) => d,
@@ -114,7 +114,7 @@ pub fn read_log(path: &Path, tail: Option<usize>) -> io::Result<(Vec<u8>, u64)> 
 }
 
 /// Read what was appended to `path` since `offset`; a shorter file (rotated) restarts at 0.
-pub fn read_new(path: &Path, offset: &mut u64) -> io::Result<Vec<u8>> {
+pub(crate) fn read_new(path: &Path, offset: &mut u64) -> io::Result<Vec<u8>> {
     let mut f = File::open(path)?;
     let len = f.metadata()?.len();
     if len < *offset {
@@ -131,11 +131,11 @@ pub fn read_new(path: &Path, offset: &mut u64) -> io::Result<Vec<u8>> {
 }
 
 /// Whether a followed log may still grow.
-pub type StillWriting = Arc<dyn Fn() -> bool + Send + Sync>;
+pub(crate) type StillWriting = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// The body of `follow=true`: the (tailed) log, then whatever is appended, until
 /// `still_writing` says the container is done (or the client goes away).
-pub fn follow(
+pub(crate) fn follow(
     path: PathBuf,
     tail: Option<usize>,
     still_writing: StillWriting,

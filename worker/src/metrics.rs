@@ -7,7 +7,7 @@ use prometheus::{
 
 /// Every metric the worker exports on `GET /metrics`.
 #[derive(Clone)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub registry: Registry,
     /// Pods in phase Running on this worker.
     pub pods_running: IntGauge,
@@ -22,7 +22,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let registry = Registry::new();
         let pods_running = IntGauge::new(
             "ballast_worker_pods_running",
@@ -77,7 +77,7 @@ impl Metrics {
     }
 
     /// The text exposition format.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

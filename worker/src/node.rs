@@ -23,11 +23,11 @@ use crate::api::{retry, Api, ApiError};
 use crate::metrics::Metrics;
 
 /// The kubelet version the worker reports.
-pub const KUBELET_VERSION: &str = "v1.33.0-ballast";
+pub(crate) const KUBELET_VERSION: &str = "v1.33.0-ballast";
 
 /// What a node says about itself.
 #[derive(Debug, Clone)]
-pub struct NodeInfo {
+pub(crate) struct NodeInfo {
     pub name: String,
     pub ip: IpAddr,
     pub port: u16,
@@ -41,7 +41,7 @@ pub struct NodeInfo {
 }
 
 /// The Node object to create.
-pub fn node_object(info: &NodeInfo) -> Node {
+pub(crate) fn node_object(info: &NodeInfo) -> Node {
     let labels: BTreeMap<String, String> = [
         ("kubernetes.io/hostname", info.name.as_str()),
         ("kubernetes.io/os", "linux"),
@@ -72,7 +72,11 @@ fn arch() -> &'static str {
 }
 
 /// The node status; `prev` keeps the `Ready` transition time while it stays `True`.
-pub fn node_status(info: &NodeInfo, prev: Option<&NodeStatus>, now: Timestamp) -> NodeStatus {
+pub(crate) fn node_status(
+    info: &NodeInfo,
+    prev: Option<&NodeStatus>,
+    now: Timestamp,
+) -> NodeStatus {
     let res: BTreeMap<String, Quantity> = [
         ("cpu", info.capacity.cpu.clone()),
         ("memory", info.capacity.memory.clone()),
@@ -170,7 +174,7 @@ fn kernel_version() -> String {
 }
 
 /// The Lease renewed as the heartbeat.
-pub fn lease_object(info: &NodeInfo, node_uid: Option<&str>, now: Timestamp) -> Lease {
+pub(crate) fn lease_object(info: &NodeInfo, node_uid: Option<&str>, now: Timestamp) -> Lease {
     Lease {
         metadata: ObjectMeta {
             name: Some(info.name.clone()),
@@ -257,7 +261,12 @@ async fn renew(api: &Api, info: &NodeInfo, node_uid: Option<&str>) -> Result<(),
 }
 
 /// Register the node, then keep its lease and status fresh until `shutdown`.
-pub async fn run(api: Arc<Api>, info: NodeInfo, metrics: Metrics, shutdown: CancellationToken) {
+pub(crate) async fn run(
+    api: Arc<Api>,
+    info: NodeInfo,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
     let status_every = (info.lease_interval * 3).max(Duration::from_secs(1));
     let mut node_uid = None;
     let mut registered = false;

@@ -37,7 +37,7 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// The logs of one pod, for the log endpoint.
 #[derive(Clone)]
-pub struct PodLogs {
+pub(crate) struct PodLogs {
     pub uid: String,
     pub dir: PathBuf,
     /// Per container: whether its log may still grow (running or going to restart).
@@ -45,7 +45,7 @@ pub struct PodLogs {
 }
 
 /// What every pod task shares.
-pub struct Ctx {
+pub(crate) struct Ctx {
     pub node: String,
     pub ip: IpAddr,
     pub data_dir: PathBuf,
@@ -65,7 +65,7 @@ pub struct Ctx {
 
 impl Ctx {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         node: String,
         ip: IpAddr,
         data_dir: PathBuf,
@@ -105,7 +105,7 @@ impl Ctx {
     }
 
     /// Rotate every container log that grew too large.
-    pub fn rotate_logs(&self) {
+    pub(crate) fn rotate_logs(&self) {
         let entries: Vec<PodLogs> = self.logs.lock().unwrap().values().cloned().collect();
         for e in entries {
             let names: Vec<String> = e.writing.lock().unwrap().keys().cloned().collect();
@@ -131,7 +131,7 @@ struct Handle {
 }
 
 /// All pods of this worker.
-pub struct Manager {
+pub(crate) struct Manager {
     ctx: Arc<Ctx>,
     pods: HashMap<String, Handle>,
 }
@@ -142,7 +142,7 @@ fn uid_of(p: &Pod) -> String {
 
 impl Manager {
     /// Start the pods remembered in the state file (adopting their processes).
-    pub fn new(ctx: Arc<Ctx>) -> Self {
+    pub(crate) fn new(ctx: Arc<Ctx>) -> Self {
         let mut m = Self {
             ctx: ctx.clone(),
             pods: HashMap::new(),
@@ -167,7 +167,7 @@ impl Manager {
     }
 
     /// Wait for every pod task (after `ctx.stopping`).
-    pub async fn wait_all(mut self) {
+    pub(crate) async fn wait_all(mut self) {
         for (_, h) in self.pods.drain() {
             let _ = h.task.await;
         }
@@ -1053,7 +1053,7 @@ impl Runner {
 }
 
 /// Keep log files within bounds, every second, until `shutdown`.
-pub async fn rotate_logs_loop(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+pub(crate) async fn rotate_logs_loop(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => ctx.rotate_logs(),

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 /// The consecutive-result counter of one probe (pure logic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counter {
+pub(crate) struct Counter {
     successes: i32,
     failures: i32,
     /// The probe's verdict: passing (ready / alive).
@@ -23,7 +23,7 @@ pub struct Counter {
 
 impl Counter {
     /// Readiness starts failing, liveness starts passing.
-    pub fn new(initially_ok: bool) -> Self {
+    pub(crate) fn new(initially_ok: bool) -> Self {
         Self {
             successes: 0,
             failures: 0,
@@ -32,7 +32,7 @@ impl Counter {
     }
 
     /// Record one result; returns the verdict.
-    pub fn record(
+    pub(crate) fn record(
         &mut self,
         success: bool,
         success_threshold: i32,
@@ -57,7 +57,7 @@ impl Counter {
 
 /// Where a probe runs: the container's environment and the pod's address.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     pub host: IpAddr,
     pub ports: Vec<ContainerPort>,
     pub env: Vec<(String, String)>,
@@ -65,7 +65,7 @@ pub struct Target {
 }
 
 /// A running probe task; aborted on drop.
-pub struct ProbeTask {
+pub(crate) struct ProbeTask {
     pub verdict: watch::Receiver<bool>,
     task: JoinHandle<()>,
 }
@@ -81,7 +81,7 @@ fn secs(v: Option<i32>, default: i32) -> Duration {
 }
 
 /// Start probing. `initially_ok`: false for readiness, true for liveness.
-pub fn spawn(probe: Probe, target: Target, initially_ok: bool) -> ProbeTask {
+pub(crate) fn spawn(probe: Probe, target: Target, initially_ok: bool) -> ProbeTask {
     let (tx, rx) = watch::channel(initially_ok);
     let task = tokio::spawn(async move {
         let period = secs(probe.period_seconds, 10).max(Duration::from_secs(1));
@@ -117,7 +117,7 @@ fn port_of(p: &IntOrString, ports: &[ContainerPort]) -> Option<u16> {
 }
 
 /// One probe attempt.
-pub async fn run_once(probe: &Probe, t: &Target, timeout: Duration) -> bool {
+pub(crate) async fn run_once(probe: &Probe, t: &Target, timeout: Duration) -> bool {
     if let Some(exec) = &probe.exec {
         let argv = exec.command.clone().unwrap_or_default();
         let Some(cmd) = argv.first() else {

@@ -23,7 +23,7 @@ const WRAPPER: &str = "trap : TERM INT HUP QUIT; \"$@\"; c=$?; echo $c > \"$0\";
 
 /// Errors starting a container process; none of them go away by retrying at once.
 #[derive(Debug, thiserror::Error)]
-pub enum SpawnError {
+pub(crate) enum SpawnError {
     #[error("exec: {0:?}: executable file not found in $PATH")]
     NotFound(String),
     #[error("cannot open the log file {path}: {source}")]
@@ -42,7 +42,7 @@ pub enum SpawnError {
 
 /// What to run.
 #[derive(Debug, Clone)]
-pub struct ProcSpec {
+pub(crate) struct ProcSpec {
     /// `command` followed by `args`, after `$(VAR)` expansion.
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -53,14 +53,14 @@ pub struct ProcSpec {
 
 /// A started process (the wrapper, leader of its group).
 #[derive(Debug)]
-pub struct Started {
+pub(crate) struct Started {
     pub pid: u32,
     pub start_ticks: u64,
     pub child: tokio::process::Child,
 }
 
 /// Find `cmd` like `execvp` would, with the container's `PATH`.
-pub fn resolve(cmd: &str, path_var: &str, cwd: Option<&Path>) -> Option<PathBuf> {
+pub(crate) fn resolve(cmd: &str, path_var: &str, cwd: Option<&Path>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let exec = |p: &Path| {
         std::fs::metadata(p)
@@ -81,10 +81,11 @@ pub fn resolve(cmd: &str, path_var: &str, cwd: Option<&Path>) -> Option<PathBuf>
         .find(|p| exec(p))
 }
 
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Start a container process.
-pub fn spawn(spec: &ProcSpec) -> Result<Started, SpawnError> {
+pub(crate) fn spawn(spec: &ProcSpec) -> Result<Started, SpawnError> {
     let cmd = spec.argv.first().cloned().unwrap_or_default();
     let path_var = spec
         .env
@@ -142,7 +143,7 @@ pub fn spawn(spec: &ProcSpec) -> Result<Started, SpawnError> {
 }
 
 /// Parse the start time (field 22, clock ticks since boot) and state of a `/proc/PID/stat`.
-pub fn parse_stat(stat: &str) -> Option<(char, u64)> {
+pub(crate) fn parse_stat(stat: &str) -> Option<(char, u64)> {
     let rest = stat.rsplit_once(')')?.1;
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
@@ -152,7 +153,7 @@ pub fn parse_stat(stat: &str) -> Option<(char, u64)> {
 }
 
 /// The start time of a live (not zombie) process.
-pub fn start_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn start_ticks(pid: u32) -> Option<u64> {
     if pid == 0 {
         return None;
     }
@@ -165,24 +166,24 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 
 /// Whether the process `pid` that started at `ticks` still runs (not a reused pid). An
 /// unknown start time (0) proves nothing: such a pid is never taken for the process.
-pub fn alive(pid: u32, ticks: u64) -> bool {
+pub(crate) fn alive(pid: u32, ticks: u64) -> bool {
     ticks != 0 && start_ticks(pid) == Some(ticks)
 }
 
 /// Signal a container's whole process group (best effort).
-pub fn signal_group(pid: u32, sig: Signal) {
+pub(crate) fn signal_group(pid: u32, sig: Signal) {
     if pid > 1 {
         let _ = kill(Pid::from_raw(-(pid as i32)), sig);
     }
 }
 
 /// The exit code the wrapper recorded, if it finished normally.
-pub fn read_exit_file(path: &Path) -> Option<i32> {
+pub(crate) fn read_exit_file(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Expand `$(VAR)` references like Kubernetes: `$$` escapes, unknown references stay.
-pub fn expand(s: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+pub(crate) fn expand(s: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
     let mut out = String::with_capacity(s.len());
     let b = s.as_bytes();
     let mut i = 0;

@@ -14,7 +14,7 @@ use hickory_proto::rr::{Name, RData, RecordType};
 
 /// Resolution failures; all are worth retrying.
 #[derive(Debug, thiserror::Error)]
-pub enum RouteError {
+pub(crate) enum RouteError {
     #[error("resolving {name} at DNS server {server}: {message} (will retry)")]
     Dns {
         name: String,
@@ -25,7 +25,7 @@ pub enum RouteError {
 
 /// A resolved address and when it expires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cached {
+pub(crate) struct Cached {
     ip: IpAddr,
     expires: Instant,
 }
@@ -50,7 +50,7 @@ fn decide(cache: Option<Cached>, now: Instant) -> Decision {
 
 /// The route to the API.
 #[derive(Debug)]
-pub enum Route {
+pub(crate) enum Route {
     Url(String),
     Dns {
         name: String,
@@ -63,7 +63,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub fn new(r: ApiRoute) -> Self {
+    pub(crate) fn new(r: ApiRoute) -> Self {
         match r {
             ApiRoute::Url(u) => Route::Url(u.trim_end_matches('/').to_string()),
             ApiRoute::Dns { name, server, port } => Route::Dns {
@@ -77,7 +77,7 @@ impl Route {
     }
 
     /// A description for logs.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Route::Url(u) => u.clone(),
             Route::Dns {
@@ -87,7 +87,7 @@ impl Route {
     }
 
     /// The base URL (`https://host:port`) to use now.
-    pub async fn base_url(&self) -> Result<String, RouteError> {
+    pub(crate) async fn base_url(&self) -> Result<String, RouteError> {
         match self {
             Route::Url(u) => Ok(u.clone()),
             Route::Dns {
@@ -129,7 +129,7 @@ impl Route {
 
     /// Changes whenever the API moves to another address (long-lived streams to the old
     /// one should be reopened).
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         match self {
             Route::Url(_) => 0,
             Route::Dns { generation, .. } => generation.load(Ordering::SeqCst),
@@ -137,7 +137,7 @@ impl Route {
     }
 
     /// A connection failed: resolve again before the next request.
-    pub fn invalidate(&self) {
+    pub(crate) fn invalidate(&self) {
         if let Route::Dns { cache, .. } = self {
             if let Some(c) = cache.lock().unwrap().as_mut() {
                 c.expires = Instant::now();
@@ -147,7 +147,10 @@ impl Route {
 }
 
 /// One A query at `server` over UDP; returns the first address and its TTL.
-pub async fn resolve_a(name: &str, server: SocketAddr) -> Result<(IpAddr, Duration), RouteError> {
+pub(crate) async fn resolve_a(
+    name: &str,
+    server: SocketAddr,
+) -> Result<(IpAddr, Duration), RouteError> {
     let err = |message: String| RouteError::Dns {
         name: name.to_string(),
         server,

@@ -30,7 +30,7 @@ struct AppState {
 
 /// Serve `app` over TLS on `listener` until `stop` (client certificates optional: a
 /// scraper may come with a bearer token instead).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     tls: &NodeTls,
     app: Router,
@@ -52,7 +52,7 @@ pub async fn serve(
 }
 
 /// The router.
-pub fn router(metrics: Metrics, pods: Option<Arc<Ctx>>, access: Arc<Access>) -> Router {
+pub(crate) fn router(metrics: Metrics, pods: Option<Arc<Ctx>>, access: Arc<Access>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/healthz", get(|| async { "ok" }))

@@ -16,7 +16,7 @@ use crate::status::Termination;
 
 /// One container's record.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ContainerRecord {
+pub(crate) struct ContainerRecord {
     /// The running wrapper process (leader of the container's process group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
@@ -36,7 +36,7 @@ pub struct ContainerRecord {
 
 /// One pod's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PodRecord {
+pub(crate) struct PodRecord {
     pub pod: Pod,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Timestamp>,
@@ -46,7 +46,7 @@ pub struct PodRecord {
 
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct NodeState {
+pub(crate) struct NodeState {
     #[serde(default)]
     pub pods: BTreeMap<String, PodRecord>,
 }
@@ -69,7 +69,7 @@ pub enum StateError {
 }
 
 /// The state file, shared by every pod runner.
-pub struct StateFile {
+pub(crate) struct StateFile {
     path: PathBuf,
     state: Mutex<NodeState>,
 }
@@ -77,7 +77,7 @@ pub struct StateFile {
 impl StateFile {
     /// Load `path` (missing = empty). A corrupt file is set aside (`.corrupt`) and ignored:
     /// the pods are then relisted from the API and their old processes are not adopted.
-    pub fn load(path: PathBuf) -> Result<Self, StateError> {
+    pub(crate) fn load(path: PathBuf) -> Result<Self, StateError> {
         let state = match std::fs::read(&path) {
             Ok(b) => match serde_json::from_slice(&b) {
                 Ok(s) => s,
@@ -96,12 +96,12 @@ impl StateFile {
         })
     }
 
-    pub fn snapshot(&self) -> NodeState {
+    pub(crate) fn snapshot(&self) -> NodeState {
         self.state.lock().unwrap().clone()
     }
 
     /// Replace one pod's record (when it changed) and write the file.
-    pub fn put(&self, uid: &str, rec: &PodRecord) {
+    pub(crate) fn put(&self, uid: &str, rec: &PodRecord) {
         let mut st = self.state.lock().unwrap();
         if st.pods.get(uid) == Some(rec) {
             return;
@@ -111,7 +111,7 @@ impl StateFile {
     }
 
     /// Forget a pod and write the file.
-    pub fn remove(&self, uid: &str) {
+    pub(crate) fn remove(&self, uid: &str) {
         let mut st = self.state.lock().unwrap();
         if st.pods.remove(uid).is_some() {
             self.write(&st);
@@ -130,7 +130,7 @@ impl StateFile {
 }
 
 /// Write a file so that a crash leaves either the old or the new content.
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }

@@ -13,7 +13,7 @@ use crate::backoff::RestartPolicy;
 
 /// How a container run ended; persisted, so it survives a worker restart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Termination {
+pub(crate) struct Termination {
     pub exit_code: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
@@ -30,7 +30,7 @@ pub struct Termination {
 
 impl Termination {
     /// The reason the kubelet gives an exit code.
-    pub fn reason_for(exit_code: i32) -> &'static str {
+    pub(crate) fn reason_for(exit_code: i32) -> &'static str {
         if exit_code == 0 {
             "Completed"
         } else {
@@ -41,7 +41,7 @@ impl Termination {
 
 /// The current state of one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CState {
+pub(crate) enum CState {
     Waiting {
         reason: String,
         message: Option<String>,
@@ -54,7 +54,7 @@ pub enum CState {
 
 /// Everything the status needs about one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerView {
+pub(crate) struct ContainerView {
     pub name: String,
     pub image: String,
     pub state: CState,
@@ -70,7 +70,7 @@ pub struct ContainerView {
 
 /// Everything the status needs about one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodView {
+pub(crate) struct PodView {
     pub init_containers: Vec<ContainerView>,
     /// Every init container succeeded.
     pub initialized: bool,
@@ -82,7 +82,7 @@ pub struct PodView {
 }
 
 /// The pod phase, like the kubelet's `getPhase`.
-pub fn phase(view: &PodView) -> &'static str {
+pub(crate) fn phase(view: &PodView) -> &'static str {
     if !view.initialized {
         let failed_for_good = view.restart_policy == RestartPolicy::Never
             && view
@@ -197,7 +197,7 @@ fn condition(
 }
 
 /// The status to report. `prev` (the last one reported) keeps condition transition times.
-pub fn compute(view: &PodView, prev: Option<&PodStatus>, now: Timestamp) -> PodStatus {
+pub(crate) fn compute(view: &PodView, prev: Option<&PodStatus>, now: Timestamp) -> PodStatus {
     let phase = phase(view);
     let all_ready = !view.containers.is_empty() && view.containers.iter().all(|c| c.ready);
     let all_ready = all_ready && view.initialized;
@@ -248,7 +248,8 @@ pub fn compute(view: &PodView, prev: Option<&PodStatus>, now: Timestamp) -> PodS
 }
 
 /// Whether two statuses differ in anything but condition times (to skip no-op updates).
-pub fn same(a: &PodStatus, b: &PodStatus) -> bool {
+#[cfg(test)]
+pub(crate) fn same(a: &PodStatus, b: &PodStatus) -> bool {
     a == b
 }
 

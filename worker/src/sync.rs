@@ -22,18 +22,18 @@ struct Pending {
 
 /// The queue of pod statuses to send.
 #[derive(Default)]
-pub struct StatusSync {
+pub(crate) struct StatusSync {
     pending: Mutex<HashMap<String, Pending>>,
     notify: Notify,
 }
 
 impl StatusSync {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
 
     /// Queue `status` for pod `uid`, replacing any older one not yet sent.
-    pub fn set(&self, uid: &str, namespace: &str, name: &str, status: PodStatus) {
+    pub(crate) fn set(&self, uid: &str, namespace: &str, name: &str, status: PodStatus) {
         self.pending.lock().unwrap().insert(
             uid.to_string(),
             Pending {
@@ -46,12 +46,13 @@ impl StatusSync {
     }
 
     /// Drop what is queued for `uid` (the pod is gone).
-    pub fn forget(&self, uid: &str) {
+    pub(crate) fn forget(&self, uid: &str) {
         self.pending.lock().unwrap().remove(uid);
     }
 
     /// The status waiting for `uid`, if any.
-    pub fn pending_status(&self, uid: &str) -> Option<PodStatus> {
+    #[cfg(test)]
+    pub(crate) fn pending_status(&self, uid: &str) -> Option<PodStatus> {
         self.pending
             .lock()
             .unwrap()
@@ -60,16 +61,16 @@ impl StatusSync {
     }
 
     /// How many statuses wait.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.pending.lock().unwrap().len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Send queued statuses until `shutdown`.
-    pub async fn run(self: Arc<Self>, api: Arc<Api>, shutdown: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, api: Arc<Api>, shutdown: CancellationToken) {
         let mut delay = RetryDelay::default();
         loop {
             tokio::select! {
@@ -91,7 +92,7 @@ impl StatusSync {
     }
 
     /// Try to send everything queued once; stops at the first retryable failure.
-    pub async fn send_all(&self, api: &Api) -> Result<(), ApiError> {
+    pub(crate) async fn send_all(&self, api: &Api) -> Result<(), ApiError> {
         let batch: Vec<(String, Pending)> = self
             .pending
             .lock()

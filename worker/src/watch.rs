@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{retry, Api, ApiError, RetryDelay};
 
 /// Who gets the pods.
-pub trait PodSink {
+pub(crate) trait PodSink {
     /// A pod bound to the node was added or changed.
     fn upsert(&mut self, pod: Pod);
     /// A pod is no longer bound to the node (deleted, or missing from a relist).
@@ -39,7 +39,7 @@ struct Event {
 
 /// One parsed watch line.
 #[derive(Debug)]
-pub enum WatchEvent {
+pub(crate) enum WatchEvent {
     Upsert(Box<Pod>),
     Deleted(Box<Pod>),
     Bookmark(String),
@@ -49,7 +49,7 @@ pub enum WatchEvent {
 }
 
 /// Parse one line of a watch stream.
-pub fn parse_event(line: &[u8]) -> Result<WatchEvent, serde_json::Error> {
+pub(crate) fn parse_event(line: &[u8]) -> Result<WatchEvent, serde_json::Error> {
     let ev: Event = serde_json::from_slice(line)?;
     Ok(match ev.type_.as_str() {
         "ADDED" | "MODIFIED" => WatchEvent::Upsert(Box::new(serde_json::from_value(ev.object)?)),
@@ -73,7 +73,12 @@ fn rv_of(p: &Pod) -> Option<String> {
 }
 
 /// Feed `sink` until `shutdown`.
-pub async fn run(api: &Api, node: &str, sink: &mut impl PodSink, shutdown: &CancellationToken) {
+pub(crate) async fn run(
+    api: &Api,
+    node: &str,
+    sink: &mut impl PodSink,
+    shutdown: &CancellationToken,
+) {
     let selector = format!("fieldSelector=spec.nodeName%3D{node}");
     let mut rv: Option<String> = None;
     let mut delay = RetryDelay::default();

@@ -260,7 +260,7 @@ impl IntoResponse for ApiError {
 }
 
 /// A success `Status` (used by DELETE of collections and by `binding`).
-pub fn success_status(code: u16) -> Value {
+pub(crate) fn success_status(code: u16) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": code})
 }
 

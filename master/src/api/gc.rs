@@ -24,7 +24,7 @@ use crate::store::KeyValue;
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct GcStats {
+pub(crate) struct GcStats {
     pub deleted: usize,
     pub orphaned: usize,
     pub finalized: usize,
@@ -102,18 +102,19 @@ async fn remove_finalizer(
 /// again (decoding ~10 000 unchanged nodes, leases and pods every 2 s was a sixth of a
 /// busy active master's CPU).
 #[derive(Default)]
-pub struct GcCache {
+pub(crate) struct GcCache {
     /// One per kind, in the order of `resources::ALL`.
     kinds: Vec<DecodeCache<Arc<GcMeta>>>,
 }
 
 /// One garbage-collection pass over every served kind.
-pub async fn collect_once(reg: &Registry) -> Result<GcStats, ApiError> {
+#[cfg(test)]
+pub(crate) async fn collect_once(reg: &Registry) -> Result<GcStats, ApiError> {
     collect(reg, &mut GcCache::default()).await
 }
 
 /// One pass, decoding only what changed since `cache` last saw it.
-pub async fn collect(reg: &Registry, cache: &mut GcCache) -> Result<GcStats, ApiError> {
+pub(crate) async fn collect(reg: &Registry, cache: &mut GcCache) -> Result<GcStats, ApiError> {
     let mut stats = GcStats::default();
     // Everything, with its def.
     let mut all: Vec<(&'static ResourceDef, Arc<GcMeta>)> = Vec::new();
@@ -231,7 +232,7 @@ pub async fn collect(reg: &Registry, cache: &mut GcCache) -> Result<GcStats, Api
 }
 
 /// Run [`collect_once`] every `every` until `shutdown`; errors are logged and retried.
-pub async fn run(reg: Registry, every: Duration, shutdown: CancellationToken) {
+pub(crate) async fn run(reg: Registry, every: Duration, shutdown: CancellationToken) {
     let mut cache = GcCache::default();
     loop {
         tokio::select! {

@@ -26,20 +26,20 @@ use crate::auth::review::{self, Review};
 use crate::auth::{node, Attributes, Auth, Identity};
 
 /// The longest a watch runs before the server ends it (whatever `timeoutSeconds` asks).
-pub const MAX_WATCH_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_WATCH_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Shared state of the router.
-pub struct ApiState {
+pub(crate) struct ApiState {
     pub registry: Registry,
     pub info: ApiInfo,
     pub auth: Auth,
     pub defaults_ready: std::sync::atomic::AtomicBool,
 }
 
-pub type Shared = Arc<ApiState>;
+pub(crate) type Shared = Arc<ApiState>;
 
 /// A JSON response with `Content-Type: application/json`.
-pub fn json_response(code: StatusCode, v: &Value) -> Response {
+pub(crate) fn json_response(code: StatusCode, v: &Value) -> Response {
     let mut r = (code, serde_json::to_vec(v).unwrap_or_default()).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -48,7 +48,7 @@ pub fn json_response(code: StatusCode, v: &Value) -> Response {
     r
 }
 
-pub async fn version(State(st): State<Shared>) -> Response {
+pub(crate) async fn version(State(st): State<Shared>) -> Response {
     let v = &st.info.git_version;
     let (major, minor) = v
         .trim_start_matches('v')
@@ -71,7 +71,7 @@ pub async fn version(State(st): State<Shared>) -> Response {
     )
 }
 
-pub async fn openapi_v2() -> Response {
+pub(crate) async fn openapi_v2() -> Response {
     let mut r = (StatusCode::OK, Body::empty()).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -80,7 +80,7 @@ pub async fn openapi_v2() -> Response {
     r
 }
 
-pub async fn not_found() -> Response {
+pub(crate) async fn not_found() -> Response {
     ApiError::NoRoute.into_response()
 }
 
@@ -333,7 +333,7 @@ async fn authorize(st: &ApiState, user: &Identity, attrs: &Attributes) -> Result
 
 /// Entry point for everything under `/api` and `/apis`. The server's authentication
 /// layer put the user in the request; without one nothing is served.
-pub async fn dispatch(
+pub(crate) async fn dispatch(
     State(st): State<Shared>,
     user: Option<Extension<Identity>>,
     method: Method,
@@ -410,15 +410,6 @@ pub async fn dispatch(
     if let Err(e) = authorize(&st, &user, &attrs).await {
         return e.into_response();
     }
-    let verb = verb_of(&method, &target, &q);
-    let resource = match &target {
-        Target::Collection { def, .. } => def.plural.to_string(),
-        Target::Item {
-            def, sub: Some(s), ..
-        } => format!("{}/{s}", def.plural),
-        Target::Item { def, .. } => def.plural.to_string(),
-        Target::ResourceList => String::new(),
-    };
     let resp = match serve(&st, &user, &method, target, &headers, &q, &body).await {
         Ok(r) => r,
         Err(e) => {
@@ -431,10 +422,6 @@ pub async fn dispatch(
     let mut resp = resp;
     if let Ok(v) = HeaderValue::from_str(&st.info.master_id) {
         resp.headers_mut().insert("x-ballast-master", v);
-    }
-    if let Some(m) = &st.info.requests_total {
-        m.with_label_values(&[verb, resource.as_str(), resp.status().as_str()])
-            .inc();
     }
     resp
 }

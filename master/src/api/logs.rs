@@ -23,7 +23,7 @@ use super::{LogRequest, PodLogs};
 
 /// The default [`PodLogs`]: streams the worker's answer through.
 #[derive(Clone)]
-pub struct KubeletLogProxy {
+pub(crate) struct KubeletLogProxy {
     http: reqwest::Client,
     /// Worker id (the Node's name) → its address, from the config.
     workers: HashMap<String, SocketAddr>,
@@ -31,7 +31,7 @@ pub struct KubeletLogProxy {
 
 impl KubeletLogProxy {
     /// A client presenting this master's certificate to the config's workers.
-    pub fn new(tls: &NodeTls, config: &ClusterConfig) -> Result<Self, TlsError> {
+    pub(crate) fn new(tls: &NodeTls, config: &ClusterConfig) -> Result<Self, TlsError> {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls.client_config()?)
             .no_proxy()
@@ -48,7 +48,7 @@ impl KubeletLogProxy {
 }
 
 /// The URL of a container's logs on the worker at `addr`.
-pub fn container_logs_url(addr: SocketAddr, req: &LogRequest) -> String {
+pub(crate) fn container_logs_url(addr: SocketAddr, req: &LogRequest) -> String {
     let mut q = Vec::new();
     if req.follow {
         q.push("follow=true".to_string());

@@ -9,25 +9,25 @@
 //!
 //! Wiring (active master): `router(store, info)` merged into the server's router;
 //! [`ensure_defaults`] when becoming active (the router also does it lazily); a
-//! [`gc::run`] task for Foreground/Orphan deletion finalizers and ownerless dependents;
-//! [`requests_total_metric`] registered and set in [`ApiInfo::requests_total`].
+//! [`gc::run`] task for Foreground/Orphan deletion finalizers and ownerless dependents.
+//! Requests are counted by the server's middleware (`crate::metrics::count_requests`).
 //!
 //! Store layout: `/registry/{plural}/{namespace}/{name}` (namespaced) and
 //! `/registry/{plural}/{name}` (cluster-scoped); values are the object JSON without
 //! `resourceVersion`, which is the key's mod revision on every read.
 
-pub mod error;
-pub mod gc;
-pub mod handlers;
-pub mod logs;
-pub mod objects;
-pub mod patch;
-pub mod protobuf;
-pub mod registry;
-pub mod resources;
-pub mod selector;
-pub mod table;
-pub mod validate;
+pub(crate) mod error;
+pub(crate) mod gc;
+pub(crate) mod handlers;
+pub(crate) mod logs;
+pub(crate) mod objects;
+pub(crate) mod patch;
+pub(crate) mod protobuf;
+pub(crate) mod registry;
+pub(crate) mod resources;
+pub(crate) mod selector;
+pub(crate) mod table;
+pub(crate) mod validate;
 
 use std::sync::Arc;
 
@@ -36,15 +36,14 @@ use axum::response::Response;
 use axum::routing::{any, get};
 use axum::Router;
 
-pub use error::ApiError;
-pub use objects::Objects;
-pub use registry::{ensure_defaults, Registry};
+pub(crate) use error::ApiError;
+pub(crate) use registry::{ensure_defaults, Registry};
 
 use crate::store::Store;
 
 /// A `pods/{name}/log` request, resolved to its container and node.
 #[derive(Debug, Clone)]
-pub struct LogRequest {
+pub(crate) struct LogRequest {
     pub namespace: String,
     pub pod: String,
     pub container: String,
@@ -59,15 +58,14 @@ pub struct LogRequest {
 /// Serves pod logs (by proxying to the worker that runs the pod). Plugged into
 /// [`ApiInfo::logs`]; without one the API answers `log` with 503.
 #[async_trait]
-pub trait PodLogs: Send + Sync + 'static {
+pub(crate) trait PodLogs: Send + Sync + 'static {
     /// Return the response to send (text/plain, streamed when following).
     async fn logs(&self, req: LogRequest) -> Result<Response, ApiError>;
 }
 
 /// What the API reports about this master and the optional hooks it uses.
 #[derive(Clone)]
-pub struct ApiInfo {
-    pub cluster_name: String,
+pub(crate) struct ApiInfo {
     /// Sent as `X-Ballast-Master` on every resource response.
     pub master_id: String,
     /// `gitVersion` of `/version`; kubectl's dispatcher picks its minor version from it.
@@ -76,38 +74,22 @@ pub struct ApiInfo {
     pub server_address: String,
     /// Pod log source (a master uses [`logs::KubeletLogProxy`] to the worker); `None` → 503.
     pub logs: Option<Arc<dyn PodLogs>>,
-    /// `ballast_master_api_requests_total{verb,resource,code}` if the caller registered it.
-    pub requests_total: Option<prometheus::IntCounterVec>,
 }
 
 impl ApiInfo {
-    pub fn new(cluster_name: impl Into<String>, master_id: impl Into<String>) -> Self {
+    pub(crate) fn new(master_id: impl Into<String>) -> Self {
         Self {
-            cluster_name: cluster_name.into(),
             master_id: master_id.into(),
             git_version: "v1.33.0".into(),
             server_address: "127.0.0.1:6443".into(),
             logs: None,
-            requests_total: None,
         }
     }
 }
 
-/// The metric [`ApiInfo::requests_total`] expects (register it in your registry).
-pub fn requests_total_metric() -> prometheus::IntCounterVec {
-    prometheus::IntCounterVec::new(
-        prometheus::Opts::new(
-            "ballast_master_api_requests_total",
-            "Kubernetes API requests by verb, resource and HTTP code",
-        ),
-        &["verb", "resource", "code"],
-    )
-    .expect("valid metric definition")
-}
-
 /// The Kubernetes API router. Mount it on the active master (it assumes it is active:
 /// store errors such as `NotActive` still map to 503 Status with `Retry-After: 1`).
-pub fn router(store: Arc<dyn Store>, info: ApiInfo, auth: crate::auth::Auth) -> Router {
+pub(crate) fn router(store: Arc<dyn Store>, info: ApiInfo, auth: crate::auth::Auth) -> Router {
     let state = Arc::new(handlers::ApiState {
         registry: Registry::new(store),
         info,

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 /// A patch that cannot be applied (400 BadRequest, 422 for a failed `test`, 413 when it
 /// would grow the object past the limit).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PatchError {
+pub(crate) enum PatchError {
     #[error("invalid patch: {0}")]
     Invalid(String),
     #[error("the JSON patch test operation failed at {0}")]
@@ -19,7 +19,7 @@ pub enum PatchError {
 
 /// Bounds on what a patch may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PatchLimits {
+pub(crate) struct PatchLimits {
     /// Operations in one JSON patch (kube-apiserver: 10 000).
     pub max_operations: usize,
     /// The patched object, as JSON, in bytes (about: see [`json_size`]).
@@ -38,7 +38,7 @@ impl Default for PatchLimits {
 /// About the size of `v` as JSON (exact for ASCII without escapes): what a patch adds is
 /// counted with it, so a patch that copies a document into itself is refused as soon as
 /// the document would pass the limit, not after it filled the memory.
-pub fn json_size(v: &Value) -> usize {
+pub(crate) fn json_size(v: &Value) -> usize {
     match v {
         Value::Null => 4,
         Value::Bool(b) => 4 + usize::from(!*b),
@@ -59,7 +59,7 @@ pub fn json_size(v: &Value) -> usize {
 
 /// The patch types the API accepts (by Content-Type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PatchType {
+pub(crate) enum PatchType {
     Json,
     Merge,
     StrategicMerge,
@@ -67,7 +67,7 @@ pub enum PatchType {
 }
 
 impl PatchType {
-    pub fn from_content_type(ct: &str) -> Option<Self> {
+    pub(crate) fn from_content_type(ct: &str) -> Option<Self> {
         let base = ct.split(';').next().unwrap_or_default().trim();
         Some(match base {
             "application/json-patch+json" => PatchType::Json,
@@ -80,14 +80,14 @@ impl PatchType {
 }
 
 /// Apply a patch of `kind` to `target`, within the default [`PatchLimits`].
-pub fn apply(target: &Value, patch: &Value, kind: PatchType) -> Result<Value, PatchError> {
+pub(crate) fn apply(target: &Value, patch: &Value, kind: PatchType) -> Result<Value, PatchError> {
     apply_limited(target, patch, kind, PatchLimits::default())
 }
 
 /// Apply a patch of `kind` to `target` within `limits`. A merge patch can only produce
 /// what the target and the patch hold, so only JSON patches (which can copy) are counted
 /// as they go; every result is checked.
-pub fn apply_limited(
+pub(crate) fn apply_limited(
     target: &Value,
     patch: &Value,
     kind: PatchType,
@@ -107,7 +107,7 @@ pub fn apply_limited(
 }
 
 /// RFC 7386 JSON merge patch.
-pub fn merge_patch(target: &Value, patch: &Value) -> Value {
+pub(crate) fn merge_patch(target: &Value, patch: &Value) -> Value {
     match patch {
         Value::Object(p) => {
             let mut out = match target {
@@ -168,7 +168,7 @@ fn list_strategy(path: &[String], field: &str) -> ListStrategy {
 }
 
 /// Remove every `$`-directive from a value that is inserted as is.
-pub fn strip_directives(v: &Value) -> Value {
+pub(crate) fn strip_directives(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
             m.iter()
@@ -191,7 +191,7 @@ pub fn strip_directives(v: &Value) -> Value {
 
 /// Kubernetes strategic merge patch (`$patch`, `$retainKeys`, `$setElementOrder/`,
 /// `$deleteFromPrimitiveList/`, `null` deletion, keyed list merges).
-pub fn strategic_merge(target: &Value, patch: &Value) -> Result<Value, PatchError> {
+pub(crate) fn strategic_merge(target: &Value, patch: &Value) -> Result<Value, PatchError> {
     let Value::Object(p) = patch else {
         return Err(PatchError::Invalid("patch must be a JSON object".into()));
     };
@@ -466,7 +466,8 @@ fn add_at(doc: &mut Value, path: &str, value: Value, replace: bool) -> Result<()
 }
 
 /// RFC 6902 JSON patch.
-pub fn json_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
+#[cfg(test)]
+pub(crate) fn json_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
     json_patch_limited(target, patch, PatchLimits::default())
 }
 

@@ -24,7 +24,7 @@ const MAGIC: &[u8] = b"k8s\0";
 
 /// Conversion of a k8s-pb message to its Kubernetes JSON form (`omitempty` semantics:
 /// absent optionals and empty lists/maps are left out).
-pub trait ToJson {
+pub(crate) trait ToJson {
     fn to_json(&self) -> Value;
 }
 
@@ -359,7 +359,7 @@ fn convert<T: Message + Default + ToJson>(raw: &[u8]) -> Result<Value, ApiError>
 
 /// Decode a Kubernetes protobuf body into the object's JSON form (status is not carried:
 /// the API resets it on create anyway).
-pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) fn decode(body: &[u8]) -> Result<Value, ApiError> {
     let inner = body
         .strip_prefix(MAGIC)
         .ok_or_else(|| ApiError::BadRequest("protobuf body without the k8s\\0 envelope".into()))?;
@@ -404,7 +404,8 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
 }
 
 /// Encode an object the way kubectl does (for tests).
-pub fn encode<T: Message>(api_version: &str, kind: &str, obj: &T) -> Vec<u8> {
+#[cfg(test)]
+pub(crate) fn encode<T: Message>(api_version: &str, kind: &str, obj: &T) -> Vec<u8> {
     let u = Unknown {
         type_meta: Some(k8s_pb::apimachinery::pkg::runtime::TypeMeta {
             api_version: Some(api_version.into()),

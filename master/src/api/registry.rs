@@ -21,22 +21,22 @@ use crate::store::{Command, CommandResult, Event, KeyValue, Precondition, Store,
 /// Namespaces that always exist and cannot be deleted (`kube-node-lease` can be recreated).
 /// The largest object stored, as JSON (etcd's default request limit, which
 /// kube-apiserver inherits).
-pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
+pub(crate) const MAX_OBJECT_BYTES: usize = 1536 * 1024;
 
-pub const DEFAULT_NAMESPACES: &[&str] =
+pub(crate) const DEFAULT_NAMESPACES: &[&str] =
     &["default", "kube-system", "kube-node-lease", "kube-public"];
 const UNDELETABLE_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
 
 /// Which part of an object a write targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Subresource {
+pub(crate) enum Subresource {
     Main,
     Status,
 }
 
 /// Options of a list (and of the initial state of a watch).
 #[derive(Debug, Clone, Default)]
-pub struct ListOptions {
+pub(crate) struct ListOptions {
     pub label_selector: LabelSelector,
     pub field_selector: FieldSelector,
     /// 0 = everything.
@@ -45,14 +45,14 @@ pub struct ListOptions {
 }
 
 impl ListOptions {
-    pub fn matches(&self, obj: &Value) -> bool {
+    pub(crate) fn matches(&self, obj: &Value) -> bool {
         self.label_selector.matches_object(obj) && self.field_selector.matches(obj)
     }
 }
 
 /// One page of a list.
 #[derive(Debug, Clone)]
-pub struct ListResult {
+pub(crate) struct ListResult {
     pub items: Vec<Value>,
     pub revision: u64,
     pub continue_token: Option<String>,
@@ -61,7 +61,7 @@ pub struct ListResult {
 /// `DeleteOptions` (body or query of a DELETE).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct DeleteOptions {
+pub(crate) struct DeleteOptions {
     pub grace_period_seconds: Option<i64>,
     /// `Background` (default), `Foreground` or `Orphan`.
     pub propagation_policy: Option<String>,
@@ -73,14 +73,14 @@ pub struct DeleteOptions {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct DeletePreconditions {
+pub(crate) struct DeletePreconditions {
     pub uid: Option<String>,
     pub resource_version: Option<String>,
 }
 
 /// Options of a watch.
 #[derive(Debug, Clone, Default)]
-pub struct WatchOptions {
+pub(crate) struct WatchOptions {
     pub label_selector: LabelSelector,
     pub field_selector: FieldSelector,
     /// Start after this revision; `None`/0 = send the current state as ADDED first.
@@ -93,19 +93,19 @@ pub struct WatchOptions {
 
 /// One watch event: `ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK` or `ERROR` (object = Status).
 #[derive(Debug, Clone, PartialEq)]
-pub struct WatchEvent {
+pub(crate) struct WatchEvent {
     pub kind: &'static str,
     pub object: Value,
 }
 
 /// The object storage of the API. Cheap to clone.
 #[derive(Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     store: Arc<dyn Store>,
 }
 
 /// Current time as Kubernetes formats it (RFC 3339, seconds, `Z`).
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     table::now().to_string()
 }
 
@@ -184,7 +184,7 @@ fn image_pull_policy(image: &str) -> &'static str {
 }
 
 /// Kubernetes' defaults of a pod spec (the fields the workers and kubectl rely on).
-pub fn default_pod_spec(spec: &mut Value) {
+pub(crate) fn default_pod_spec(spec: &mut Value) {
     let Some(m) = spec.as_object_mut() else {
         return;
     };
@@ -329,16 +329,16 @@ fn decode_continue(token: &str) -> Result<String, ApiError> {
 }
 
 impl Registry {
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>) -> Self {
         Self { store }
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
     /// `/registry/{plural}/{ns}/{name}` or `/registry/{plural}/{name}`.
-    pub fn key(def: &ResourceDef, ns: Option<&str>, name: &str) -> String {
+    pub(crate) fn key(def: &ResourceDef, ns: Option<&str>, name: &str) -> String {
         match (def.namespaced, ns) {
             (true, Some(ns)) => format!("/registry/{}/{ns}/{name}", def.plural),
             _ => format!("/registry/{}/{name}", def.plural),
@@ -346,7 +346,7 @@ impl Registry {
     }
 
     /// The key prefix of a collection (one namespace, or all).
-    pub fn prefix(def: &ResourceDef, ns: Option<&str>) -> String {
+    pub(crate) fn prefix(def: &ResourceDef, ns: Option<&str>) -> String {
         match (def.namespaced, ns) {
             (true, Some(ns)) => format!("/registry/{}/{ns}/", def.plural),
             _ => format!("/registry/{}/", def.plural),
@@ -354,7 +354,7 @@ impl Registry {
     }
 
     /// Decode a stored value; `metadata.resourceVersion` is the key's mod revision.
-    pub fn decode(def: &ResourceDef, kv: &KeyValue) -> Result<Value, ApiError> {
+    pub(crate) fn decode(def: &ResourceDef, kv: &KeyValue) -> Result<Value, ApiError> {
         let mut v: Value = serde_json::from_slice(&kv.value)
             .map_err(|e| ApiError::Internal(format!("corrupt object at {}: {e}", kv.key)))?;
         v["kind"] = json!(def.kind);
@@ -412,7 +412,7 @@ impl Registry {
     }
 
     /// Read one object (404 `NotFound` when absent).
-    pub async fn get(
+    pub(crate) async fn get(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
@@ -422,7 +422,7 @@ impl Registry {
     }
 
     /// List a collection (one namespace or all), filtered, paged by `limit`/`continue`.
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
@@ -471,7 +471,7 @@ impl Registry {
     }
 
     /// Create an object in `ns` (ignored for cluster-scoped kinds).
-    pub async fn create(
+    pub(crate) async fn create(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
@@ -771,20 +771,9 @@ impl Registry {
     }
 
     /// PUT: replace an object (or its status). A `metadata.resourceVersion` in `body`
-    /// must match the stored one (409 `Conflict` otherwise).
-    pub async fn update(
-        &self,
-        def: &ResourceDef,
-        ns: Option<&str>,
-        name: &str,
-        body: Value,
-        sub: Subresource,
-    ) -> Result<Value, ApiError> {
-        self.update_opts(def, ns, name, body, sub, false).await
-    }
-
-    /// [`Registry::update`]; with `dry_run` the result is computed but not stored.
-    pub async fn update_opts(
+    /// must match the stored one (409 `Conflict` otherwise). With `dry_run` the result
+    /// is computed but not stored.
+    pub(crate) async fn update_opts(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
@@ -817,22 +806,9 @@ impl Registry {
     }
 
     /// PATCH with any [`PatchType`]. Server-side apply (`Apply`) creates a missing object.
-    pub async fn patch(
-        &self,
-        def: &ResourceDef,
-        ns: Option<&str>,
-        name: &str,
-        kind: PatchType,
-        patch_body: &Value,
-        sub: Subresource,
-    ) -> Result<Value, ApiError> {
-        self.patch_opts(def, ns, name, kind, patch_body, sub, false)
-            .await
-    }
-
-    /// [`Registry::patch`]; with `dry_run` the result is computed but not stored.
+    /// With `dry_run` the result is computed but not stored.
     #[allow(clippy::too_many_arguments)]
-    pub async fn patch_opts(
+    pub(crate) async fn patch_opts(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
@@ -893,7 +869,7 @@ impl Registry {
 
     /// Read-modify-write with retries on conflicts, for server-internal changes (no
     /// validation; generation bumped when the spec changes).
-    pub async fn update_with<F>(
+    pub(crate) async fn update_with<F>(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
@@ -921,7 +897,7 @@ impl Registry {
 
     /// DELETE. Returns the last state of the object: removed at once, or marked with
     /// `deletionTimestamp` (graceful pod deletion, finalizers, foreground/orphan GC).
-    pub async fn delete(
+    pub(crate) async fn delete(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
@@ -1066,7 +1042,7 @@ impl Registry {
 
     /// Delete the content of a terminating namespace; remove it once empty.
     /// Returns whether the namespace is gone.
-    pub async fn finalize_namespace(&self, name: &str) -> Result<bool, ApiError> {
+    pub(crate) async fn finalize_namespace(&self, name: &str) -> Result<bool, ApiError> {
         let mut remaining = 0;
         for def in resources::ALL.iter().filter(|d| d.namespaced) {
             let items = self
@@ -1111,7 +1087,7 @@ impl Registry {
     }
 
     /// Delete every object of a collection matching `list` (DeleteCollection).
-    pub async fn delete_collection(
+    pub(crate) async fn delete_collection(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
@@ -1133,7 +1109,7 @@ impl Registry {
     }
 
     /// `pods/{name}/binding`: assign a pod to a node (409 if already bound elsewhere).
-    pub async fn bind(&self, ns: &str, pod: &str, node: &str) -> Result<Value, ApiError> {
+    pub(crate) async fn bind(&self, ns: &str, pod: &str, node: &str) -> Result<Value, ApiError> {
         if node.is_empty() {
             return Err(ApiError::Invalid {
                 group: String::new(),
@@ -1179,7 +1155,7 @@ impl Registry {
     }
 
     /// The autoscaling/v1 `Scale` of a deployment or replica set.
-    pub fn scale_of(o: &Value) -> Value {
+    pub(crate) fn scale_of(o: &Value) -> Value {
         let m = &o["metadata"];
         let selector = o
             .pointer("/spec/selector")
@@ -1202,7 +1178,7 @@ impl Registry {
     }
 
     /// Set `spec.replicas` through the scale subresource.
-    pub async fn set_replicas(
+    pub(crate) async fn set_replicas(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
@@ -1238,7 +1214,7 @@ impl Registry {
     /// Watch a collection. Events are filtered by the selectors (an object leaving the
     /// selection is sent as DELETED, one entering as ADDED). The channel ends at the
     /// timeout, when the receiver is dropped, or after an ERROR event.
-    pub async fn watch(
+    pub(crate) async fn watch(
         &self,
         def: &'static ResourceDef,
         ns: Option<&str>,
@@ -1381,7 +1357,7 @@ fn convert_event(
 }
 
 /// Create the default namespaces when absent (idempotent).
-pub async fn ensure_defaults(store: &dyn Store) -> Result<(), ApiError> {
+pub(crate) async fn ensure_defaults(store: &dyn Store) -> Result<(), ApiError> {
     for ns in DEFAULT_NAMESPACES {
         let key = Registry::key(&NAMESPACES, None, ns);
         if store.get(&key).await?.is_some() {

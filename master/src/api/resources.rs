@@ -68,8 +68,8 @@ macro_rules! review {
 
 const RBAC: &str = "rbac.authorization.k8s.io";
 
-pub const ROLES: ResourceDef = def!(RBAC, "roles", "role", "Role", true, &[], &[], &[]);
-pub const CLUSTERROLES: ResourceDef = def!(
+pub(crate) const ROLES: ResourceDef = def!(RBAC, "roles", "role", "Role", true, &[], &[], &[]);
+pub(crate) const CLUSTERROLES: ResourceDef = def!(
     RBAC,
     "clusterroles",
     "clusterrole",
@@ -79,7 +79,7 @@ pub const CLUSTERROLES: ResourceDef = def!(
     &[],
     &[]
 );
-pub const ROLEBINDINGS: ResourceDef = def!(
+pub(crate) const ROLEBINDINGS: ResourceDef = def!(
     RBAC,
     "rolebindings",
     "rolebinding",
@@ -89,7 +89,7 @@ pub const ROLEBINDINGS: ResourceDef = def!(
     &[],
     &[]
 );
-pub const CLUSTERROLEBINDINGS: ResourceDef = def!(
+pub(crate) const CLUSTERROLEBINDINGS: ResourceDef = def!(
     RBAC,
     "clusterrolebindings",
     "clusterrolebinding",
@@ -99,32 +99,32 @@ pub const CLUSTERROLEBINDINGS: ResourceDef = def!(
     &[],
     &[]
 );
-pub const SELFSUBJECTACCESSREVIEWS: ResourceDef = review!(
+pub(crate) const SELFSUBJECTACCESSREVIEWS: ResourceDef = review!(
     "authorization.k8s.io",
     "selfsubjectaccessreviews",
     "selfsubjectaccessreview",
     "SelfSubjectAccessReview"
 );
-pub const SUBJECTACCESSREVIEWS: ResourceDef = review!(
+pub(crate) const SUBJECTACCESSREVIEWS: ResourceDef = review!(
     "authorization.k8s.io",
     "subjectaccessreviews",
     "subjectaccessreview",
     "SubjectAccessReview"
 );
-pub const TOKENREVIEWS: ResourceDef = review!(
+pub(crate) const TOKENREVIEWS: ResourceDef = review!(
     "authentication.k8s.io",
     "tokenreviews",
     "tokenreview",
     "TokenReview"
 );
-pub const SELFSUBJECTREVIEWS: ResourceDef = review!(
+pub(crate) const SELFSUBJECTREVIEWS: ResourceDef = review!(
     "authentication.k8s.io",
     "selfsubjectreviews",
     "selfsubjectreview",
     "SelfSubjectReview"
 );
 
-pub const NAMESPACES: ResourceDef = def!(
+pub(crate) const NAMESPACES: ResourceDef = def!(
     "",
     "namespaces",
     "namespace",
@@ -134,7 +134,7 @@ pub const NAMESPACES: ResourceDef = def!(
     &["status", "finalize"],
     &[]
 );
-pub const NODES: ResourceDef = def!(
+pub(crate) const NODES: ResourceDef = def!(
     "",
     "nodes",
     "node",
@@ -144,7 +144,7 @@ pub const NODES: ResourceDef = def!(
     &["status"],
     &[]
 );
-pub const PODS: ResourceDef = def!(
+pub(crate) const PODS: ResourceDef = def!(
     "",
     "pods",
     "pod",
@@ -154,8 +154,9 @@ pub const PODS: ResourceDef = def!(
     &["status", "binding", "log"],
     &["all"]
 );
-pub const EVENTS: ResourceDef = def!("", "events", "event", "Event", true, &["ev"], &[], &[]);
-pub const SERVICES: ResourceDef = def!(
+pub(crate) const EVENTS: ResourceDef =
+    def!("", "events", "event", "Event", true, &["ev"], &[], &[]);
+pub(crate) const SERVICES: ResourceDef = def!(
     "",
     "services",
     "service",
@@ -165,7 +166,7 @@ pub const SERVICES: ResourceDef = def!(
     &["status"],
     &["all"]
 );
-pub const LEASES: ResourceDef = def!(
+pub(crate) const LEASES: ResourceDef = def!(
     "coordination.k8s.io",
     "leases",
     "lease",
@@ -175,7 +176,7 @@ pub const LEASES: ResourceDef = def!(
     &[],
     &[]
 );
-pub const DEPLOYMENTS: ResourceDef = def!(
+pub(crate) const DEPLOYMENTS: ResourceDef = def!(
     "apps",
     "deployments",
     "deployment",
@@ -185,7 +186,7 @@ pub const DEPLOYMENTS: ResourceDef = def!(
     &["status", "scale"],
     &["all"]
 );
-pub const REPLICASETS: ResourceDef = def!(
+pub(crate) const REPLICASETS: ResourceDef = def!(
     "apps",
     "replicasets",
     "replicaset",
@@ -197,7 +198,7 @@ pub const REPLICASETS: ResourceDef = def!(
 );
 
 /// Every served resource.
-pub const ALL: &[ResourceDef] = &[
+pub(crate) const ALL: &[ResourceDef] = &[
     NAMESPACES,
     NODES,
     PODS,
@@ -217,7 +218,7 @@ pub const ALL: &[ResourceDef] = &[
 ];
 
 /// The served API groups (besides core), with their one version.
-pub const GROUPS: &[&str] = &[
+pub(crate) const GROUPS: &[&str] = &[
     "apps",
     "coordination.k8s.io",
     "rbac.authorization.k8s.io",
@@ -273,7 +274,7 @@ impl ResourceDef {
 }
 
 /// `GET /api`.
-pub fn api_versions(server_address: &str) -> Value {
+pub(crate) fn api_versions(server_address: &str) -> Value {
     json!({
         "kind": "APIVersions",
         "versions": ["v1"],
@@ -287,7 +288,7 @@ fn group_json(group: &str) -> Value {
 }
 
 /// `GET /apis`.
-pub fn api_group_list() -> Value {
+pub(crate) fn api_group_list() -> Value {
     json!({
         "kind": "APIGroupList",
         "apiVersion": "v1",
@@ -296,7 +297,7 @@ pub fn api_group_list() -> Value {
 }
 
 /// `GET /apis/{group}`.
-pub fn api_group(group: &str) -> Option<Value> {
+pub(crate) fn api_group(group: &str) -> Option<Value> {
     GROUPS.contains(&group).then(|| {
         let mut g = group_json(group);
         g["kind"] = json!("APIGroup");
@@ -306,7 +307,7 @@ pub fn api_group(group: &str) -> Option<Value> {
 }
 
 /// `GET /api/v1` or `GET /apis/{group}/v1`.
-pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
+pub(crate) fn api_resource_list(group: &str, version: &str) -> Option<Value> {
     if version != "v1" || !(group.is_empty() || GROUPS.contains(&group)) {
         return None;
     }

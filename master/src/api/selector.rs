@@ -8,11 +8,11 @@ use serde_json::Value;
 /// A selector parse error (400 BadRequest in the API).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unable to parse requirement: {0}")]
-pub struct SelectorError(pub String);
+pub(crate) struct SelectorError(pub String);
 
 /// One label requirement.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Requirement {
+pub(crate) enum Requirement {
     Eq(String, String),
     NotEq(String, String),
     In(String, Vec<String>),
@@ -22,7 +22,7 @@ pub enum Requirement {
 }
 
 impl Requirement {
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         match self {
             Requirement::Eq(k, v) => labels.get(k) == Some(v),
             Requirement::NotEq(k, v) => labels.get(k) != Some(v),
@@ -49,7 +49,7 @@ impl fmt::Display for Requirement {
 
 /// A label selector: all requirements must hold. Empty matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LabelSelector {
+pub(crate) struct LabelSelector {
     pub requirements: Vec<Requirement>,
 }
 
@@ -115,7 +115,7 @@ fn parse_set(rest: &str, whole: &str) -> Result<Vec<String>, SelectorError> {
 
 impl LabelSelector {
     /// Parse the `labelSelector` query syntax (`a=b,c!=d,e in (x,y),f notin (z),g,!h`).
-    pub fn parse(s: &str) -> Result<Self, SelectorError> {
+    pub(crate) fn parse(s: &str) -> Result<Self, SelectorError> {
         let mut requirements = Vec::new();
         if s.trim().is_empty() {
             return Ok(Self::default());
@@ -149,7 +149,7 @@ impl LabelSelector {
 
     /// From a `metav1.LabelSelector` object (`matchLabels`, `matchExpressions`).
     /// An absent selector (`null`) matches nothing in Kubernetes; callers decide.
-    pub fn from_object(sel: &Value) -> Result<Self, SelectorError> {
+    pub(crate) fn from_object(sel: &Value) -> Result<Self, SelectorError> {
         let mut requirements = Vec::new();
         if let Some(ml) = sel.get("matchLabels").and_then(Value::as_object) {
             for (k, v) in ml {
@@ -186,16 +186,16 @@ impl LabelSelector {
         Ok(Self { requirements })
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.requirements.is_empty()
     }
 
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
     }
 
     /// Match against an object's `metadata.labels`.
-    pub fn matches_object(&self, obj: &Value) -> bool {
+    pub(crate) fn matches_object(&self, obj: &Value) -> bool {
         self.is_empty() || self.matches(&labels_of(obj))
     }
 }
@@ -208,7 +208,7 @@ impl fmt::Display for LabelSelector {
 }
 
 /// The `metadata.labels` of an object as a map.
-pub fn labels_of(obj: &Value) -> BTreeMap<String, String> {
+pub(crate) fn labels_of(obj: &Value) -> BTreeMap<String, String> {
     obj.pointer("/metadata/labels")
         .and_then(Value::as_object)
         .map(|m| {
@@ -221,7 +221,7 @@ pub fn labels_of(obj: &Value) -> BTreeMap<String, String> {
 
 /// One field requirement: `field=value` or `field!=value`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldRequirement {
+pub(crate) struct FieldRequirement {
     pub field: String,
     pub value: String,
     pub negate: bool,
@@ -229,7 +229,7 @@ pub struct FieldRequirement {
 
 /// A field selector (`metadata.name=x,status.phase!=Failed`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FieldSelector {
+pub(crate) struct FieldSelector {
     pub requirements: Vec<FieldRequirement>,
 }
 
@@ -289,7 +289,7 @@ fn find_op(s: &str) -> Option<(usize, &'static str)> {
 }
 
 impl FieldSelector {
-    pub fn parse(s: &str) -> Result<Self, SelectorError> {
+    pub(crate) fn parse(s: &str) -> Result<Self, SelectorError> {
         let mut requirements = Vec::new();
         if s.trim().is_empty() {
             return Ok(Self::default());
@@ -310,22 +310,10 @@ impl FieldSelector {
         Ok(Self { requirements })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.requirements.is_empty()
-    }
-
-    /// The value `metadata.name=X` pins, if any (lets the store read one key).
-    pub fn exact_name(&self) -> Option<&str> {
-        self.requirements
-            .iter()
-            .find(|r| r.field == "metadata.name" && !r.negate)
-            .map(|r| r.value.as_str())
-    }
-
     /// Bytes that the JSON of every matching object contains: `"value"` of an
     /// equality whose value can only be a JSON string (not a number, bool or null) and
     /// needs no escaping. Lets a watch skip decoding objects that cannot match.
-    pub fn required_json(&self) -> Option<Vec<u8>> {
+    pub(crate) fn required_json(&self) -> Option<Vec<u8>> {
         self.requirements
             .iter()
             .find(|r| {
@@ -340,7 +328,7 @@ impl FieldSelector {
             .map(|r| format!("\"{}\"", r.value).into_bytes())
     }
 
-    pub fn matches(&self, obj: &Value) -> bool {
+    pub(crate) fn matches(&self, obj: &Value) -> bool {
         self.requirements.iter().all(|r| {
             let v = field_value(obj, &r.field);
             (v == r.value) != r.negate
@@ -349,7 +337,7 @@ impl FieldSelector {
 }
 
 /// The string value of a dotted field path (missing → empty string, like Kubernetes).
-pub fn field_value(obj: &Value, path: &str) -> String {
+pub(crate) fn field_value(obj: &Value, path: &str) -> String {
     let mut cur = obj;
     for part in path.split('.') {
         match cur.get(part) {
@@ -449,12 +437,6 @@ mod tests {
         assert!(!s.matches(&pod));
         let s = FieldSelector::parse("spec.nodeName=").unwrap();
         assert!(!s.matches(&pod));
-        assert_eq!(
-            FieldSelector::parse("metadata.name=p")
-                .unwrap()
-                .exact_name(),
-            Some("p")
-        );
         let ev = json!({"involvedObject": {"uid": "u1", "kind": "Node", "name": "a,b"}});
         let s = FieldSelector::parse("involvedObject.kind=Node,involvedObject.name=a\\,b").unwrap();
         assert!(s.matches(&ev));

@@ -7,7 +7,7 @@ use super::selector::LabelSelector;
 
 /// What each row carries as `object` (`includeObject` query parameter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum IncludeObject {
+pub(crate) enum IncludeObject {
     None,
     #[default]
     Metadata,
@@ -15,7 +15,7 @@ pub enum IncludeObject {
 }
 
 impl IncludeObject {
-    pub fn parse(s: Option<&str>) -> Self {
+    pub(crate) fn parse(s: Option<&str>) -> Self {
         match s {
             Some("None") => IncludeObject::None,
             Some("Object") => IncludeObject::Object,
@@ -25,7 +25,7 @@ impl IncludeObject {
 }
 
 /// The current time, whole seconds (Kubernetes timestamps have second precision).
-pub fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -33,7 +33,7 @@ pub fn now() -> Timestamp {
 }
 
 /// Kubernetes' short human duration (`5s`, `3m20s`, `5h`, `2d3h`, `3y`).
-pub fn human_duration(secs: i64) -> String {
+pub(crate) fn human_duration(secs: i64) -> String {
     if secs < -1 {
         return "<invalid>".into();
     }
@@ -90,7 +90,7 @@ pub fn human_duration(secs: i64) -> String {
 }
 
 /// Age of an RFC 3339 timestamp relative to `now`, `<unknown>` when missing.
-pub fn age(ts: Option<&Value>, now: Timestamp) -> String {
+pub(crate) fn age(ts: Option<&Value>, now: Timestamp) -> String {
     match ts
         .and_then(Value::as_str)
         .and_then(|s| s.parse::<Timestamp>().ok())
@@ -205,7 +205,7 @@ fn columns(kind: &str) -> Vec<Col> {
 }
 
 /// The `columnDefinitions` of `kind`.
-pub fn column_definitions(kind: &str) -> Value {
+pub(crate) fn column_definitions(kind: &str) -> Value {
     Value::Array(
         columns(kind)
             .into_iter()
@@ -533,7 +533,7 @@ fn service_cells(svc: &Value, now: Timestamp) -> Vec<Value> {
 }
 
 /// The cells of one object's row.
-pub fn cells(kind: &str, o: &Value, now: Timestamp) -> Vec<Value> {
+pub(crate) fn cells(kind: &str, o: &Value, now: Timestamp) -> Vec<Value> {
     let name = json!(s(o.pointer("/metadata/name")));
     let created = json!(age(o.pointer("/metadata/creationTimestamp"), now));
     match kind {
@@ -584,7 +584,7 @@ pub fn cells(kind: &str, o: &Value, now: Timestamp) -> Vec<Value> {
 }
 
 /// One table row for `o`.
-pub fn row(kind: &str, o: &Value, include: IncludeObject, now: Timestamp) -> Value {
+pub(crate) fn row(kind: &str, o: &Value, include: IncludeObject, now: Timestamp) -> Value {
     let mut r = json!({"cells": cells(kind, o, now)});
     match include {
         IncludeObject::None => {}
@@ -601,7 +601,7 @@ pub fn row(kind: &str, o: &Value, include: IncludeObject, now: Timestamp) -> Val
 }
 
 /// A `Table` of `items` (all of `kind`).
-pub fn table(
+pub(crate) fn table(
     kind: &str,
     items: &[Value],
     resource_version: &str,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
-use super::registry::{DeleteOptions, ListOptions, WatchOptions};
+use super::registry::DeleteOptions;
 use super::resources::{DEPLOYMENTS, REPLICASETS};
 use super::*;
 use crate::store::{
@@ -28,7 +28,7 @@ async fn start_as(store: Arc<dyn Store>, user: crate::auth::Identity) -> Api {
         authn: Arc::new(crate::auth::Authenticator::default()),
         authz: Arc::new(crate::auth::Authorizer::new(store.clone())),
     };
-    let app = router(store.clone(), ApiInfo::new("test", "m1"), auth).layer(axum::Extension(user));
+    let app = router(store.clone(), ApiInfo::new("m1"), auth).layer(axum::Extension(user));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
@@ -762,56 +762,6 @@ async fn garbage_collection_by_owner_references() {
         .is_not_found());
 }
 
-#[tokio::test]
-async fn typed_objects_layer() {
-    use k8s_openapi::api::core::v1::{Pod, PodStatus};
-    let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    ensure_defaults(store.as_ref()).await.unwrap();
-    let objs = Objects::new(store);
-    let p: Pod = serde_json::from_value(pod("t")).unwrap();
-    let mut watch = objs
-        .watch::<Pod>(Some("default"), WatchOptions::default())
-        .await
-        .unwrap();
-    let mut created = objs.create(&p).await.unwrap();
-    assert!(created.metadata.uid.is_some());
-    assert!(matches!(
-        watch.recv().await,
-        Some(objects::TypedEvent::Added(_))
-    ));
-    created.status = Some(PodStatus {
-        phase: Some("Running".into()),
-        ..Default::default()
-    });
-    let updated = objs.update_status(&created).await.unwrap();
-    assert_eq!(updated.status.unwrap().phase.as_deref(), Some("Running"));
-    // A stale resourceVersion is a conflict.
-    assert!(objs
-        .update_status(&created)
-        .await
-        .unwrap_err()
-        .is_conflict());
-    objs.bind("default", "t", "w1").await.unwrap();
-    let got: Pod = objs.get(Some("default"), "t").await.unwrap().unwrap();
-    assert_eq!(got.spec.unwrap().node_name.as_deref(), Some("w1"));
-    let (all, rev) = objs
-        .list::<Pod>(None, &ListOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(all.len(), 1);
-    assert!(rev > 0);
-    let m: Pod = objs
-        .modify(Some("default"), "t", |p: &mut Pod| {
-            p.metadata
-                .labels
-                .get_or_insert_default()
-                .insert("k".into(), "v".into());
-        })
-        .await
-        .unwrap();
-    assert_eq!(m.metadata.labels.unwrap()["k"], "v");
-}
-
 /// A store with a tiny history window, to see 410 Gone.
 struct SmallHistory(Arc<crate::store::Applied>);
 
@@ -1083,7 +1033,7 @@ async fn requests_without_a_user_are_unauthorized() {
         authn: Arc::new(crate::auth::Authenticator::default()),
         authz: Arc::new(crate::auth::Authorizer::new(store.clone())),
     };
-    let app = router(store.clone(), ApiInfo::new("test", "m1"), auth);
+    let app = router(store.clone(), ApiInfo::new("m1"), auth);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });

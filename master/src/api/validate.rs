@@ -18,7 +18,7 @@ const PATH_SEGMENT_MSG: &str = "may not be '.' or '..' and may not contain '/' o
 const DNS1035_MSG: &str = "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')";
 
 /// RFC 1123 label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
-pub fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
@@ -29,7 +29,7 @@ pub fn is_dns_label(s: &str) -> bool {
 }
 
 /// RFC 1123 subdomain: dot-separated labels, at most 253 characters.
-pub fn is_dns_subdomain(s: &str) -> bool {
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
@@ -87,7 +87,7 @@ fn roundtrip<T: DeserializeOwned + Serialize>(v: Value) -> Result<Value, String>
 
 /// Decode `obj` as the k8s-openapi type of `def` and encode it back: rejects ill-typed
 /// objects (400) and drops unknown fields, like the Kubernetes API server.
-pub fn normalize(def: &ResourceDef, mut obj: Value) -> Result<Value, ApiError> {
+pub(crate) fn normalize(def: &ResourceDef, mut obj: Value) -> Result<Value, ApiError> {
     if !obj.is_object() {
         return Err(ApiError::BadRequest(
             "the body must be a JSON object".into(),
@@ -115,7 +115,7 @@ pub fn normalize(def: &ResourceDef, mut obj: Value) -> Result<Value, ApiError> {
 }
 
 /// Check an object about to be stored; `Err` is a 422 with every cause.
-pub fn validate(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
+pub(crate) fn validate(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
     let mut causes = Vec::new();
     let name = obj
         .pointer("/metadata/name")

@@ -21,16 +21,16 @@ use ballast_config::tls::Identity;
 use super::tokens::TokenFile;
 
 /// The request headers a trusted proxy sets (kube-apiserver's request-header names).
-pub const REMOTE_USER: &str = "x-remote-user";
-pub const REMOTE_GROUP: &str = "x-remote-group";
+pub(crate) const REMOTE_USER: &str = "x-remote-user";
+pub(crate) const REMOTE_GROUP: &str = "x-remote-group";
 /// Kube's `X-Remote-Extra-*` prefix: stripped like the others (no extras are used).
 const REMOTE_EXTRA_PREFIX: &str = "x-remote-extra-";
 
 /// Every authenticated user is in this group.
-pub const AUTHENTICATED: &str = "system:authenticated";
+pub(crate) const AUTHENTICATED: &str = "system:authenticated";
 /// The anonymous user and its group.
-pub const ANONYMOUS_USER: &str = "system:anonymous";
-pub const UNAUTHENTICATED: &str = "system:unauthenticated";
+pub(crate) const ANONYMOUS_USER: &str = "system:anonymous";
+pub(crate) const UNAUTHENTICATED: &str = "system:unauthenticated";
 
 /// Why a request's credentials were refused (401). A retry with the same credentials
 /// never helps.
@@ -108,7 +108,7 @@ impl Authenticator {
 
 /// Remove the request-header identity headers (after authentication, and always from
 /// connections that may not set them).
-pub fn strip_remote_headers(headers: &mut HeaderMap) {
+pub(crate) fn strip_remote_headers(headers: &mut HeaderMap) {
     headers.remove(REMOTE_USER);
     headers.remove(REMOTE_GROUP);
     let extras: Vec<_> = headers
@@ -129,7 +129,7 @@ fn authenticated(mut id: Identity) -> Identity {
 }
 
 /// The identity of an anonymous request.
-pub fn anonymous() -> Identity {
+pub(crate) fn anonymous() -> Identity {
     Identity {
         user: ANONYMOUS_USER.into(),
         groups: vec![UNAUTHENTICATED.into()],

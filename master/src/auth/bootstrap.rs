@@ -8,7 +8,7 @@ use super::authn::{AUTHENTICATED, UNAUTHENTICATED};
 use ballast_config::pki::SUPERUSER_GROUP;
 
 /// The group whose members may read `/metrics` of every master and worker.
-pub const MONITORING_GROUP: &str = "system:monitoring";
+pub(crate) const MONITORING_GROUP: &str = "system:monitoring";
 
 const ALL_VERBS: &[&str] = &[
     "create",
@@ -94,7 +94,7 @@ fn binding(name: &str, role: &str, groups: &[&str]) -> Value {
 }
 
 /// The bootstrap ClusterRoles.
-pub fn cluster_roles() -> Vec<Value> {
+pub(crate) fn cluster_roles() -> Vec<Value> {
     let rbac = rule(
         &["rbac.authorization.k8s.io"],
         &["roles", "rolebindings"],
@@ -198,7 +198,7 @@ pub fn cluster_roles() -> Vec<Value> {
 }
 
 /// The bootstrap ClusterRoleBindings.
-pub fn cluster_role_bindings() -> Vec<Value> {
+pub(crate) fn cluster_role_bindings() -> Vec<Value> {
     vec![
         binding("cluster-admin", "cluster-admin", &[SUPERUSER_GROUP]),
         binding("system:discovery", "system:discovery", &[AUTHENTICATED]),

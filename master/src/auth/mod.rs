@@ -9,25 +9,25 @@
 //! - [`review`]: SelfSubjectAccessReview (`kubectl auth can-i`), SubjectAccessReview,
 //!   TokenReview, SelfSubjectReview (`kubectl auth whoami`).
 
-pub mod attributes;
-pub mod authn;
-pub mod authorizer;
-pub mod bootstrap;
-pub mod node;
-pub mod rbac;
-pub mod review;
-pub mod tokens;
+pub(crate) mod attributes;
+pub(crate) mod authn;
+pub(crate) mod authorizer;
+pub(crate) mod bootstrap;
+pub(crate) mod node;
+pub(crate) mod rbac;
+pub(crate) mod review;
+pub(crate) mod tokens;
 
 use std::sync::Arc;
 
-pub use attributes::Attributes;
-pub use authn::Authenticator;
-pub use authorizer::{Authorizer, Decision};
-pub use ballast_config::tls::Identity;
+pub(crate) use attributes::Attributes;
+pub(crate) use authn::Authenticator;
+pub(crate) use authorizer::Authorizer;
+pub(crate) use ballast_config::tls::Identity;
 
 /// Paths anonymous clients may reach (kube's `system:public-info-viewer`), so any load
 /// balancer's health check works: `/livez`, `/readyz`, `/active`, `/version`.
-pub fn is_public(path: &str) -> bool {
+pub(crate) fn is_public(path: &str) -> bool {
     matches!(
         path.trim_end_matches('/'),
         "/livez" | "/readyz" | "/healthz" | "/active" | "/version"

@@ -17,11 +17,11 @@ use ballast_config::tls::Identity;
 use super::attributes::Attributes;
 
 /// The namespace of node Leases.
-pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+pub(crate) const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
 
 /// The decision of the node authorizer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NodeDecision {
+pub(crate) enum NodeDecision {
     Allow,
     /// Not allowed here; the reason is added to a 403 when RBAC says no too.
     NoOpinion(String),
@@ -33,7 +33,7 @@ pub enum NodeDecision {
 }
 
 /// The node name of a node identity.
-pub fn node_name(user: &Identity) -> Option<&str> {
+pub(crate) fn node_name(user: &Identity) -> Option<&str> {
     if !user.in_group(pki::NODES_GROUP) {
         return None;
     }
@@ -54,7 +54,11 @@ fn selects_node(selector: &str, node: &str) -> bool {
 
 /// Decide for node `node`. `pod_node` is `None` on the first call; after a `NeedPod`,
 /// `Some(the pod's spec.nodeName)` (`Some(None)`: no such pod, or not bound).
-pub fn decide(node: &str, attrs: &Attributes, pod_node: Option<Option<&str>>) -> NodeDecision {
+pub(crate) fn decide(
+    node: &str,
+    attrs: &Attributes,
+    pod_node: Option<Option<&str>>,
+) -> NodeDecision {
     let no = |why: &str| NodeDecision::NoOpinion(format!("node {node:?} {why}"));
     let Attributes::Resource {
         verb,

@@ -160,7 +160,7 @@ fn url_matches(urls: &[String], path: &str) -> bool {
 }
 
 /// Whether one rule allows `attrs`.
-pub fn rule_allows(rule: &PolicyRule, attrs: &Attributes) -> bool {
+pub(crate) fn rule_allows(rule: &PolicyRule, attrs: &Attributes) -> bool {
     if !has(&rule.verbs, attrs.verb()) {
         return false;
     }
@@ -189,7 +189,7 @@ pub fn rule_allows(rule: &PolicyRule, attrs: &Attributes) -> bool {
 /// verb, one group, one resource, one name or URL) is covered by some owner rule, where
 /// a requested `*` is covered only by an owner `*`. A user may create or bind a role only
 /// when they hold what it grants (kube-apiserver's escalation check).
-pub fn covers(owner: &[&PolicyRule], requested: &PolicyRule) -> bool {
+pub(crate) fn covers(owner: &[&PolicyRule], requested: &PolicyRule) -> bool {
     let names = requested.resource_names.clone().unwrap_or_default();
     for verb in &requested.verbs {
         if let Some(urls) = requested.non_resource_urls.as_deref() {

@@ -13,7 +13,7 @@ use crate::api::ApiError;
 
 /// Which review a create is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Review {
+pub(crate) enum Review {
     SelfSubjectAccess,
     SubjectAccess,
     Token,
@@ -21,7 +21,7 @@ pub enum Review {
 }
 
 impl Review {
-    pub fn of(def: &ResourceDef) -> Option<Self> {
+    pub(crate) fn of(def: &ResourceDef) -> Option<Self> {
         match (def.group, def.kind) {
             ("authorization.k8s.io", "SelfSubjectAccessReview") => Some(Self::SelfSubjectAccess),
             ("authorization.k8s.io", "SubjectAccessReview") => Some(Self::SubjectAccess),
@@ -66,7 +66,7 @@ fn user_info(id: &Identity) -> Value {
 }
 
 /// Answer a review create by `user`: the request body with `status` filled in.
-pub async fn review(
+pub(crate) async fn review(
     kind: Review,
     user: &Identity,
     mut body: Value,

@@ -17,12 +17,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{fnv1a, is_owned_by, replicaset};
 
-pub const TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
-pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
+pub(crate) const TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
+pub(crate) const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
 
 /// What the Deployment needs.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct DeploymentPlan {
+pub(crate) struct DeploymentPlan {
     /// A new ReplicaSet for the current template.
     pub create_rs: Option<ReplicaSet>,
     /// Existing ReplicaSets (by name) whose `spec.replicas` must change.
@@ -32,7 +32,7 @@ pub struct DeploymentPlan {
 }
 
 /// The template hash that names the ReplicaSet of a template.
-pub fn template_hash(t: &PodTemplateSpec) -> String {
+pub(crate) fn template_hash(t: &PodTemplateSpec) -> String {
     let mut t = t.clone();
     if let Some(l) = t.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
         l.remove(TEMPLATE_HASH_LABEL);
@@ -79,7 +79,7 @@ fn template_without_hash(rs: &ReplicaSet) -> Option<PodTemplateSpec> {
 }
 
 /// Reconcile one Deployment given every ReplicaSet and pod of its namespace.
-pub fn reconcile(
+pub(crate) fn reconcile(
     d: &Deployment,
     all_rs: &[impl Borrow<ReplicaSet>],
     pods: &[impl Borrow<Pod>],

@@ -11,17 +11,17 @@
 //!
 //! Garbage collection through ownerReferences is `crate::api::gc`, run beside these.
 
-pub mod deployment;
-pub mod nodes;
-pub mod replicaset;
-pub mod runner;
+pub(crate) mod deployment;
+pub(crate) mod nodes;
+pub(crate) mod replicaset;
+pub(crate) mod runner;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// Actions for one owner object.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Pods to create (names already chosen).
     pub create_pods: Vec<Pod>,
     /// Names of pods (in the owner's namespace) to delete.
@@ -31,12 +31,12 @@ pub struct Plan {
 }
 
 /// Whether `meta` has a controller ownerReference to `uid`.
-pub fn is_owned_by(meta: &ObjectMeta, uid: &str) -> bool {
+pub(crate) fn is_owned_by(meta: &ObjectMeta, uid: &str) -> bool {
     controller_uid(meta) == Some(uid)
 }
 
 /// The uid of the controlling owner.
-pub fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
+pub(crate) fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
     meta.owner_references
         .as_ref()?
         .iter()
@@ -45,17 +45,17 @@ pub fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
 }
 
 /// Not finished (Succeeded/Failed) and not being deleted.
-pub fn is_active(p: &Pod) -> bool {
+pub(crate) fn is_active(p: &Pod) -> bool {
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
     !matches!(phase, Some("Succeeded") | Some("Failed")) && !is_terminating(p)
 }
 
-pub fn is_terminating(p: &Pod) -> bool {
+pub(crate) fn is_terminating(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_some()
 }
 
 /// The pod's `Ready` condition is true.
-pub fn is_ready(p: &Pod) -> bool {
+pub(crate) fn is_ready(p: &Pod) -> bool {
     p.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -65,7 +65,7 @@ pub fn is_ready(p: &Pod) -> bool {
 
 /// A stable 64-bit FNV-1a hash (the pod-template-hash must agree across masters and
 /// versions, which `std`'s hasher does not promise).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
@@ -78,7 +78,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 const ALPHANUMS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 
 /// `prefix` + 5 random characters, as the API's generateName does.
-pub fn random_name(prefix: &str) -> String {
+pub(crate) fn random_name(prefix: &str) -> String {
     let u = uuid::Uuid::new_v4();
     let bytes = u.as_bytes();
     let suffix: String = bytes[..5]
@@ -90,7 +90,7 @@ pub fn random_name(prefix: &str) -> String {
 
 /// Run the controllers and the scheduler whenever this master holds a leadership token,
 /// and stop them the moment it is revoked.
-pub fn spawn(
+pub(crate) fn spawn(
     store: std::sync::Arc<dyn crate::store::Store>,
     leadership: crate::raft::Leadership,
     control: ballast_config::ControlConfig,
@@ -123,7 +123,7 @@ pub(crate) mod tests {
 
     use super::*;
 
-    pub fn pod(name: &str, owner: Option<&str>, node: Option<&str>, ready: bool) -> Pod {
+    pub(crate) fn pod(name: &str, owner: Option<&str>, node: Option<&str>, ready: bool) -> Pod {
         Pod {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -161,7 +161,7 @@ pub(crate) mod tests {
         }
     }
 
-    pub fn rs(name: &str, uid: &str, replicas: i32) -> ReplicaSet {
+    pub(crate) fn rs(name: &str, uid: &str, replicas: i32) -> ReplicaSet {
         ReplicaSet {
             metadata: ObjectMeta {
                 name: Some(name.into()),

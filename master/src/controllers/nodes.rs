@@ -12,11 +12,11 @@ use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
+pub(crate) const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 
 /// What the node lifecycle controller needs.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct NodesPlan {
+pub(crate) struct NodesPlan {
     /// Nodes to write back (status and/or taints changed).
     pub update_nodes: Vec<Node>,
     /// Pods to delete at once: `(namespace, name)`.
@@ -53,7 +53,7 @@ fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
 }
 
 /// Reconcile every node given the leases in `kube-node-lease` and all pods.
-pub fn reconcile(
+pub(crate) fn reconcile(
     nodes: &[impl Borrow<Node>],
     leases: &[impl Borrow<Lease>],
     pods: &[impl Borrow<Pod>],

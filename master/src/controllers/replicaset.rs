@@ -11,10 +11,10 @@ use super::{is_active, is_owned_by, is_ready, is_terminating, Plan};
 /// At most this many pods are created or deleted for one ReplicaSet in one pass
 /// (kube-controller-manager's `burstReplicas`): a huge `replicas` costs passes, not a pass
 /// that builds millions of pods in memory.
-pub const BURST_REPLICAS: usize = 500;
+pub(crate) const BURST_REPLICAS: usize = 500;
 
 /// What the ReplicaSet needs.
-pub fn reconcile(
+pub(crate) fn reconcile(
     rs: &ReplicaSet,
     pods: &[impl Borrow<Pod>],
     mut new_name: impl FnMut(&str) -> String,
@@ -90,7 +90,7 @@ fn deletion_rank(p: &Pod) -> (u8, u8, u8, std::cmp::Reverse<String>) {
 }
 
 /// A new pod from the ReplicaSet's template, owned by it.
-pub fn pod_from_template(rs: &ReplicaSet, new_name: &mut impl FnMut(&str) -> String) -> Pod {
+pub(crate) fn pod_from_template(rs: &ReplicaSet, new_name: &mut impl FnMut(&str) -> String) -> Pod {
     let rs_name = rs.metadata.name.clone().unwrap_or_default();
     let template = rs
         .spec
@@ -121,7 +121,7 @@ pub fn pod_from_template(rs: &ReplicaSet, new_name: &mut impl FnMut(&str) -> Str
 }
 
 /// Whether the pod is counted against a ReplicaSet (not finished, not being deleted).
-pub fn counts(p: &Pod) -> bool {
+pub(crate) fn counts(p: &Pod) -> bool {
     is_active(p) && !is_terminating(p)
 }
 

@@ -108,7 +108,7 @@ fn node_beat(raw: &[u8]) -> serde_json::Value {
 }
 
 /// Run until `cancel` fires (leadership lost or shutdown).
-pub async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: CancellationToken) {
+pub(crate) async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: CancellationToken) {
     tracing::info!("controllers and scheduler started");
     // Garbage collection (ownerReferences, deletion finalizers, namespaces) lives with the
     // API's object semantics; it runs under the same leadership token.

@@ -36,20 +36,20 @@ use super::{NodeId, TypeConfig};
 /// When this master last accepted an `AppendEntries` from a leader (a follower's view
 /// of openraft's leader lease, recorded after openraft processed the request).
 #[derive(Debug, Default)]
-pub struct LeaderContact(Mutex<Option<Instant>>);
+pub(crate) struct LeaderContact(Mutex<Option<Instant>>);
 
 impl LeaderContact {
-    pub fn record(&self, at: Instant) {
+    pub(crate) fn record(&self, at: Instant) {
         let mut c = self.0.lock().expect("leader contact lock");
         if c.is_none_or(|p| p < at) {
             *c = Some(at);
         }
     }
-    pub fn last(&self) -> Option<Instant> {
+    pub(crate) fn last(&self) -> Option<Instant> {
         *self.0.lock().expect("leader contact lock")
     }
     /// Milliseconds since the last contact (`None`: none since this process started).
-    pub fn age_ms(&self, now: Instant) -> Option<u64> {
+    pub(crate) fn age_ms(&self, now: Instant) -> Option<u64> {
         self.last()
             .map(|t| now.saturating_duration_since(t).as_millis() as u64)
     }
@@ -57,7 +57,7 @@ impl LeaderContact {
 
 /// One voter as the nomination sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub id: NodeId,
     /// Last log id as (term, index).
     pub last_log: (u64, u64),
@@ -82,7 +82,7 @@ impl Seen {
 
 /// What a follower that lost its leader should do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Campaign after this wait (until every answering voter's lease has run out).
     Campaign { after: Duration },
     /// Another voter is the nominee: hold this master's own timer for a while.
@@ -95,7 +95,7 @@ pub enum Decision {
 
 /// Pure nomination rule. `alive_within`: a voter that heard from a leader this recently
 /// is taken as proof the leader lives; `lease`: openraft's follower leader lease.
-pub fn decide(
+pub(crate) fn decide(
     me: &Seen,
     peers: &[Seen],
     voters: usize,
@@ -127,7 +127,7 @@ pub fn decide(
 }
 
 /// Settings of the nomination loop.
-pub struct CampaignConfig {
+pub(crate) struct CampaignConfig {
     pub me: NodeId,
     /// Peer addresses of the other voters.
     pub peers: Vec<(NodeId, String)>,
@@ -161,7 +161,7 @@ impl CampaignConfig {
 }
 
 /// Watch for a lost leader and nominate one candidate (see the module docs).
-pub async fn run(
+pub(crate) async fn run(
     cfg: CampaignConfig,
     raft: Raft<TypeConfig>,
     contact: Arc<LeaderContact>,

@@ -126,7 +126,7 @@ impl FenceState {
 }
 
 /// Lease bookkeeping shared by the peer network (acks, vote gate) and [`Leadership`].
-pub struct Fence {
+pub(crate) struct Fence {
     me: NodeId,
     active_lease: Duration,
     state: Mutex<FenceState>,
@@ -135,7 +135,7 @@ pub struct Fence {
 
 /// The openraft facts the active check needs, read from the metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RaftView {
+pub(crate) struct RaftView {
     pub leader_here: bool,
     pub term: u64,
     pub applied_own_term: bool,
@@ -145,7 +145,7 @@ pub struct RaftView {
 }
 
 impl RaftView {
-    pub fn from_metrics(me: NodeId, m: &RaftMetrics<NodeId, Node>) -> Self {
+    pub(crate) fn from_metrics(me: NodeId, m: &RaftMetrics<NodeId, Node>) -> Self {
         let leader_here = m.state == ServerState::Leader
             && m.vote.committed
             && m.vote.leader_id.node_id == me
@@ -161,7 +161,7 @@ impl RaftView {
 }
 
 impl Fence {
-    pub fn new(me: NodeId, active_lease: Duration) -> Arc<Self> {
+    pub(crate) fn new(me: NodeId, active_lease: Duration) -> Arc<Self> {
         Arc::new(Self {
             me,
             active_lease,
@@ -171,7 +171,7 @@ impl Fence {
     }
 
     /// A voter accepted an `AppendEntries` of `term` that this master sent at `sent`.
-    pub fn record_ack(&self, term: u64, from: NodeId, sent: Instant) {
+    pub(crate) fn record_ack(&self, term: u64, from: NodeId, sent: Instant) {
         self.state
             .lock()
             .expect("fence lock")
@@ -180,7 +180,7 @@ impl Fence {
     }
 
     /// `Some(deadline)` while this master is active (see the module docs), else `None`.
-    pub fn active_until(&self, view: &RaftView, now: Instant) -> Option<Instant> {
+    pub(crate) fn active_until(&self, view: &RaftView, now: Instant) -> Option<Instant> {
         let st = self.state.lock().expect("fence lock");
         Self::active_until_locked(&st, self, view, now)
     }
@@ -208,7 +208,12 @@ impl Fence {
     /// Also refused: every vote while the pristine guard is up, and votes for terms up
     /// to the vote floor.
     #[allow(clippy::result_unit_err)]
-    pub fn begin_vote(&self, view: &RaftView, req_term: u64, now: Instant) -> Result<(), ()> {
+    pub(crate) fn begin_vote(
+        &self,
+        view: &RaftView,
+        req_term: u64,
+        now: Instant,
+    ) -> Result<(), ()> {
         let mut st = self.state.lock().expect("fence lock");
         if st.pristine_guard || req_term <= st.vote_floor || st.quiet_until.is_some_and(|q| now < q)
         {
@@ -222,29 +227,24 @@ impl Fence {
     }
 
     /// Refuse every vote until `until`.
-    pub fn set_quiet_until(&self, until: Instant) {
+    pub(crate) fn set_quiet_until(&self, until: Instant) {
         self.state.lock().expect("fence lock").quiet_until = Some(until);
     }
 
     /// Raise or lower the pristine guard (refusing every vote).
-    pub fn set_pristine_guard(&self, on: bool) {
+    pub(crate) fn set_pristine_guard(&self, on: bool) {
         self.state.lock().expect("fence lock").pristine_guard = on;
     }
 
-    /// Whether the pristine guard is up.
-    pub fn pristine_guarded(&self) -> bool {
-        self.state.lock().expect("fence lock").pristine_guard
-    }
-
     /// Refuse votes for terms `<= term` from now on.
-    pub fn raise_vote_floor(&self, term: u64) {
+    pub(crate) fn raise_vote_floor(&self, term: u64) {
         let mut st = self.state.lock().expect("fence lock");
         st.vote_floor = st.vote_floor.max(term);
     }
 
     /// The vote request begun by [`Fence::begin_vote`] ended. `granted_to` is the
     /// candidate and term when this master granted its vote (or the outcome is unknown).
-    pub fn end_vote(&self, granted_to: Option<(NodeId, u64)>) {
+    pub(crate) fn end_vote(&self, granted_to: Option<(NodeId, u64)>) {
         let mut st = self.state.lock().expect("fence lock");
         st.votes_in_flight = st.votes_in_flight.saturating_sub(1);
         if let Some((cand, term)) = granted_to {

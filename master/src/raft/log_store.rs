@@ -55,7 +55,7 @@ fn write_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
 /// The Raft log store. Cheap to clone: clones share the database (the clone is also the
 /// log reader used by replication tasks).
 #[derive(Clone)]
-pub struct LogStore {
+pub(crate) struct LogStore {
     db: Arc<Database>,
     /// Held by the background deletion of purged entries (one at a time).
     purging: Arc<tokio::sync::Mutex<()>>,
@@ -179,7 +179,7 @@ fn index_span(lo: Bound<u64>, hi: Bound<u64>) -> (u64, u64) {
 
 impl LogStore {
     /// Open (or create) `path`, creating the tables.
-    pub fn open(path: &Path) -> Result<Self, redb::Error> {
+    pub(crate) fn open(path: &Path) -> Result<Self, redb::Error> {
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(path)?;

@@ -11,26 +11,26 @@
 //!   split votes); a restarted master does not depose a working leader.
 //! - [`node`]: starting a master's Raft node from the cluster config.
 
-pub mod campaign;
+pub(crate) mod campaign;
 #[cfg(test)]
 mod group_tests;
-pub mod leadership;
-pub mod log_store;
-pub mod network;
-pub mod node;
-pub mod state_machine;
-pub mod store;
+pub(crate) mod leadership;
+pub(crate) mod log_store;
+pub(crate) mod network;
+pub(crate) mod node;
+pub(crate) mod state_machine;
+pub(crate) mod store;
 
-pub use leadership::{ActiveStatus, LeaderToken, Leadership};
-pub use node::{timings, RaftNode, RaftStartError, Timings};
-pub use store::RaftStore;
+pub(crate) use leadership::Leadership;
+pub(crate) use node::{RaftNode, RaftStartError};
+pub(crate) use store::RaftStore;
 
 use crate::store::{Command, CommandResult};
 
 /// Raft node id (the config's `raft_id`).
-pub type NodeId = u64;
+pub(crate) type NodeId = u64;
 /// What openraft knows of a member: its peer address.
-pub type Node = openraft::BasicNode;
+pub(crate) type Node = openraft::BasicNode;
 
 openraft::declare_raft_types!(
     /// The masters' Raft types.
@@ -46,7 +46,7 @@ openraft::declare_raft_types!(
 );
 
 /// A log entry.
-pub type Entry = openraft::Entry<TypeConfig>;
+pub(crate) type Entry = openraft::Entry<TypeConfig>;
 
 #[cfg(test)]
 mod suite_tests {

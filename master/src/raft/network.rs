@@ -70,7 +70,7 @@ enum HttpError {
 const MSGPACK: &str = "application/msgpack";
 
 /// A MessagePack request body (extractor) or response body.
-pub struct Msgpack<T>(pub T);
+pub(crate) struct Msgpack<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Msgpack<T> {
     type Rejection = Response;
@@ -97,7 +97,7 @@ impl<T: Serialize> IntoResponse for Msgpack<T> {
 
 /// Builds peer clients.
 #[derive(Clone)]
-pub struct Network {
+pub(crate) struct Network {
     me: NodeId,
     http: reqwest::Client,
     rpc_timeout: Duration,
@@ -108,7 +108,7 @@ pub struct Network {
 impl Network {
     /// Peer RPCs leave from `local_ip` (the master's own peer address), as they would
     /// from a real host, so a network fault between two masters can be aimed at them.
-    pub fn new(
+    pub(crate) fn new(
         me: NodeId,
         local_ip: std::net::IpAddr,
         tls: rustls::ClientConfig,
@@ -137,7 +137,7 @@ impl Network {
 
 impl Network {
     /// The pooled HTTP client (for status polls).
-    pub fn http(&self) -> &reqwest::Client {
+    pub(crate) fn http(&self) -> &reqwest::Client {
         &self.http
     }
 }
@@ -155,7 +155,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 }
 
 /// RPC client to one peer.
-pub struct PeerClient {
+pub(crate) struct PeerClient {
     net: Network,
     target: NodeId,
     base: String,
@@ -305,7 +305,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
 /// State of the peer RPC server.
 #[derive(Clone)]
-pub struct PeerState {
+pub(crate) struct PeerState {
     pub me: NodeId,
     pub raft: Raft<TypeConfig>,
     pub fence: Arc<Fence>,
@@ -341,7 +341,7 @@ impl PeerState {
 }
 
 /// The router served on the peer address.
-pub fn peer_router(state: PeerState) -> Router {
+pub(crate) fn peer_router(state: PeerState) -> Router {
     Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
@@ -356,7 +356,7 @@ pub fn peer_router(state: PeerState) -> Router {
 /// What `GET /raft/status` on the peer address answers (used by a master that starts
 /// with an empty data dir to tell first formation from a lost data dir).
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct PeerStatus {
+pub(crate) struct PeerStatus {
     pub id: NodeId,
     /// Has a membership (initialized or replicated to).
     pub initialized: bool,
@@ -374,7 +374,7 @@ pub struct PeerStatus {
 
 impl PeerStatus {
     /// Past first formation: holds an entry beyond the initial membership (index 0).
-    pub fn formed(&self) -> bool {
+    pub(crate) fn formed(&self) -> bool {
         self.last_log_index >= 1
     }
 }
@@ -408,7 +408,7 @@ async fn status(State(st): State<PeerState>) -> Response {
 }
 
 /// `GET /raft/status` of a peer, `None` when it does not answer in time.
-pub async fn peer_status(
+pub(crate) async fn peer_status(
     http: &reqwest::Client,
     addr: &str,
     timeout: Duration,

@@ -58,7 +58,7 @@ pub enum RaftStartError {
 
 /// Raft timings derived from the `[raft]` config.
 #[derive(Debug, Clone)]
-pub struct Timings {
+pub(crate) struct Timings {
     /// openraft's config.
     pub openraft: Config,
     /// How long a quorum ack keeps this master active (< openraft's leader lease).
@@ -76,7 +76,7 @@ pub struct Timings {
 /// `min' = max(min - max/2, 2 * heartbeat)` (kept below `max'`): with the defaults
 /// (60 ms, 400–700 ms) followers campaign 470–700 ms after the last heartbeat, the
 /// leader lease followers honour is 350 ms, and the active lease is 315 ms.
-pub fn timings(rc: &RaftConfig) -> Result<Timings, RaftStartError> {
+pub(crate) fn timings(rc: &RaftConfig) -> Result<Timings, RaftStartError> {
     let ms = |d: Duration| d.as_millis() as u64;
     let hb = ms(rc.heartbeat_interval).max(1);
     let lease = (ms(rc.election_timeout_max) / 2).max(2);
@@ -112,21 +112,18 @@ pub fn timings(rc: &RaftConfig) -> Result<Timings, RaftStartError> {
 }
 
 /// A running Raft node of one master.
-pub struct RaftNode {
+pub(crate) struct RaftNode {
     pub id: NodeId,
-    pub name: String,
     pub raft: Raft<TypeConfig>,
     pub applied: Arc<Applied>,
     pub leadership: Leadership,
     pub timings: Timings,
-    /// Raft node id → master id.
-    pub names: BTreeMap<NodeId, String>,
 }
 
 impl RaftNode {
     /// Open the data dir, start Raft and serve the peer address until `shutdown`.
     /// Initializes the group on first start (see `guard_pristine`).
-    pub async fn start(
+    pub(crate) async fn start(
         loaded: &LoadedConfig,
         name: &str,
         tls: &NodeTls,
@@ -285,12 +282,10 @@ impl RaftNode {
         let leadership = Leadership::new(id, names.clone(), &raft, fence.clone());
         let node = Self {
             id,
-            name: name.to_string(),
             raft,
             applied,
             leadership,
             timings,
-            names,
         };
         if pristine {
             node.guard_pristine(members, http, cfg.raft.rpc_timeout, fence, shutdown.clone());

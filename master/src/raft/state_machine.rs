@@ -106,7 +106,7 @@ fn write_atomic(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// The state machine handed to openraft.
-pub struct StateMachine {
+pub(crate) struct StateMachine {
     applied: Arc<Applied>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Node>,
@@ -115,7 +115,7 @@ pub struct StateMachine {
 
 impl StateMachine {
     /// Open the state machine in `dir`, loading the last snapshot if there is one.
-    pub fn open(dir: &Path, applied: Arc<Applied>) -> SResult<Self> {
+    pub(crate) fn open(dir: &Path, applied: Arc<Applied>) -> SResult<Self> {
         fs::create_dir_all(dir)
             .map_err(|e| snap_err(ErrorVerb::Write, format!("{}: {e}", dir.display())))?;
         let snapshots = Arc::new(SnapshotDir {
@@ -154,7 +154,7 @@ impl StateMachine {
 }
 
 /// Builds a snapshot from a copy of the state taken when the builder was created.
-pub struct SnapshotBuilder {
+pub(crate) struct SnapshotBuilder {
     state: KvState,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Node>,

@@ -34,11 +34,11 @@ use crate::store::{
 /// is best with openraft 0.9, whose core appends each proposal on its own: a second
 /// batch in flight only splits the writes over more fsyncs (`wrk -c16` pod creates
 /// through the proxy: 2 200/s with one, 1 900/s with two, 1 340/s with eight).
-pub const IN_FLIGHT_BATCHES: usize = 1;
+pub(crate) const IN_FLIGHT_BATCHES: usize = 1;
 /// Most writes in one batch (one Raft entry).
-pub const MAX_BATCH: usize = 128;
+pub(crate) const MAX_BATCH: usize = 128;
 /// A batch is closed once its keys and values reach this many bytes.
-pub const MAX_BATCH_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// Writes waiting for a batch; callers wait for room beyond this.
 const QUEUE: usize = 4096;
 

@@ -24,7 +24,7 @@ mod text_bytes {
     use serde::de::{Error, SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer, T: AsRef<[u8]>>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer, T: AsRef<[u8]>>(v: &T, s: S) -> Result<S::Ok, S::Error> {
         let v = v.as_ref();
         if !s.is_human_readable() {
             // binary formats (the Raft log and RPCs): the bytes as they are
@@ -36,7 +36,9 @@ mod text_bytes {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>, T: From<Vec<u8>>>(d: D) -> Result<T, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>, T: From<Vec<u8>>>(
+        d: D,
+    ) -> Result<T, D::Error> {
         d.deserialize_any(TextOrBytes).map(T::from)
     }
 

@@ -10,7 +10,7 @@
 //! Errors split like openraft's `RaftError`: [`StoreError::is_retryable`] tells a caller
 //! whether trying again (possibly on another master) can help.
 
-pub mod kv;
+pub(crate) mod kv;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use kv::{
+pub(crate) use kv::{
     Command, CommandResult, Event, KeyValue, KvError, KvState, Precondition, RangeResult,
 };
 
@@ -329,24 +329,28 @@ impl WatchReceiver {
 }
 
 /// A single-node, in-memory store for unit tests of the API and controllers.
-pub struct MemStore {
+#[cfg(test)]
+pub(crate) struct MemStore {
     applied: Arc<Applied>,
 }
 
+#[cfg(test)]
 impl MemStore {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             applied: Applied::new(100_000),
         }
     }
 }
 
+#[cfg(test)]
 impl Default for MemStore {
     fn default() -> Self {
         Self::new()
     }
 }
 
+#[cfg(test)]
 #[async_trait]
 impl Store for MemStore {
     async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
