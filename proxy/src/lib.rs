@@ -199,44 +199,27 @@ impl Running {
 
     /// Re-read the config (SIGHUP). A bad config is refused and the old one kept.
     pub fn reload(&self, path: &Path, id: Option<&str>) {
-        let loaded = match ballast_config::load(path) {
-            Ok(l) => l,
+        let new = ballast_config::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|l| Settings::from_cluster(&l.config, id).map_err(|e| e.to_string()))
+            .and_then(|s| match dns::zone_name(&s.proxy.dns_zone) {
+                Ok(_) => Ok(s),
+                Err(e) => Err(format!("bad proxy.dns_zone: {e}")),
+            });
+        let result = match new {
+            Ok(new) => {
+                self.apply(new);
+                "ok"
+            }
             Err(e) => {
                 tracing::error!(error = %e, "config reload refused; keeping the running config");
-                self.shared
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["error"])
-                    .inc();
-                return;
+                "error"
             }
         };
-        let new = match Settings::from_cluster(&loaded.config, id) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "config reload refused");
-                self.shared
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["error"])
-                    .inc();
-                return;
-            }
-        };
-        if let Err(e) = dns::zone_name(&new.proxy.dns_zone) {
-            tracing::error!(error = %e, "config reload refused: bad proxy.dns_zone");
-            self.shared
-                .metrics
-                .config_reloads
-                .with_label_values(&["error"])
-                .inc();
-            return;
-        }
-        self.apply(new);
         self.shared
             .metrics
             .config_reloads
-            .with_label_values(&["ok"])
+            .with_label_values(&[result])
             .inc();
     }
 

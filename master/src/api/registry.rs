@@ -1356,53 +1356,49 @@ fn convert_event(
     })
 }
 
-/// Create the default namespaces when absent (idempotent).
+/// Create the default namespaces and the bootstrap RBAC policy when absent (idempotent).
 pub(crate) async fn ensure_defaults(store: &dyn Store) -> Result<(), ApiError> {
     for ns in DEFAULT_NAMESPACES {
-        let key = Registry::key(&NAMESPACES, None, ns);
-        if store.get(&key).await?.is_some() {
-            continue;
-        }
         let o = json!({
             "kind": "Namespace", "apiVersion": "v1",
-            "metadata": {"name": ns, "uid": uuid::Uuid::new_v4().to_string(),
-                "creationTimestamp": now_rfc3339(),
-                "labels": {"kubernetes.io/metadata.name": ns}},
+            "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}},
             "spec": {"finalizers": ["kubernetes"]},
             "status": {"phase": "Active"},
         });
-        store
-            .write(Command::Put {
-                key,
-                value: serde_json::to_vec(&o).unwrap_or_default(),
-                expect: Precondition::Absent,
-            })
-            .await?;
+        create_if_absent(store, &NAMESPACES, o).await?;
     }
-    let rbac = crate::auth::bootstrap::cluster_roles()
-        .into_iter()
-        .map(|o| (&super::resources::CLUSTERROLES, o))
-        .chain(
-            crate::auth::bootstrap::cluster_role_bindings()
-                .into_iter()
-                .map(|o| (&super::resources::CLUSTERROLEBINDINGS, o)),
-        );
-    for (def, mut o) in rbac {
-        let name = meta_str(&o, "name").unwrap_or_default().to_string();
-        let key = Registry::key(def, None, &name);
-        if store.get(&key).await?.is_some() {
-            continue;
-        }
-        let meta = meta_mut(&mut o);
-        meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
-        meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
-        store
-            .write(Command::Put {
-                key,
-                value: serde_json::to_vec(&o).unwrap_or_default(),
-                expect: Precondition::Absent,
-            })
-            .await?;
+    use crate::auth::bootstrap;
+    for o in bootstrap::cluster_roles() {
+        create_if_absent(store, &super::resources::CLUSTERROLES, o).await?;
     }
+    for o in bootstrap::cluster_role_bindings() {
+        create_if_absent(store, &super::resources::CLUSTERROLEBINDINGS, o).await?;
+    }
+    Ok(())
+}
+
+/// Store cluster-scoped object `o` (with a new uid and creation time) unless one of its
+/// name exists: what an operator changed stays.
+async fn create_if_absent(
+    store: &dyn Store,
+    def: &ResourceDef,
+    mut o: Value,
+) -> Result<(), ApiError> {
+    let name = meta_str(&o, "name").unwrap_or_default().to_string();
+    let key = Registry::key(def, None, &name);
+    if store.get(&key).await?.is_some() {
+        return Ok(());
+    }
+    let meta = meta_mut(&mut o);
+    meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+    meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
+    // a concurrent creator winning the race is as good as this write
+    store
+        .write(Command::Put {
+            key,
+            value: serde_json::to_vec(&o).unwrap_or_default(),
+            expect: Precondition::Absent,
+        })
+        .await?;
     Ok(())
 }
