@@ -256,3 +256,62 @@ fn kubectl_survives_failover() {
         );
     }
 }
+
+/// ConfigMaps and Secrets: created, read and listed with both kubectls; a Secret's
+/// `stringData` is stored base64 in `data`; `view` reads ConfigMaps but not Secrets.
+#[test]
+fn configmaps_and_secrets_with_kubectl_1_20_and_1_33() {
+    let c = cluster(34);
+    for v in ["1.20", "1.33"] {
+        let k = Kubectl::new(v, &c.proxy_url(), c.dir());
+        let tag = v.replace('.', "");
+        let cm = format!("cm-{tag}");
+        k.ok(&[
+            "create",
+            "configmap",
+            &cm,
+            "--from-literal=a=b",
+            "--from-literal=c=d",
+        ]);
+        let a = k.ok(&["get", "configmap", &cm, "-o", "jsonpath={.data.a}"]);
+        assert_eq!(a.trim(), "b", "{v}");
+        let table = k.ok(&["get", "cm", &cm]);
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&cm) && l.split_whitespace().nth(1) == Some("2")),
+            "{v}: {table}"
+        );
+        let s = format!("s-{tag}");
+        k.ok(&[
+            "create",
+            "secret",
+            "generic",
+            &s,
+            "--from-literal=password=hunter2",
+        ]);
+        let data = k.ok(&["get", "secret", &s, "-o", "jsonpath={.data.password}"]);
+        assert_eq!(data.trim(), "aHVudGVyMg==", "{v}: base64 of hunter2");
+        let table = k.ok(&["get", "secrets", &s]);
+        assert!(table.contains("Opaque"), "{v}: {table}");
+        k.ok(&["delete", "secret", &s]);
+    }
+    let k = Kubectl::new("1.33", &c.proxy_url(), c.dir());
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: plain\nstringData:\n  token: abc\n",
+    );
+    let data = k.ok(&["get", "secret", "plain", "-o", "jsonpath={.data.token}"]);
+    assert_eq!(data.trim(), "YWJj", "stringData stored base64 in data");
+    // view may read ConfigMaps, not Secrets
+    k.ok(&[
+        "create",
+        "rolebinding",
+        "v",
+        "--clusterrole=view",
+        "--user=viewer",
+    ]);
+    let viewer = k.as_user(&c.proxy_url(), c.dir(), "viewer", &[]);
+    assert!(viewer.run(&["get", "configmap", "cm-133"]).status.success());
+    assert!(!viewer.run(&["get", "secret", "plain"]).status.success());
+}

@@ -761,7 +761,16 @@ impl Runner {
             return;
         }
         let c = &mut self.ctrs[i];
-        let command = c.spec.command.clone().unwrap_or_default();
+        // With no image entrypoint to run, `args` alone are the command (`kubectl run x
+        // --image=busybox -- echo once` sends args only).
+        let command: Vec<String> = c
+            .spec
+            .command
+            .iter()
+            .flatten()
+            .chain(c.spec.args.iter().flatten())
+            .cloned()
+            .collect();
         if command.is_empty() {
             if c.waiting.as_ref().is_none_or(|(r, _)| r != "NoCommand") {
                 self.ctx.events.pod(
@@ -775,7 +784,7 @@ impl Runner {
             c.waiting = Some((
                 "NoCommand".into(),
                 Some(format!(
-                    "container {name:?} has no command: ballast runs processes and does not pull or run image {:?}; set `command`",
+                    "container {name:?} has no command: ballast runs processes and does not pull or run image {:?}; set `command` or `args`",
                     c.spec.image.as_deref().unwrap_or("")
                 )),
             ));
@@ -792,11 +801,7 @@ impl Runner {
                 .map(|(_, v)| v.clone())
         };
         let spec = &self.ctrs[i].spec;
-        let argv: Vec<String> = command
-            .iter()
-            .chain(spec.args.iter().flatten())
-            .map(|a| process::expand(a, lookup))
-            .collect();
+        let argv: Vec<String> = command.iter().map(|a| process::expand(a, lookup)).collect();
         let working_dir = spec
             .working_dir
             .as_ref()
@@ -1242,6 +1247,23 @@ mod tests {
         assert_eq!(c2.metrics.containers_running.get(), 0);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn args_without_a_command_are_the_command() {
+        let d = tempfile::tempdir().unwrap();
+        let c = ctx(d.path(), CancellationToken::new());
+        let mut m = Manager::new(c.clone());
+        let mut p = pod("a1", "", "Never");
+        let ctr = &mut p.spec.as_mut().unwrap().containers[0];
+        ctr.command = None;
+        ctr.args = Some(vec!["sh".into(), "-c".into(), "echo once".into()]);
+        m.upsert(p);
+        let log = logs::container_log(&logs::pod_dir(d.path(), "default", "p-a1", "a1"), "c");
+        wait("the args ran", || {
+            (std::fs::read_to_string(&log).ok()? == "once\n").then_some(())
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn a_container_without_a_command_waits_with_a_reason() {
         let d = tempfile::tempdir().unwrap();
@@ -1249,6 +1271,7 @@ mod tests {
         let mut m = Manager::new(c.clone());
         let mut p = pod("n1", "", "Always");
         p.spec.as_mut().unwrap().containers[0].command = None;
+        p.spec.as_mut().unwrap().containers[0].args = None;
         m.upsert(p);
         let st = wait("a status", || {
             let st = c.statuses.pending_status("n1")?;

@@ -347,6 +347,45 @@ to_json!(authn::SelfSubjectReview { metadata => "metadata" });
 to_json!(authn::TokenReviewSpec { token => "token", audiences => "audiences" });
 to_json!(authn::TokenReview { metadata => "metadata", spec => "spec" });
 
+/// Bytes are base64 in JSON.
+fn bytes_map(m: &BTreeMap<String, Vec<u8>>) -> Value {
+    use base64::Engine as _;
+    if m.is_empty() {
+        return Value::Null;
+    }
+    Value::Object(
+        m.iter()
+            .map(|(k, v)| {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(v);
+                (k.clone(), Value::String(b64))
+            })
+            .collect(),
+    )
+}
+
+impl ToJson for core::ConfigMap {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        put(&mut m, "metadata", self.metadata.to_json());
+        put(&mut m, "immutable", self.immutable.to_json());
+        put(&mut m, "data", self.data.to_json());
+        put(&mut m, "binaryData", bytes_map(&self.binary_data));
+        Value::Object(m)
+    }
+}
+
+impl ToJson for core::Secret {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        put(&mut m, "metadata", self.metadata.to_json());
+        put(&mut m, "immutable", self.immutable.to_json());
+        put(&mut m, "data", bytes_map(&self.data));
+        put(&mut m, "stringData", self.string_data.to_json());
+        put(&mut m, "type", self.r#type.to_json());
+        Value::Object(m)
+    }
+}
+
 fn convert<T: Message + Default + ToJson>(raw: &[u8]) -> Result<Value, ApiError> {
     T::decode(raw)
         .map(|m| {
@@ -375,6 +414,8 @@ pub(crate) fn decode(body: &[u8]) -> Result<Value, ApiError> {
         ("v1", "Pod") => convert::<core::Pod>(&raw)?,
         ("v1", "Namespace") => convert::<core::Namespace>(&raw)?,
         ("v1", "Service") => convert::<core::Service>(&raw)?,
+        ("v1", "ConfigMap") => convert::<core::ConfigMap>(&raw)?,
+        ("v1", "Secret") => convert::<core::Secret>(&raw)?,
         (_, "DeleteOptions") => convert::<meta::DeleteOptions>(&raw)?,
         ("rbac.authorization.k8s.io/v1", "Role") => convert::<rbac::Role>(&raw)?,
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => convert::<rbac::ClusterRole>(&raw)?,

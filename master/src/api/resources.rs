@@ -166,6 +166,18 @@ pub(crate) const SERVICES: ResourceDef = def!(
     &["status"],
     &["all"]
 );
+pub(crate) const CONFIGMAPS: ResourceDef = def!(
+    "",
+    "configmaps",
+    "configmap",
+    "ConfigMap",
+    true,
+    &["cm"],
+    &[],
+    &[]
+);
+pub(crate) const SECRETS: ResourceDef =
+    def!("", "secrets", "secret", "Secret", true, &[], &[], &[]);
 pub(crate) const LEASES: ResourceDef = def!(
     "coordination.k8s.io",
     "leases",
@@ -204,6 +216,8 @@ pub(crate) const ALL: &[ResourceDef] = &[
     PODS,
     EVENTS,
     SERVICES,
+    CONFIGMAPS,
+    SECRETS,
     LEASES,
     DEPLOYMENTS,
     REPLICASETS,

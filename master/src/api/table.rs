@@ -191,6 +191,17 @@ fn columns(kind: &str) -> Vec<Col> {
             ("Holder", "string", 0),
             ("Age", "string", 0),
         ],
+        "ConfigMap" => vec![
+            ("Name", "string", 0),
+            ("Data", "string", 0),
+            ("Age", "string", 0),
+        ],
+        "Secret" => vec![
+            ("Name", "string", 0),
+            ("Type", "string", 0),
+            ("Data", "string", 0),
+            ("Age", "string", 0),
+        ],
         "Service" => vec![
             ("Name", "string", 0),
             ("Type", "string", 0),
@@ -578,6 +589,18 @@ pub(crate) fn cells(kind: &str, o: &Value, now: Timestamp) -> Vec<Value> {
         "Namespace" => vec![name, json!(s(o.pointer("/status/phase"))), created],
         "Event" => event_cells(o, now),
         "Lease" => vec![name, json!(s(o.pointer("/spec/holderIdentity"))), created],
+        "ConfigMap" => {
+            let n = |k: &str| o.get(k).and_then(Value::as_object).map_or(0, |m| m.len());
+            vec![name, json!(n("data") + n("binaryData")), created]
+        }
+        "Secret" => {
+            let n = o
+                .get("data")
+                .and_then(Value::as_object)
+                .map_or(0, |m| m.len());
+            let ty = o.get("type").and_then(Value::as_str).unwrap_or("Opaque");
+            vec![name, json!(ty), json!(n), created]
+        }
         "Service" => service_cells(o, now),
         _ => vec![name, created],
     }

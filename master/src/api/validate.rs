@@ -2,7 +2,7 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -103,6 +103,8 @@ pub(crate) fn normalize(def: &ResourceDef, mut obj: Value) -> Result<Value, ApiE
         "Event" => roundtrip::<Event>(obj),
         "Service" => roundtrip::<Service>(obj),
         "Lease" => roundtrip::<Lease>(obj),
+        "ConfigMap" => roundtrip::<ConfigMap>(obj),
+        "Secret" => roundtrip::<Secret>(secret_string_data(obj)),
         "Deployment" => roundtrip::<Deployment>(obj),
         "ReplicaSet" => roundtrip::<ReplicaSet>(obj),
         "Role" => roundtrip::<Role>(obj),
@@ -112,6 +114,25 @@ pub(crate) fn normalize(def: &ResourceDef, mut obj: Value) -> Result<Value, ApiE
         _ => Ok(obj),
     };
     r.map_err(|e| ApiError::BadRequest(format!("error decoding {}: {e}", def.kind)))
+}
+
+/// A Secret's `stringData` is a write-only convenience: merged into `data` (base64) and
+/// dropped, as kube-apiserver does.
+fn secret_string_data(mut obj: Value) -> Value {
+    use base64::Engine as _;
+    let Some(Value::Object(plain)) = obj.as_object_mut().and_then(|o| o.remove("stringData"))
+    else {
+        return obj;
+    };
+    if !obj["data"].is_object() {
+        obj["data"] = Value::Object(Default::default());
+    }
+    for (k, v) in plain {
+        if let Some(text) = v.as_str() {
+            obj["data"][k] = Value::String(base64::engine::general_purpose::STANDARD.encode(text));
+        }
+    }
+    obj
 }
 
 /// Check an object about to be stored; `Err` is a 422 with every cause.
