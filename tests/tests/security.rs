@@ -250,13 +250,17 @@ fn a_node_reaches_only_its_own_objects() {
     c.wait_one_active(T);
     let proxy = c.proxy_url();
     let w1 = c.node_client("w1");
-    wait_until("both nodes registered", T, || {
-        let r = http("GET", &format!("{proxy}/api/v1/nodes"), None).ok()?;
-        (r.json()["items"].as_array()?.len() == 2).then_some(())
-    });
     let lease = |n: &str| {
         format!("{proxy}/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{n}")
     };
+    // both nodes registered: their Node, then their Lease
+    wait_until("both nodes registered", T, || {
+        let r = http("GET", &format!("{proxy}/api/v1/nodes"), None).ok()?;
+        let leases = ["w1", "w2"]
+            .iter()
+            .all(|w| http("GET", &lease(w), None).is_ok_and(|r| r.status == 200));
+        (r.json()["items"].as_array()?.len() == 2 && leases).then_some(())
+    });
     let node = |n: &str| format!("{proxy}/api/v1/nodes/{n}");
     // its own Lease and Node: allowed
     let own = request(&w1, "GET", &lease("w1"), None).unwrap();
