@@ -21,7 +21,9 @@ pub struct ResourceDef {
     pub review: bool,
 }
 
-const VERBS: &[&str] = &[
+/// The verbs of every stored resource (discovery lists them; the bootstrap roles grant
+/// them).
+pub(crate) const VERBS: &[&str] = &[
     "create",
     "delete",
     "deletecollection",

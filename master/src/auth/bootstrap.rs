@@ -10,16 +10,8 @@ use ballast_config::pki::SUPERUSER_GROUP;
 /// The group whose members may read `/metrics` of every master and worker.
 pub(crate) const MONITORING_GROUP: &str = "system:monitoring";
 
-const ALL_VERBS: &[&str] = &[
-    "create",
-    "delete",
-    "deletecollection",
-    "get",
-    "list",
-    "patch",
-    "update",
-    "watch",
-];
+use crate::api::resources::VERBS as ALL_VERBS;
+
 const READ: &[&str] = &["get", "list", "watch"];
 
 /// Namespaced resources users work with, by API group.
