@@ -436,6 +436,17 @@ async fn a_write_answered_503_after_reaching_a_master_is_not_replayed() {
     s.proxy.health.interval = Duration::from_secs(30);
     let p = start(s).await;
     wait_active(&p, "m1").await;
+    // m2's first check answered (not active) before it claims a higher term: with checks
+    // 30 s apart the proxy then keeps routing to m1
+    let shared = p.shared.clone();
+    wait_until("m2 checked", move || {
+        shared
+            .current()
+            .masters
+            .iter()
+            .any(|m| m.id == "m2" && m.term.is_some())
+    })
+    .await;
     m2.set(true, 2);
     let r = client()
         .post(format!("https://{}/lost-mid-write", p.api))
@@ -444,7 +455,8 @@ async fn a_write_answered_503_after_reaching_a_master_is_not_replayed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
-    assert_eq!(m1.state.posts.load(Ordering::SeqCst), 1);
+    let body = r.text().await.unwrap();
+    assert_eq!(m1.state.posts.load(Ordering::SeqCst), 1, "{body}");
     assert_eq!(m2.state.posts.load(Ordering::SeqCst), 0, "never replayed");
     p.shutdown(Duration::from_millis(100)).await;
 }
