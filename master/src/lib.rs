@@ -266,6 +266,11 @@ pub async fn run(
     info.server_address = cfg.proxy.api.to_string();
     info.logs = Some(Arc::new(api::logs::KubeletLogProxy::new(&handle.tls, cfg)?));
     let kube = api::router(handle.store(), info, handle.auth.clone());
+    scheduler::spawn(
+        handle.store(),
+        handle.leadership.clone(),
+        handle.shutdown.clone(),
+    );
     controllers::spawn(
         handle.store(),
         handle.leadership.clone(),

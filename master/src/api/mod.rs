@@ -17,6 +17,7 @@
 //! `resourceVersion`, which is the key's mod revision on every read.
 
 pub(crate) mod error;
+pub(crate) mod events;
 pub(crate) mod gc;
 pub(crate) mod handlers;
 pub(crate) mod logs;

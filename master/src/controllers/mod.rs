@@ -88,7 +88,7 @@ pub(crate) fn random_name(prefix: &str) -> String {
     format!("{prefix}{suffix}")
 }
 
-/// Run the controllers and the scheduler whenever this master holds a leadership token,
+/// Run the controllers whenever this master holds a leadership token,
 /// and stop them the moment it is revoked.
 pub(crate) fn spawn(
     store: std::sync::Arc<dyn crate::store::Store>,

@@ -153,6 +153,32 @@ fn toleration_seconds(p: &Pod) -> Option<u64> {
         .map(|t| t.toleration_seconds.unwrap_or(i64::MAX).max(0) as u64)
 }
 
+/// Whether a node object changed in more than a heartbeat does (`lastHeartbeatTime`,
+/// `resourceVersion`): with thousands of nodes heartbeating, the controllers and the
+/// scheduler must not wake for each.
+pub(crate) fn changed_beyond_heartbeat(prev: &[u8], now: &[u8]) -> bool {
+    node_beat(prev) != node_beat(now)
+}
+
+/// A node object without what a heartbeat changes (unparseable → `Null`, which makes
+/// any change trigger).
+fn node_beat(raw: &[u8]) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_slice(raw).unwrap_or_default();
+    if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        m.remove("resourceVersion");
+        m.remove("managedFields");
+    }
+    if let Some(cs) = v
+        .pointer_mut("/status/conditions")
+        .and_then(|c| c.as_array_mut())
+    {
+        for c in cs.iter_mut().filter_map(|c| c.as_object_mut()) {
+            c.remove("lastHeartbeatTime");
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::coordination::v1::LeaseSpec;

@@ -1,16 +1,13 @@
-//! Runs the controllers and the scheduler on the active master, for as long as its
+//! Runs the controllers on the active master, for as long as its
 //! leadership token lives: on every store change (debounced) and every second (for
 //! time-based work), read the objects, call the pure reconcile functions, and write the
 //! results through the API [`Registry`] (compare-and-swap, the same semantics as API
 //! clients). The moment the token is revoked the loop stops, before its next write.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_config::ControlConfig;
-use futures::future::Either;
-use futures::stream::{FuturesUnordered, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -20,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{deployment, nodes, random_name, replicaset};
 use crate::api::error::ApiError;
+use crate::api::events::{self, Involved, Severity, Source};
 use crate::api::objects::{DecodeCache, Objects};
 use crate::api::registry::{DeleteOptions, Registry};
 use crate::api::resources::ResourceDef;
-use crate::scheduler;
 use crate::store::Event;
 
 fn def(group: &str, plural: &str) -> &'static ResourceDef {
@@ -83,28 +80,11 @@ fn triggers_pass(ev: &Event) -> bool {
         Event::Put {
             kv,
             prev: Some(prev),
-        } if key.starts_with("/registry/nodes/") => node_beat(&prev.value) != node_beat(&kv.value),
+        } if key.starts_with("/registry/nodes/") => {
+            nodes::changed_beyond_heartbeat(&prev.value, &kv.value)
+        }
         _ => true,
     }
-}
-
-/// A node object without what a heartbeat changes (unparseable → `Null`, which makes
-/// any change trigger).
-fn node_beat(raw: &[u8]) -> serde_json::Value {
-    let mut v: serde_json::Value = serde_json::from_slice(raw).unwrap_or_default();
-    if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-        m.remove("resourceVersion");
-        m.remove("managedFields");
-    }
-    if let Some(cs) = v
-        .pointer_mut("/status/conditions")
-        .and_then(|c| c.as_array_mut())
-    {
-        for c in cs.iter_mut().filter_map(|c| c.as_object_mut()) {
-            c.remove("lastHeartbeatTime");
-        }
-    }
-    v
 }
 
 /// Run until `cancel` fires (leadership lost or shutdown).
@@ -235,9 +215,15 @@ async fn pass(
             }
         }
         for p in plan.delete_pods {
-            let _ = reg
+            match reg
                 .delete(def("", "pods"), Some(&ns), &p, &DeleteOptions::default())
-                .await;
+                .await
+            {
+                // Gone already: what the plan wanted.
+                Ok(_) | Err(ApiError::NotFound { .. }) => {}
+                // The next pass plans again from what it reads then.
+                Err(e) => tracing::warn!(replicaset = %name, pod = %p, "cannot delete pod: {e}"),
+            }
         }
         if let Some(st) = plan.status {
             set_status(reg, def("apps", "replicasets"), &ns, &name, st).await;
@@ -261,12 +247,16 @@ async fn pass(
         let status = serde_json::to_value(&n.status).unwrap_or(Value::Null);
         let taints = serde_json::to_value(n.spec.as_ref().and_then(|s| s.taints.clone()))
             .unwrap_or(Value::Null);
-        let _ = reg
+        let r = reg
             .update_with(def("", "nodes"), None, &name, |o| {
                 o["spec"]["taints"] = taints.clone();
                 Ok(())
             })
             .await;
+        if let Err(e) = r {
+            // Retried by the next pass (node lifecycle runs every second).
+            tracing::warn!(node = %name, "cannot update taints: {e}");
+        }
         set_status(reg, def("", "nodes"), "", &name, status).await;
         tracing::info!(node = %name, "node lifecycle: updated condition/taints");
     }
@@ -276,150 +266,33 @@ async fn pass(
             grace_period_seconds: Some(0),
             ..DeleteOptions::default()
         };
-        let _ = reg.delete(def("", "pods"), Some(&ns), &pod, &opts).await;
-        event(
+        match reg.delete(def("", "pods"), Some(&ns), &pod, &opts).await {
+            Ok(_) => {}
+            Err(ApiError::NotFound { .. }) => continue,
+            Err(e) => {
+                tracing::warn!(pod = %pod, namespace = %ns, "cannot evict pod: {e}");
+                continue;
+            }
+        }
+        let about = Involved {
+            kind: "Pod",
+            namespace: &ns,
+            name: &pod,
+            uid: None,
+        };
+        let (sev, src) = (Severity::Normal, Source::ControllerManager);
+        events::record(
             reg,
-            &ns,
-            "Pod",
-            &pod,
-            None,
-            "Normal",
+            src,
+            about,
+            sev,
             "TaintManagerEviction",
             "Marking for deletion Pod",
         )
         .await;
     }
 
-    // Scheduler. Placement is decided pod by pod (binds made in this pass count in
-    // `usage`); the writes (binds, Unschedulable statuses, Events) go out up to
-    // SCHEDULER_WRITES at a time, so group commit carries them together. One at a time,
-    // marking 10 000 pods Unschedulable took minutes, and nodes that became Ready
-    // meanwhile got nothing until the pass ended. Marking pods Unschedulable (two writes
-    // that help no pod run) is kept to UNSCHEDULABLE_WRITES at a time so that it takes a
-    // small share of the store's writes while clients are writing.
-    let mut usage = scheduler::Usage::new(&w.nodes, &w.pods);
-    let marking = std::sync::atomic::AtomicUsize::new(0);
-    let mut writes = FuturesUnordered::new();
-    for p in &w.pods {
-        if cancel.is_cancelled() {
-            return Ok(());
-        }
-        let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-        if bound || p.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let ns = ns_of(&p.metadata);
-        let name = p.metadata.name.clone().unwrap_or_default();
-        let uid = p.metadata.uid.clone();
-        match scheduler::schedule_with(p, &w.nodes, &usage) {
-            Ok(node) => {
-                usage.add(p, &node);
-                writes.push(Either::Left(bind_pod(reg, ns, name, uid, node)));
-            }
-            Err(msg) => {
-                let already = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|cs| {
-                        cs.iter().any(|c| {
-                            c.type_ == "PodScheduled"
-                                && c.status == "False"
-                                && c.message.as_deref() == Some(msg.as_str())
-                        })
-                    });
-                if already {
-                    continue;
-                }
-                while marking.load(Ordering::Relaxed) >= UNSCHEDULABLE_WRITES {
-                    writes.next().await;
-                }
-                marking.fetch_add(1, Ordering::Relaxed);
-                let marking = &marking;
-                writes.push(Either::Right(async move {
-                    mark_unschedulable(reg, ns, name, uid, msg, now).await;
-                    marking.fetch_sub(1, Ordering::Relaxed);
-                }));
-            }
-        }
-        if writes.len() >= SCHEDULER_WRITES {
-            writes.next().await;
-        }
-    }
-    while writes.next().await.is_some() {}
-
     Ok(())
-}
-
-/// Scheduler writes in flight at once in a pass.
-const SCHEDULER_WRITES: usize = 64;
-/// Of which marking pods Unschedulable.
-const UNSCHEDULABLE_WRITES: usize = 4;
-
-async fn bind_pod(reg: &Registry, ns: String, name: String, uid: Option<String>, node: String) {
-    match reg.bind(&ns, &name, &node).await {
-        Ok(_) => {
-            event(
-                reg,
-                &ns,
-                "Pod",
-                &name,
-                uid.as_deref(),
-                "Normal",
-                "Scheduled",
-                &format!("Successfully assigned {ns}/{name} to {node}"),
-            )
-            .await;
-        }
-        Err(e) => tracing::debug!(pod = %name, "bind failed: {e}"),
-    }
-}
-
-async fn mark_unschedulable(
-    reg: &Registry,
-    ns: String,
-    name: String,
-    uid: Option<String>,
-    msg: String,
-    now: k8s_openapi::jiff::Timestamp,
-) {
-    let cond = json!({
-        "type": "PodScheduled",
-        "status": "False",
-        "reason": "Unschedulable",
-        "message": msg,
-        "lastTransitionTime": Time(now),
-    });
-    let _ = reg
-        .update_with(def("", "pods"), Some(&ns), &name, |o| {
-            let st = &mut o["status"];
-            if !st.is_object() {
-                *st = json!({});
-            }
-            st["phase"] = json!("Pending");
-            let mut conds: Vec<Value> = st["conditions"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|c| c["type"] != "PodScheduled")
-                .collect();
-            conds.push(cond.clone());
-            st["conditions"] = Value::Array(conds);
-            Ok(())
-        })
-        .await;
-    event(
-        reg,
-        &ns,
-        "Pod",
-        &name,
-        uid.as_deref(),
-        "Warning",
-        "FailedScheduling",
-        &msg,
-    )
-    .await;
 }
 
 async fn set_status(reg: &Registry, d: &'static ResourceDef, ns: &str, name: &str, status: Value) {
@@ -432,35 +305,6 @@ async fn set_status(reg: &Registry, d: &'static ResourceDef, ns: &str, name: &st
         .await;
     if let Err(e) = r {
         tracing::debug!(kind = d.kind, name, "cannot update status: {e}");
-    }
-}
-
-/// Record an Event about an object.
-#[allow(clippy::too_many_arguments)]
-async fn event(
-    reg: &Registry,
-    ns: &str,
-    kind: &str,
-    name: &str,
-    uid: Option<&str>,
-    type_: &str,
-    reason: &str,
-    message: &str,
-) {
-    let now = Time(crate::api::table::now());
-    let v = json!({
-        "metadata": {"name": random_name(&format!("{name}.")), "namespace": ns},
-        "involvedObject": {"kind": kind, "name": name, "namespace": ns, "apiVersion": "v1", "uid": uid},
-        "reason": reason,
-        "message": message,
-        "type": type_,
-        "source": {"component": if reason.contains("Schedul") { "default-scheduler" } else { "ballast-controller-manager" }},
-        "firstTimestamp": now,
-        "lastTimestamp": now,
-        "count": 1,
-    });
-    if let Err(e) = reg.create(def("", "events"), Some(ns), v, false).await {
-        tracing::debug!("cannot record event: {e}");
     }
 }
 

@@ -2,8 +2,8 @@
 //! schedulable, taints tolerated, nodeSelector, cpu / memory / pod count against
 //! allocatable minus what bound pods request), then score them (least requested,
 //! spreading replicas of one owner across nodes and zones) and pick the best.
-//! The runner in `controllers::runner` binds the pod, or records `PodScheduled=False`
-//! with the reason and an Event when nothing fits.
+//! [`rooms`] sums up what each node offers, so the queue can tell which changes may
+//! help a pod that fitted nowhere.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
@@ -165,6 +165,44 @@ impl Usage {
             }
         }
     }
+}
+
+/// What one node offers waiting pods: everything [`schedule_with`]'s filters read.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Room {
+    /// Ready and not cordoned.
+    pub(crate) open: bool,
+    /// A hash of the node's labels and taints (what selectors and tolerations match).
+    pub(crate) shape: u64,
+    /// Allocatable minus what bound pods take: cpu cores, memory bytes, pod slots.
+    pub(crate) free: [f64; 3],
+}
+
+/// Each node's [`Room`] (by node name) given `usage`.
+pub(crate) fn rooms(nodes: &[impl Borrow<Node>], usage: &Usage) -> HashMap<String, Room> {
+    nodes
+        .iter()
+        .map(Borrow::borrow)
+        .map(|n: &Node| {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            let (cpu, mem, count) = usage.nodes.get(&name).copied().unwrap_or_default();
+            let taints = n.spec.as_ref().and_then(|s| s.taints.as_ref());
+            let shape = serde_json::to_vec(&(&n.metadata.labels, taints))
+                .map(|b| crate::controllers::fnv1a(&b))
+                .unwrap_or_default();
+            let room = Room {
+                open: is_node_ready(n)
+                    && n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true),
+                shape,
+                free: [
+                    allocatable(n, "cpu") - cpu,
+                    allocatable(n, "memory") - mem,
+                    allocatable(n, "pods") - count as f64,
+                ],
+            };
+            (name, room)
+        })
+        .collect()
 }
 
 /// Choose a node for `pod`; `Err` carries the `PodScheduled=False` message.
