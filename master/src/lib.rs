@@ -128,6 +128,7 @@ impl Master {
             node.applied.clone(),
             leadership.clone(),
             node.timings.write_timeout,
+            metrics.store_batch_writes.clone(),
         ));
         {
             let _raft = rt.enter();

@@ -6,8 +6,8 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// All metrics of one master.
@@ -27,6 +27,7 @@ pub struct MasterMetrics {
     pub raft_activations: IntCounter,
     pub raft_rpc_seconds: HistogramVec,
     pub raft_rpc_failures: IntCounterVec,
+    pub store_batch_writes: Histogram,
 }
 
 impl MasterMetrics {
@@ -94,7 +95,19 @@ impl MasterMetrics {
         registry
             .register(Box::new(raft_rpc_failures.clone()))
             .expect("register");
+        let store_batch_writes = Histogram::with_opts(
+            HistogramOpts::new(
+                "ballast_master_store_batch_writes",
+                "Writes proposed together in one Raft entry (group commit), per entry",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        )
+        .expect("histogram");
+        registry
+            .register(Box::new(store_batch_writes.clone()))
+            .expect("register");
         Self {
+            store_batch_writes,
             active,
             term,
             store_revision,

@@ -1,4 +1,4 @@
-//! API benchmark (issue 5): `./task bench-api`.
+//! API and scheduler benchmark: `./task bench-api`.
 //!
 //! In one run, on loopback, one after the other (never both at once):
 //!
@@ -16,13 +16,19 @@
 //!    pods through the proxy, one at a time: p50 / p99 latency and size.
 //! 4. Scheduler A: one `ballast worker --id w1 --hollow BENCH_NODES` (default 100) process
 //!    joins that cluster with every pod above pending: pods bound (`GET /api/v1/pods?
-//!    fieldSelector=spec.nodeName=` empty) in the `BENCH_BIND_WINDOW_SECS` (default 30 s)
-//!    after it started, as binds/s.
+//!    fieldSelector=spec.nodeName=` empty) in the `BENCH_BIND_WINDOW_SECS` (default 90 s)
+//!    after it started, as binds/s, and the time from every node holding a lease to every
+//!    pod bound.
 //!    Scheduler B: a fresh cluster in `127.89.0.0/16`, the hollow nodes first, then
 //!    `BENCH_SCHED_PODS` (default 1000) pods created by the same clients: time from the
 //!    first create until every pod is bound (at most `BENCH_SCHED_SECS`, default 150 s).
-//!    The scheduler binds one pod per reconcile pass and a pass lists every object, so the
-//!    time grows with the square of the pending count: 10k in one go does not fit here.
+//!
+//! Each part runs `BENCH_ROUNDS` times (default 3), each round on fresh clusters; the end
+//! prints each figure's median and spread, so one lucky or unlucky run cannot stand for the
+//! result. Each create run also prints what explains its speed: every process's CPU (the
+//! active master's split into its API runtime, its Raft runtime and the rest), how busy the
+//! machine was, and the active master's group-commit batch sizes
+//! (`ballast_master_store_batch_writes`).
 //!
 //! Run with a release build: `BALLAST_BIN=$CARGO_TARGET_DIR/release/ballast`.
 
@@ -341,7 +347,7 @@ fn unbound_pods(http: &reqwest::blocking::Client, proxy: &str) -> Option<usize> 
 fn hollow_metric(addr: &str, name: &str) -> Option<f64> {
     let body = ballast_tests::http_timeout(
         "GET",
-        &format!("http://{addr}/metrics"),
+        &format!("https://{addr}/metrics"),
         None,
         Duration::from_secs(2),
     )
@@ -452,24 +458,233 @@ fn pod_creator(
     }
 }
 
+/// What one round is run with (from the environment).
+struct Params {
+    clients: usize,
+    pods: usize,
+    list_runs: usize,
+    nodes: usize,
+    bind_window: u64,
+    sched_pods: usize,
+    sched_secs: u64,
+}
+
+/// The figures of one round.
+#[derive(Debug, Default, Clone)]
+struct Round {
+    etcd_puts: Option<f64>,
+    pods_per_s: f64,
+    list_p99_ms: Option<f64>,
+    /// Scheduler A: seconds from the hollow worker's start to every pod bound.
+    sched_a: Option<f64>,
+    /// Scheduler A: seconds from every node holding a lease to every pod bound.
+    sched_a_after_nodes: Option<f64>,
+    sched_a_bound: usize,
+    /// Scheduler B: seconds from the first create to every pod bound.
+    sched_b: Option<f64>,
+}
+
+/// CPU seconds (user + system) of each thread of `pid`, summed by role: the Raft
+/// runtime (`raft`), the API runtime (`tokio-rt-worker`, tokio's default) and the rest.
+fn cpu_by_role(pid: u32) -> [f64; 3] {
+    let mut out = [0.0; 3];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // After the name: state is field 3 of stat(5); utime and stime are 14 and 15.
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+            .sum();
+        let role = match comm {
+            c if c.starts_with("raft") => 0,
+            c if c.starts_with("tokio-r") => 1,
+            _ => 2,
+        };
+        out[role] += ticks / 100.0;
+    }
+    out
+}
+
+/// Busy and total jiffies of the whole machine.
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}
+
+/// A snapshot of what explains a slow write run: each process's CPU and the active
+/// master's group-commit counters.
+struct Explain {
+    cpu: Vec<(String, [f64; 3])>,
+    machine: (f64, f64),
+    batches: (u64, u64),
+}
+
+impl Explain {
+    fn take(c: &Cluster, active: &str) -> Self {
+        let mut ids = c.master_ids();
+        ids.push("proxy".into());
+        let cpu = ids
+            .iter()
+            .filter_map(|id| Some((id.clone(), cpu_by_role(c.pid(id)?))))
+            .collect();
+        let count = c.master_gauge(active, "ballast_master_store_batch_writes_count");
+        let sum = c.master_gauge(active, "ballast_master_store_batch_writes_sum");
+        Explain {
+            cpu,
+            machine: machine_cpu(),
+            batches: (count.unwrap_or(0), sum.unwrap_or(0)),
+        }
+    }
+
+    /// Print what happened between `self` and `after`, for `ops` operations.
+    fn print(&self, after: &Explain, active: &str, ops: u64) {
+        let mut parts = Vec::new();
+        for ((id, b), (_, a)) in self.cpu.iter().zip(&after.cpu) {
+            let d: Vec<f64> = (0..3).map(|i| a[i] - b[i]).collect();
+            let total: f64 = d.iter().sum();
+            let per_op = total * 1e6 / ops.max(1) as f64;
+            if id == active {
+                parts.push(format!(
+                    "{id} (active) {total:.1} s = {per_op:.0} µs/op [api {:.1}, raft {:.1}, other {:.1}]",
+                    d[1], d[0], d[2]
+                ));
+            } else {
+                parts.push(format!("{id} {total:.1} s ({per_op:.0} µs/op)"));
+            }
+        }
+        println!("  CPU meanwhile: {}", parts.join("; "));
+        let busy = after.machine.0 - self.machine.0;
+        let total = after.machine.1 - self.machine.1;
+        println!(
+            "  machine busy {:.0} % of {} cores",
+            100.0 * busy / total.max(1.0),
+            thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let entries = after.batches.0.saturating_sub(self.batches.0);
+        let writes = after.batches.1.saturating_sub(self.batches.1);
+        println!(
+            "  group commit on {active}: {writes} writes in {entries} Raft entries = {:.1} writes/entry",
+            writes as f64 / entries.max(1) as f64
+        );
+    }
+}
+
+/// Median, min and max of `v` (values present).
+fn spread(v: &[Option<f64>]) -> Option<(f64, f64, f64)> {
+    let mut x: Vec<f64> = v.iter().flatten().copied().collect();
+    if x.is_empty() {
+        return None;
+    }
+    x.sort_by(f64::total_cmp);
+    Some((x[x.len() / 2], x[0], x[x.len() - 1]))
+}
+
 fn main() {
-    let clients: usize = env_or("BENCH_CLIENTS", 16);
-    let pods: usize = env_or("BENCH_PODS", 10_000);
-    let list_runs: usize = env_or("BENCH_LIST_RUNS", 20);
-    let nodes: usize = env_or("BENCH_NODES", 100);
-    let bind_window: u64 = env_or("BENCH_BIND_WINDOW_SECS", 30);
-    let sched_pods: usize = env_or("BENCH_SCHED_PODS", 1000);
-    let sched_secs: u64 = env_or("BENCH_SCHED_SECS", 150);
+    let p = Params {
+        clients: env_or("BENCH_CLIENTS", 16),
+        pods: env_or("BENCH_PODS", 10_000),
+        list_runs: env_or("BENCH_LIST_RUNS", 20),
+        nodes: env_or("BENCH_NODES", 100),
+        bind_window: env_or("BENCH_BIND_WINDOW_SECS", 90),
+        sched_pods: env_or("BENCH_SCHED_PODS", 1000),
+        sched_secs: env_or("BENCH_SCHED_SECS", 150),
+    };
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
     println!(
-        "bench-api: {clients} clients, {pods} pods, {list_runs} list runs, {nodes} hollow nodes, \
-         scheduler run of {sched_pods} pods; binary {}",
+        "bench-api: {rounds} rounds of: {} clients, {} pods, {} list runs, {} hollow nodes, \
+         scheduler run of {} pods; binary {}",
+        p.clients,
+        p.pods,
+        p.list_runs,
+        p.nodes,
+        p.sched_pods,
         ballast_bin().display()
     );
+    let mut results = Vec::new();
+    for i in 1..=rounds {
+        println!("\n################ round {i} of {rounds}");
+        results.push(round(&p));
+    }
+    println!("\n################ summary over {rounds} rounds: median (min .. max)");
+    let show = |name: &str, v: Vec<Option<f64>>, unit: &str| match spread(&v) {
+        Some((m, lo, hi)) => println!("{name:<44} {m:9.2} ({lo:.2} .. {hi:.2}) {unit}"),
+        None => println!("{name:<44} no figure"),
+    };
+    show(
+        "etcd puts/s",
+        results.iter().map(|r| r.etcd_puts).collect(),
+        "",
+    );
+    show(
+        "ballast pods/s",
+        results.iter().map(|r| Some(r.pods_per_s)).collect(),
+        "",
+    );
+    let ratios: Vec<Option<f64>> = results
+        .iter()
+        .map(|r| r.etcd_puts.map(|e| r.pods_per_s / e))
+        .collect();
+    show("ratio ballast/etcd (goal >= 1.0)", ratios, "x");
+    show(
+        "list p99 (goal <= 300)",
+        results.iter().map(|r| r.list_p99_ms).collect(),
+        "ms",
+    );
+    show(
+        "scheduler A: hollow worker start -> all bound",
+        results.iter().map(|r| r.sched_a).collect(),
+        "s",
+    );
+    show(
+        "scheduler A: all bound after nodes (goal <= 30)",
+        results.iter().map(|r| r.sched_a_after_nodes).collect(),
+        "s",
+    );
+    let not_all = results
+        .iter()
+        .filter(|r| r.sched_a_after_nodes.is_none())
+        .count();
+    if not_all > 0 {
+        println!("  scheduler A: {not_all} round(s) did not bind every pod in the window");
+    }
+    show(
+        "scheduler B: 1st create -> all bound",
+        results.iter().map(|r| r.sched_b).collect(),
+        "s",
+    );
+}
 
-    // 1. etcd.
-    let etcd_rate = bench_etcd(clients, pods);
+/// One round: etcd, then a fresh Ballast cluster (creates, list, scheduler A), then
+/// another (scheduler B).
+fn round(p: &Params) -> Round {
+    let clients = p.clients;
+    let nodes = p.nodes;
+    let mut out = Round {
+        etcd_puts: bench_etcd(clients, p.pods),
+        ..Round::default()
+    };
 
-    // 2. Ballast: masters + proxy (the worker is started later, hollow).
+    // Ballast: masters + proxy (the worker is started later, hollow).
     let (c, active, proxy) = start_ballast(BLOCK);
     println!(
         "\n== ballast: 3 masters (active {active}) + proxy {proxy}, {clients} clients \
@@ -482,10 +697,13 @@ fn main() {
     });
     let rev0 = store_revision(&c, &active).unwrap_or(0);
     let fo0 = proxy_failovers(&c);
-    let r = closed_loop(clients, pods, move |h, w, n| create(h, &pod_name(w, n)));
+    let before = Explain::take(&c, &active);
+    let r = closed_loop(clients, p.pods, move |h, w, n| create(h, &pod_name(w, n)));
+    let after = Explain::take(&c, &active);
     let rev1 = store_revision(&c, &active).unwrap_or(0);
     let fo1 = proxy_failovers(&c);
     let rate = r.ok as f64 / r.wall.as_secs_f64();
+    out.pods_per_s = rate;
     println!(
         "ballast pod creates: {} created, {} errors in {:.2} s = {rate:.0} pods/s; latency {}",
         r.ok,
@@ -499,11 +717,12 @@ fn main() {
         rev1.saturating_sub(rev0),
         rev1.saturating_sub(rev0) as f64 / r.wall.as_secs_f64()
     );
+    before.print(&after, &active, r.ok);
     println!(
         "  active-master changes seen by the proxy during the creates: {}",
         fo1 - fo0
     );
-    match etcd_rate {
+    match out.etcd_puts {
         Some(e) => println!(
             "ratio ballast pods/s / etcd puts/s = {:.2}x (goal >= 1.0x: {})",
             rate / e,
@@ -513,7 +732,7 @@ fn main() {
     }
     let total_pods = r.ok as usize + clients;
 
-    // 3. List latency, once the controllers are done marking the pods unschedulable.
+    // List latency, once the scheduler is done marking the pods unschedulable.
     let settled = wait_quiet(
         &c,
         &active,
@@ -529,7 +748,7 @@ fn main() {
     let mut lat = Vec::new();
     let mut size = 0;
     let mut items = 0;
-    for _ in 0..list_runs {
+    for _ in 0..p.list_runs {
         let t0 = Instant::now();
         let resp = http
             .get(format!("{proxy}/api/v1/pods"))
@@ -547,6 +766,10 @@ fn main() {
             Err(e) => println!("  list failed: {e}"),
         }
     }
+    if !lat.is_empty() {
+        let v = sorted_millis(&lat);
+        out.list_p99_ms = Some(rank(&v, 0.99));
+    }
     let fo2 = proxy_failovers(&c);
     println!(
         "  active-master changes while settling and listing: {}",
@@ -558,10 +781,11 @@ fn main() {
         summary(&lat)
     );
 
-    // 4a. Bind rate with all those pods pending.
+    // Scheduler A: every pod pending, then the nodes join.
     println!(
         "\n== scheduler A: {total_pods} pending pods, {nodes} hollow nodes join; \
-         {bind_window} s window =="
+         {} s window ==",
+        p.bind_window
     );
     let t0 = Instant::now();
     let hollow = start_hollow(&c, nodes);
@@ -571,16 +795,20 @@ fn main() {
         total_pods,
         nodes,
         t0,
-        t0 + Duration::from_secs(bind_window),
+        t0 + Duration::from_secs(p.bind_window),
     );
     let el = done.unwrap_or_else(|| t0.elapsed());
+    out.sched_a_bound = bound;
+    out.sched_a = done.map(|d| d.as_secs_f64());
+    // All bound before the last node registered counts as 0.
+    out.sched_a_after_nodes = done.map(|d| d.saturating_sub(ready.unwrap_or(d)).as_secs_f64());
     println!(
         "{bound} of {total_pods} bound {:.1} s after the hollow worker started = {:.1} binds/s{}; \
-         nodes registered after {}",
+         every node held a lease after {}",
         el.as_secs_f64(),
         bound as f64 / el.as_secs_f64(),
         if done.is_some() { " (all)" } else { "" },
-        ready.map_or("(not all)".to_string(), |d| format!(
+        ready.map_or("(not yet: all bound first)".to_string(), |d| format!(
             "{:.1} s",
             d.as_secs_f64()
         )),
@@ -592,10 +820,11 @@ fn main() {
     drop(hollow);
     drop(c);
 
-    // 4b. A fresh cluster: nodes first, then create pods and time until all are bound.
+    // Scheduler B: a fresh cluster, nodes first, then the pods.
     println!(
-        "\n== scheduler B: fresh cluster, {nodes} hollow nodes, then {sched_pods} pods created \
-         by {clients} clients; time from the first create to all bound =="
+        "\n== scheduler B: fresh cluster, {nodes} hollow nodes, then {} pods created \
+         by {clients} clients; time from the first create to all bound ==",
+        p.sched_pods
     );
     let (c, _active, proxy) = start_ballast(SCHED_BLOCK);
     let _hollow = start_hollow(&c, nodes);
@@ -612,7 +841,7 @@ fn main() {
     thread::sleep(Duration::from_secs(2));
     let create = pod_creator(&proxy);
     let t0 = Instant::now();
-    let r = closed_loop(clients, sched_pods, move |h, w, n| {
+    let r = closed_loop(clients, p.sched_pods, move |h, w, n| {
         create(h, &pod_name(w, n))
     });
     println!(
@@ -632,8 +861,9 @@ fn main() {
         total,
         0,
         t0,
-        t0 + Duration::from_secs(sched_secs),
+        t0 + Duration::from_secs(p.sched_secs),
     );
+    out.sched_b = done.map(|d| d.as_secs_f64());
     match done {
         Some(d) => println!(
             "all {total} pods bound {:.1} s after the first create = {:.1} pods/s scheduled",
@@ -644,8 +874,9 @@ fn main() {
             let el = t0.elapsed().as_secs_f64();
             println!(
                 "NOT all bound: {bound} of {total} in {el:.1} s = {:.1} binds/s (cut at \
-                 BENCH_SCHED_SECS={sched_secs})",
-                bound as f64 / el
+                 BENCH_SCHED_SECS={})",
+                bound as f64 / el,
+                p.sched_secs
             )
         }
     }
@@ -656,4 +887,5 @@ fn main() {
     let w1 = c.config().worker("w1").unwrap().address.to_string();
     let running = hollow_metric(&w1, "ballast_worker_pods_running").unwrap_or(0.0);
     println!("  hollow nodes report {running} pods running");
+    out
 }

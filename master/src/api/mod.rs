@@ -20,6 +20,7 @@ pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod gc;
 pub(crate) mod handlers;
+pub(crate) mod informer;
 pub(crate) mod logs;
 pub(crate) mod objects;
 pub(crate) mod patch;

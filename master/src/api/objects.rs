@@ -39,12 +39,12 @@ impl<T> ApiObject for T where
 {
 }
 
-fn def_of<T: Resource>() -> Result<&'static ResourceDef, ApiError> {
+pub(crate) fn def_of<T: Resource>() -> Result<&'static ResourceDef, ApiError> {
     ResourceDef::find(T::GROUP, T::URL_PATH_SEGMENT)
         .ok_or_else(|| ApiError::Internal(format!("{} is not served by this API", T::KIND)))
 }
 
-fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+pub(crate) fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     serde_json::from_value(v)
         .map_err(|e| ApiError::Internal(format!("decoding stored object: {e}")))
 }

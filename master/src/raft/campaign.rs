@@ -22,38 +22,17 @@
 //! a nomination only chooses who asks first.
 
 use std::cmp::Reverse;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::storage::RaftLogStorage;
 use openraft::{Raft, ServerState};
 use tokio_util::sync::CancellationToken;
 
+use super::leadership::LeaderContact;
 use super::log_store::LogStore;
 use super::network::{peer_status, PeerStatus};
 use super::{NodeId, TypeConfig};
-
-/// When this master last accepted an `AppendEntries` from a leader (a follower's view
-/// of openraft's leader lease, recorded after openraft processed the request).
-#[derive(Debug, Default)]
-pub(crate) struct LeaderContact(Mutex<Option<Instant>>);
-
-impl LeaderContact {
-    pub(crate) fn record(&self, at: Instant) {
-        let mut c = self.0.lock().expect("leader contact lock");
-        if c.is_none_or(|p| p < at) {
-            *c = Some(at);
-        }
-    }
-    pub(crate) fn last(&self) -> Option<Instant> {
-        *self.0.lock().expect("leader contact lock")
-    }
-    /// Milliseconds since the last contact (`None`: none since this process started).
-    pub(crate) fn age_ms(&self, now: Instant) -> Option<u64> {
-        self.last()
-            .map(|t| now.saturating_duration_since(t).as_millis() as u64)
-    }
-}
 
 /// One voter as the nomination sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -482,6 +482,28 @@ impl Leadership {
     }
 }
 
+/// When this master last accepted an `AppendEntries` from a leader (a follower's view
+/// of openraft's leader lease, recorded after openraft processed the request).
+#[derive(Debug, Default)]
+pub(crate) struct LeaderContact(Mutex<Option<Instant>>);
+
+impl LeaderContact {
+    pub(crate) fn record(&self, at: Instant) {
+        let mut c = self.0.lock().expect("leader contact lock");
+        if c.is_none_or(|p| p < at) {
+            *c = Some(at);
+        }
+    }
+    pub(crate) fn last(&self) -> Option<Instant> {
+        *self.0.lock().expect("leader contact lock")
+    }
+    /// Milliseconds since the last contact (`None`: none since this process started).
+    pub(crate) fn age_ms(&self, now: Instant) -> Option<u64> {
+        self.last()
+            .map(|t| now.saturating_duration_since(t).as_millis() as u64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,8 +30,7 @@ use openraft::{Raft, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::campaign::LeaderContact;
-use super::leadership::{Fence, RaftView};
+use super::leadership::{Fence, LeaderContact, RaftView};
 use super::{Node, NodeId, TypeConfig};
 use crate::metrics::MasterMetrics;
 

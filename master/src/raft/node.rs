@@ -13,8 +13,8 @@ use openraft::error::{InitializeError, RaftError};
 use openraft::{Config, Raft, SnapshotPolicy};
 use tokio_util::sync::CancellationToken;
 
-use super::campaign::{self, CampaignConfig, LeaderContact};
-use super::leadership::{Fence, Leadership};
+use super::campaign::{self, CampaignConfig};
+use super::leadership::{Fence, LeaderContact, Leadership};
 use super::log_store::LogStore;
 use super::network::{peer_router, Network, PeerState};
 use super::state_machine::StateMachine;

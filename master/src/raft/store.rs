@@ -60,6 +60,8 @@ struct Proposer {
     raft: Raft<TypeConfig>,
     leadership: Leadership,
     write_timeout: Duration,
+    /// Writes per proposed entry.
+    batch_writes: prometheus::Histogram,
 }
 
 impl RaftStore {
@@ -69,12 +71,14 @@ impl RaftStore {
         applied: Arc<Applied>,
         leadership: Leadership,
         write_timeout: Duration,
+        batch_writes: prometheus::Histogram,
     ) -> Self {
         let (proposals, rx) = mpsc::channel(QUEUE);
         let proposer = Proposer {
             raft: raft.clone(),
             leadership: leadership.clone(),
             write_timeout,
+            batch_writes,
         };
         tokio::spawn(proposer.batcher(rx));
         Self {
@@ -160,6 +164,7 @@ impl Proposer {
     async fn propose(&self, batch: Vec<(Command, Reply)>) {
         let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
         let n = cmds.len();
+        self.batch_writes.observe(n as f64);
         let cmd = if n == 1 {
             cmds.into_iter().next().expect("one command")
         } else {

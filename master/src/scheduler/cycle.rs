@@ -1,10 +1,19 @@
-//! The scheduling loop: on pod and node changes (debounced to one cycle per
-//! [`MIN_CYCLE_INTERVAL`]) and every second, read pods and nodes, and for each pending
-//! pod the [`Queue`] lets through decide a node ([`fit::schedule_with`]) and bind it, or
-//! park the pod and submit its Unschedulable mark. Binds go out up to [`BINDS_IN_FLIGHT`]
-//! at a time, so group commit carries them together; placement is decided pod by pod
-//! with this cycle's binds counted in the usage, so they never overcommit a node.
+//! The scheduling loop. It keeps pods and nodes in [`Informer`]s (a local copy kept
+//! current from the store's watch) and turns each change into queue work: a pod that
+//! starts waiting for a node (or whose spec changed) is added to the [`Queue`]; one that
+//! was bound, is being deleted or is gone leaves it (and its unwritten mark is
+//! withdrawn); a node that appears or changes what the filters read, or a bound pod that
+//! stops taking room, may help parked pods. A cycle runs on such changes (at most one per
+//! [`MIN_CYCLE_INTERVAL`]) and every second, and does nothing unless the queue has pods
+//! to try or room may have changed: while 10 000 pods wait and nothing changes, a cycle
+//! costs nothing, and each change costs its own decode, not a relist.
+//!
+//! A cycle decides pod by pod ([`fit::schedule_with`], this cycle's binds counted in the
+//! usage, so they never overcommit a node), binds up to [`BINDS_IN_FLIGHT`] at a time so
+//! group commit carries them together, and parks the pods that fit nowhere with a mark
+//! for [`Marks`] to write.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,155 +26,203 @@ use super::marks::Marks;
 use super::queue::{PodRef, Queue};
 use crate::api::error::ApiError;
 use crate::api::events::{self, Involved, Severity, Source};
-use crate::api::objects::{DecodeCache, Objects};
+use crate::api::informer::{Change, Informer};
 use crate::api::registry::Registry;
-use crate::controllers::nodes::changed_beyond_heartbeat;
-use crate::store::Event;
 
 /// Least time between two cycles triggered by changes.
 const MIN_CYCLE_INTERVAL: Duration = Duration::from_millis(50);
 /// Binds in flight at once.
 const BINDS_IN_FLIGHT: usize = 64;
 
-/// Pods and nodes as decoded by earlier cycles (only changed objects decode again).
-#[derive(Default)]
-struct Decoded {
-    pods: DecodeCache<Arc<Pod>>,
-    nodes: DecodeCache<Arc<Node>>,
-}
-
 /// Run until `cancel` fires.
 pub(super) async fn run(reg: Arc<Registry>, cancel: CancellationToken) {
     tracing::info!("scheduler started");
-    let marks = Marks::default();
-    tokio::spawn(marks.clone().run(reg.clone(), cancel.clone()));
-    let follow = || async {
-        let store = reg.store();
-        match store.watch("/registry/", store.revision()).await {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!("scheduler: cannot watch the store ({e}); polling only");
-                None
-            }
+    let mut s = match Scheduler::new(reg.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("scheduler cannot start: {e}");
+            return;
         }
     };
-    let mut changes = follow().await;
-    let mut queue = Queue::default();
-    let mut decoded = Decoded::default();
+    tokio::spawn(s.marks.clone().run(reg, cancel.clone()));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = tokio::time::Instant::now();
     loop {
-        tokio::select! {
+        let woken = tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = tick.tick() => {},
-            ev = async {
-                match changes.as_mut() {
-                    Some(c) => c.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                match ev {
-                    Some(Ok(e)) if !wakes(&e) => continue,
-                    Some(Ok(_)) => {}
-                    // Ended (fell behind, or leadership lost): follow from now on.
-                    _ => changes = follow().await,
-                }
-                let at = (last + MIN_CYCLE_INTERVAL).max(tokio::time::Instant::now());
-                tokio::time::sleep_until(at).await;
-                if let Some(c) = changes.as_mut() {
-                    c.discard_queued();
-                }
+            _ = tick.tick() => false,
+            c = s.pods.changed() => match c {
+                Ok(c) => s.on_pods(c),
+                Err(e) => { tracing::debug!("scheduler: {e}"); true }
+            },
+            c = s.nodes.changed() => match c {
+                Ok(c) => s.on_nodes(c),
+                Err(e) => { tracing::debug!("scheduler: {e}"); true }
+            },
+        };
+        if woken {
+            // Let a burst of changes land: at most one cycle per MIN_CYCLE_INTERVAL.
+            let at = (last + MIN_CYCLE_INTERVAL).max(tokio::time::Instant::now());
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(at) => {}
             }
-        }
-        if cancel.is_cancelled() {
-            break;
+        } else if !s.rooms_dirty && !s.queue.has_work(Instant::now()) && s.started {
+            continue;
         }
         last = tokio::time::Instant::now();
-        if let Err(e) = cycle(&reg, &cancel, &mut queue, &marks, &mut decoded).await {
+        if let Err(e) = s.cycle(&cancel).await {
             tracing::debug!("scheduling cycle: {e}");
         }
     }
     tracing::info!("scheduler stopped");
 }
 
-/// Whether a store change may give the scheduler work: any pod change (a new pending
-/// pod, or room freed), and node changes other than heartbeats and lease renewals.
-fn wakes(ev: &Event) -> bool {
-    let key = ev.key();
-    if key.starts_with("/registry/pods/") {
-        return true;
+/// What the scheduler keeps from one cycle to the next.
+struct Scheduler {
+    reg: Arc<Registry>,
+    pods: Informer<Pod>,
+    nodes: Informer<Node>,
+    /// The pods waiting for a node (not bound, not being deleted).
+    pending: HashMap<PodRef, Arc<Pod>>,
+    queue: Queue,
+    marks: Marks,
+    /// Some node or bound pod changed in a way that may give parked pods room.
+    rooms_dirty: bool,
+    /// The first cycle (the first list) ran.
+    started: bool,
+}
+
+impl Scheduler {
+    fn new(reg: Arc<Registry>) -> Result<Self, ApiError> {
+        Ok(Self {
+            reg,
+            pods: Informer::new()?,
+            nodes: Informer::new()?,
+            pending: HashMap::new(),
+            queue: Queue::default(),
+            marks: Marks::default(),
+            rooms_dirty: false,
+            started: false,
+        })
     }
-    if !key.starts_with("/registry/nodes/") {
-        return false;
+
+    /// Apply pod changes to the pending set and the queue; whether a cycle may have work.
+    /// An empty batch means the watch ended: the next cycle lists again.
+    fn on_pods(&mut self, changes: Vec<Change<Pod>>) -> bool {
+        let mut wake = changes.is_empty();
+        for Change { old, new } in changes {
+            let Some(any) = new.as_ref().or(old.as_ref()) else {
+                continue;
+            };
+            let at = pod_ref(any);
+            let was = old.as_deref().filter(|p| waits(p));
+            match new.as_ref().filter(|p| waits(p)) {
+                Some(now) => {
+                    if was.is_none_or(|w| w.spec != now.spec) {
+                        self.queue.add(at.clone());
+                        wake = true;
+                    }
+                    self.pending.insert(at, now.clone());
+                }
+                None => {
+                    if self.pending.remove(&at).is_some() {
+                        self.queue.remove(&at);
+                        self.marks.withdraw(&at);
+                    }
+                }
+            }
+            let took = old.as_deref().and_then(fit::takes_room).is_some();
+            let takes = new.as_deref().and_then(fit::takes_room).is_some();
+            if took && !takes {
+                self.rooms_dirty = true;
+                wake = true;
+            }
+        }
+        wake
     }
-    match ev {
-        Event::Put {
-            kv,
-            prev: Some(prev),
-        } => changed_beyond_heartbeat(&prev.value, &kv.value),
-        _ => true,
+
+    /// Note node changes that may help parked pods; whether a cycle may have work.
+    fn on_nodes(&mut self, changes: Vec<Change<Node>>) -> bool {
+        let mut wake = changes.is_empty();
+        for Change { old, new } in changes {
+            let helps = match (&old, &new) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(o), Some(n)) => !fit::same_fit(o, n),
+            };
+            if helps {
+                self.rooms_dirty = true;
+                wake = true;
+            }
+        }
+        wake
+    }
+
+    /// One scheduling cycle.
+    async fn cycle(&mut self, cancel: &CancellationToken) -> Result<(), ApiError> {
+        let changes = self.pods.drain(&self.reg).await?;
+        self.on_pods(changes);
+        let changes = self.nodes.drain(&self.reg).await?;
+        self.on_nodes(changes);
+        self.started = true;
+        let now = Instant::now();
+        if !self.rooms_dirty && !self.queue.has_work(now) {
+            return Ok(());
+        }
+        self.rooms_dirty = false;
+        let nodes: Vec<Arc<Node>> = self.nodes.objects().cloned().collect();
+        let mut usage = Usage::new(&nodes, self.pods.objects().map(|p| &**p));
+        let reg = self.reg.clone();
+        let mut binds = FuturesUnordered::new();
+        for at in self.queue.begin(&fit::rooms(&nodes, &usage), now) {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let Some(pod) = self.pending.get(&at).cloned() else {
+                continue;
+            };
+            match fit::schedule_with(&pod, &nodes, &usage) {
+                Ok(node) => {
+                    usage.add(&pod, &node);
+                    self.marks.withdraw(&at);
+                    binds.push(bind(&reg, at, pod.metadata.uid.clone(), node));
+                    if binds.len() >= BINDS_IN_FLIGHT {
+                        if let Some(Err(again)) = binds.next().await {
+                            self.queue.add(again);
+                        }
+                    }
+                }
+                Err(message) => {
+                    if !says_already(&pod, &message) {
+                        self.marks
+                            .submit(at.clone(), pod.metadata.uid.clone(), message);
+                    }
+                    self.queue.park(at, now);
+                }
+            }
+        }
+        while let Some(r) = binds.next().await {
+            if let Err(again) = r {
+                self.queue.add(again);
+            }
+        }
+        self.queue.end(fit::rooms(&nodes, &usage));
+        tracing::trace!(
+            pods = self.pods.len(),
+            pending = self.pending.len(),
+            parked = self.queue.parked(),
+            marks = self.marks.len(),
+            "scheduling cycle done"
+        );
+        Ok(())
     }
 }
 
-/// One scheduling cycle.
-async fn cycle(
-    reg: &Registry,
-    cancel: &CancellationToken,
-    queue: &mut Queue,
-    marks: &Marks,
-    decoded: &mut Decoded,
-) -> Result<(), ApiError> {
-    let objs = Objects::from_registry(reg.clone());
-    let pods = objs.list_all_cached(None, &mut decoded.pods).await?;
-    let nodes = objs.list_all_cached(None, &mut decoded.nodes).await?;
-    let mut usage = Usage::new(&nodes, &pods);
-    let pending: Vec<(PodRef, &Arc<Pod>)> = pods
-        .iter()
-        .filter(|p| {
-            let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-            !bound && p.metadata.deletion_timestamp.is_none()
-        })
-        .map(|p| (pod_ref(p), p))
-        .collect();
-    let now = Instant::now();
-    queue.begin(
-        pending.iter().map(|(r, _)| r),
-        &fit::rooms(&nodes, &usage),
-        now,
-    );
-    let mut binds = FuturesUnordered::new();
-    for (at, pod) in pending {
-        if cancel.is_cancelled() {
-            return Ok(());
-        }
-        if !queue.should_try(&at) {
-            continue;
-        }
-        match fit::schedule_with(pod, &nodes, &usage) {
-            Ok(node) => {
-                usage.add(pod, &node);
-                marks.withdraw(&at);
-                binds.push(bind(reg, at, pod.metadata.uid.clone(), node));
-                if binds.len() >= BINDS_IN_FLIGHT {
-                    binds.next().await;
-                }
-            }
-            Err(message) => {
-                if !says_already(pod, &message) {
-                    marks.submit(at.clone(), pod.metadata.uid.clone(), message);
-                }
-                queue.park(at, now);
-            }
-        }
-    }
-    while binds.next().await.is_some() {}
-    queue.end(fit::rooms(&nodes, &usage));
-    tracing::trace!(
-        parked = queue.parked(),
-        marks = marks.len(),
-        "scheduling cycle done"
-    );
-    Ok(())
+/// Waits for a node: not bound and not being deleted.
+fn waits(p: &Pod) -> bool {
+    let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+    !bound && p.metadata.deletion_timestamp.is_none()
 }
 
 fn pod_ref(p: &Pod) -> PodRef {
@@ -193,7 +250,13 @@ fn says_already(p: &Pod, message: &str) -> bool {
         })
 }
 
-async fn bind(reg: &Registry, pod: PodRef, uid: Option<String>, node: String) {
+/// Bind `pod` to `node`; `Err(pod)` when it should be tried again.
+async fn bind(
+    reg: &Registry,
+    pod: PodRef,
+    uid: Option<String>,
+    node: String,
+) -> Result<(), PodRef> {
     match reg.bind(&pod.namespace, &pod.name, &node).await {
         Ok(_) => {
             let about = Involved {
@@ -208,9 +271,13 @@ async fn bind(reg: &Registry, pod: PodRef, uid: Option<String>, node: String) {
             );
             let (sev, src) = (Severity::Normal, Source::Scheduler);
             events::record(reg, src, about, sev, "Scheduled", &message).await;
+            Ok(())
         }
-        // Bound or deleted meanwhile, or a conflict storm: the next cycle sees the pod as
-        // it is now (it is not parked, so it is tried again while it still waits).
-        Err(e) => tracing::debug!(pod = %pod.name, "bind failed: {e}"),
+        // Bound or deleted meanwhile (the pod's change takes it out of the queue), or a
+        // conflict storm or lost leadership: try again while it still waits.
+        Err(e) => {
+            tracing::debug!(pod = %pod.name, "bind failed: {e}");
+            Err(pod)
+        }
     }
 }

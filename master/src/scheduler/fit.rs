@@ -121,7 +121,10 @@ pub(crate) struct Usage {
 
 impl Usage {
     /// `pods` are all pods in the cluster (bound ones count against their node).
-    pub(crate) fn new(nodes: &[impl Borrow<Node>], pods: &[impl Borrow<Pod>]) -> Self {
+    pub(crate) fn new<P: Borrow<Pod>>(
+        nodes: &[impl Borrow<Node>],
+        pods: impl IntoIterator<Item = P>,
+    ) -> Self {
         let mut u = Usage {
             zone_of: nodes
                 .iter()
@@ -133,12 +136,9 @@ impl Usage {
                 .collect(),
             ..Default::default()
         };
-        for p in pods
-            .iter()
-            .map(Borrow::borrow)
-            .filter(|p: &&Pod| is_active(p) || p.metadata.deletion_timestamp.is_some())
-        {
-            if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
+        for p in pods {
+            let p: &Pod = p.borrow();
+            if let Some(node) = takes_room(p) {
                 u.add(p, node);
             }
         }
@@ -203,6 +203,30 @@ pub(crate) fn rooms(nodes: &[impl Borrow<Node>], usage: &Usage) -> HashMap<Strin
             (name, room)
         })
         .collect()
+}
+
+/// The node whose room `p` takes: bound, and running or still being deleted (a pod that
+/// finished takes none).
+pub(crate) fn takes_room(p: &Pod) -> Option<&str> {
+    let node = p.spec.as_ref()?.node_name.as_deref()?;
+    (is_active(p) || p.metadata.deletion_timestamp.is_some()).then_some(node)
+}
+
+/// Whether `a` and `b` (two states of one node) look the same to the filters, leaving
+/// usage aside: readiness, cordon, labels, taints and allocatable. Heartbeats change none.
+pub(crate) fn same_fit(a: &Node, b: &Node) -> bool {
+    let view = |n: &Node| {
+        let spec = n.spec.as_ref();
+        let status = n.status.as_ref();
+        (
+            is_node_ready(n),
+            spec.and_then(|s| s.unschedulable),
+            spec.and_then(|s| s.taints.clone()),
+            n.metadata.labels.clone(),
+            status.and_then(|s| s.allocatable.clone().or_else(|| s.capacity.clone())),
+        )
+    };
+    view(a) == view(b)
 }
 
 /// Choose a node for `pod`; `Err` carries the `PodScheduled=False` message.

@@ -13,7 +13,7 @@
 //!
 //! Pure: the caller passes the time and what it observed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use super::fit::Room;
@@ -30,6 +30,8 @@ pub(crate) struct PodRef {
 
 #[derive(Debug, Default)]
 pub(crate) struct Queue {
+    /// Pods the next cycle tries, in order.
+    active: BTreeSet<PodRef>,
     /// Pods that fitted nowhere, and since when.
     parked: HashMap<PodRef, Instant>,
     /// Each node's room as the previous cycle left it (its binds counted).
@@ -37,28 +39,43 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    /// Begin a cycle at `now`: `pending` are the pods waiting for a node, `rooms` what
-    /// the nodes offer now. Forgets pods no longer pending, and un-parks every pod when
-    /// the rooms changed in a way that may help one (or the pods parked too long).
-    pub(crate) fn begin<'a>(
-        &mut self,
-        pending: impl IntoIterator<Item = &'a PodRef>,
-        rooms: &HashMap<String, Room>,
-        now: Instant,
-    ) {
-        let pending: std::collections::HashSet<&PodRef> = pending.into_iter().collect();
-        self.parked.retain(|p, _| pending.contains(p));
-        if may_help(&self.rooms, rooms) {
-            self.parked.clear();
-        } else {
-            self.parked
-                .retain(|_, since| now.saturating_duration_since(*since) < PARK_LIMIT);
-        }
+    /// `pod` waits for a node and may fit now: it is new, its spec changed, or its bind
+    /// failed. The next cycle tries it.
+    pub(crate) fn add(&mut self, pod: PodRef) {
+        self.parked.remove(&pod);
+        self.active.insert(pod);
     }
 
-    /// Whether this cycle tries `pod`.
-    pub(crate) fn should_try(&self, pod: &PodRef) -> bool {
-        !self.parked.contains_key(pod)
+    /// `pod` no longer waits (bound, being deleted, or gone).
+    pub(crate) fn remove(&mut self, pod: &PodRef) {
+        self.active.remove(pod);
+        self.parked.remove(pod);
+    }
+
+    /// Whether a cycle at `now` has pods to try even if no room changed.
+    pub(crate) fn has_work(&self, now: Instant) -> bool {
+        !self.active.is_empty() || self.parked.values().any(|since| overdue(*since, now))
+    }
+
+    /// Begin a cycle at `now`, the nodes offering `rooms`: the pods to try, in order.
+    /// Every parked pod is among them when the rooms changed in a way that may help one;
+    /// else those parked for [`PARK_LIMIT`].
+    pub(crate) fn begin(&mut self, rooms: &HashMap<String, Room>, now: Instant) -> Vec<PodRef> {
+        if may_help(&self.rooms, rooms) {
+            self.active.extend(self.parked.drain().map(|(p, _)| p));
+        } else {
+            let due: Vec<PodRef> = self
+                .parked
+                .iter()
+                .filter(|(_, since)| overdue(**since, now))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in due {
+                self.parked.remove(&p);
+                self.active.insert(p);
+            }
+        }
+        std::mem::take(&mut self.active).into_iter().collect()
     }
 
     /// `pod` fitted nowhere in this cycle.
@@ -75,6 +92,10 @@ impl Queue {
     pub(crate) fn parked(&self) -> usize {
         self.parked.len()
     }
+}
+
+fn overdue(since: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(since) >= PARK_LIMIT
 }
 
 /// Whether going from `before` to `after` may let a pod fit that fitted nowhere: a node
@@ -116,21 +137,14 @@ mod tests {
             .collect()
     }
 
-    /// Runs one cycle in which every pod that is tried fits nowhere.
-    fn cycle(
-        q: &mut Queue,
-        pending: &[PodRef],
-        r: &HashMap<String, Room>,
-        now: Instant,
-    ) -> Vec<String> {
-        q.begin(pending, r, now);
-        let tried: Vec<&PodRef> = pending.iter().filter(|p| q.should_try(p)).collect();
+    /// Runs one cycle in which every pod tried fits nowhere; returns the names tried.
+    fn cycle(q: &mut Queue, r: &HashMap<String, Room>, now: Instant) -> Vec<String> {
+        let tried = q.begin(r, now);
         for p in &tried {
-            q.park((*p).clone(), now);
+            q.park(p.clone(), now);
         }
-        let tried = tried.iter().map(|p| p.name.clone()).collect();
         q.end(r.clone());
-        tried
+        tried.into_iter().map(|p| p.name).collect()
     }
 
     #[test]
@@ -138,56 +152,56 @@ mod tests {
         let t = Instant::now();
         let mut q = Queue::default();
         let full = rooms(&[("n1", room(true, 0.0))]);
-        let pending = [pod("a"), pod("b")];
-        assert_eq!(cycle(&mut q, &pending, &full, t), ["a", "b"]);
+        q.add(pod("a"));
+        q.add(pod("b"));
+        assert!(q.has_work(t));
+        assert_eq!(cycle(&mut q, &full, t), ["a", "b"]);
         assert_eq!(q.parked(), 2);
-        // Nothing changed: nobody is tried; a new pod is.
-        let pending = [pod("a"), pod("b"), pod("c")];
-        assert_eq!(cycle(&mut q, &pending, &full, t), ["c"]);
-        // A node joins: everyone is tried again.
+        assert!(!q.has_work(t), "nothing to try until something changes");
+        // Nothing changed: only a new pod is tried.
+        q.add(pod("c"));
+        assert_eq!(cycle(&mut q, &full, t), ["c"]);
+        // A node that is not Ready helps nobody; once Ready, everyone is tried again.
         let two = rooms(&[("n1", room(true, 0.0)), ("n2", room(false, 110.0))]);
-        assert!(
-            cycle(&mut q, &pending, &two, t).is_empty(),
-            "a node that is not Ready helps nobody"
-        );
+        assert!(cycle(&mut q, &two, t).is_empty());
         let ready = rooms(&[("n1", room(true, 0.0)), ("n2", room(true, 110.0))]);
-        assert_eq!(cycle(&mut q, &pending, &ready, t), ["a", "b", "c"]);
+        assert_eq!(cycle(&mut q, &ready, t), ["a", "b", "c"]);
     }
 
     #[test]
     fn freed_room_and_new_labels_help_and_filling_up_does_not() {
         let t = Instant::now();
         let mut q = Queue::default();
-        let pending = [pod("a")];
-        cycle(&mut q, &pending, &rooms(&[("n1", room(true, 1.0))]), t);
-        assert!(cycle(&mut q, &pending, &rooms(&[("n1", room(true, 0.0))]), t).is_empty());
-        assert!(
-            cycle(&mut q, &pending, &rooms(&[]), t).is_empty(),
-            "a node left"
-        );
-        cycle(&mut q, &pending, &rooms(&[("n1", room(true, 0.0))]), t);
+        q.add(pod("a"));
+        cycle(&mut q, &rooms(&[("n1", room(true, 1.0))]), t);
+        assert!(cycle(&mut q, &rooms(&[("n1", room(true, 0.0))]), t).is_empty());
+        assert!(cycle(&mut q, &rooms(&[]), t).is_empty(), "a node left");
+        cycle(&mut q, &rooms(&[("n1", room(true, 0.0))]), t);
         assert_eq!(
-            cycle(&mut q, &pending, &rooms(&[("n1", room(true, 1.0))]), t),
+            cycle(&mut q, &rooms(&[("n1", room(true, 1.0))]), t),
             ["a"],
             "a pod slot was freed"
         );
         let mut relabelled = room(true, 1.0);
         relabelled.shape = 8;
-        assert_eq!(
-            cycle(&mut q, &pending, &rooms(&[("n1", relabelled)]), t),
-            ["a"]
-        );
+        assert_eq!(cycle(&mut q, &rooms(&[("n1", relabelled)]), t), ["a"]);
     }
 
     #[test]
-    fn long_parked_pods_are_tried_again_and_gone_pods_forgotten() {
+    fn long_parked_pods_are_tried_again_and_removed_pods_are_not() {
         let t = Instant::now();
         let mut q = Queue::default();
         let r = rooms(&[("n1", room(true, 0.0))]);
-        cycle(&mut q, &[pod("a"), pod("b")], &r, t);
-        assert!(cycle(&mut q, &[pod("a"), pod("b")], &r, t + PARK_LIMIT / 2).is_empty());
-        q.begin(&[pod("a")], &r, t + PARK_LIMIT / 2);
+        q.add(pod("a"));
+        q.add(pod("b"));
+        cycle(&mut q, &r, t);
+        assert!(cycle(&mut q, &r, t + PARK_LIMIT / 2).is_empty());
+        q.remove(&pod("b"));
         assert_eq!(q.parked(), 1, "b was bound or deleted");
-        assert_eq!(cycle(&mut q, &[pod("a")], &r, t + PARK_LIMIT), ["a"]);
+        assert!(q.has_work(t + PARK_LIMIT));
+        assert_eq!(cycle(&mut q, &r, t + PARK_LIMIT), ["a"]);
+        q.add(pod("c"));
+        q.remove(&pod("c"));
+        assert!(cycle(&mut q, &r, t + PARK_LIMIT).is_empty());
     }
 }
