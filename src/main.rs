@@ -100,6 +100,7 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_open_files_limit();
     match cli.command {
         Cmd::CheckConfig { file } => match ballast_config::load(&file) {
             Ok(loaded) => {
@@ -169,6 +170,22 @@ fn run(cmd: Cmd, log_format: LogFormat) -> anyhow::Result<()> {
             })
         }
         Cmd::CheckConfig { .. } => unreachable!("handled in main"),
+    }
+}
+
+/// Servers hold a file per connection: lift the soft limit on open files to the hard one
+/// (distributions often start processes at 1 024; `[limits] max_connections` assumes
+/// thousands). Where it cannot be raised, the soft limit stays.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                eprintln!("cannot raise the open files limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("cannot read the open files limit: {e}"),
     }
 }
 

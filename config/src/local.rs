@@ -111,6 +111,7 @@ pub fn local_cluster(masters: usize, workers: usize, plan: AddressPlan) -> Clust
         vip: None,
         tls: TlsConfig::default(),
         auth: AuthConfig::default(),
+        limits: crate::schema::LimitsConfig::default(),
     }
 }
 

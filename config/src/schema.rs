@@ -44,6 +44,9 @@ pub struct ClusterConfig {
     /// How the API authenticates clients besides certificates.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// What one client can hold of a server (masters' and workers' HTTPS listeners).
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 impl ClusterConfig {
@@ -220,6 +223,39 @@ impl Default for ControlConfig {
             node_grace_period: d_node_grace(),
             pod_eviction_timeout: d_eviction(),
             internal_kv: false,
+        }
+    }
+}
+
+/// Connection limits of the masters' (API and peer) and the workers' HTTPS listeners.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// A connection that does not send a whole request head within this long, after it
+    /// opened or after its previous answer, is closed: both the slowloris bound and the
+    /// keep-alive idle timeout (clients' pools drop idle connections after 30–60 s, so
+    /// keep this above 60 s). Default `90s`.
+    #[serde(with = "humantime_serde", default = "d_header_read")]
+    pub header_read_timeout: Duration,
+    /// Connections one listener holds at once, TLS handshakes included; a connection
+    /// beyond it is closed as soon as it is accepted. Default `8192` (a process may open
+    /// 20 000 files on the reference machine).
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+}
+
+fn d_header_read() -> Duration {
+    Duration::from_secs(90)
+}
+fn d_max_connections() -> usize {
+    8192
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: d_header_read(),
+            max_connections: d_max_connections(),
         }
     }
 }

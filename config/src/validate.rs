@@ -78,6 +78,14 @@ pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
     if c.masters.is_empty() {
         return Err(err(vec![key("masters")], ValidationErrorKind::NoMasters));
     }
+    if c.limits.max_connections == 0 {
+        let path = vec![key("limits"), key("max_connections")];
+        return Err(invalid(path, "must be at least 1"));
+    }
+    if c.limits.header_read_timeout.is_zero() {
+        let path = vec![key("limits"), key("header_read_timeout")];
+        return Err(invalid(path, "must be longer than 0s"));
+    }
     let mut ids: HashMap<&str, ()> = HashMap::new();
     let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
     let mut claim = |addr: SocketAddr, who: String, path: Vec<PathSeg>| {

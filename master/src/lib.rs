@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use ballast_config::listener::{PeerInfo, TlsListener};
+use ballast_config::listener::TlsListener;
 use ballast_config::tls::{ClientAuth, NodeTls, TlsError};
 use ballast_config::LoadedConfig;
 use tokio_util::sync::CancellationToken;
@@ -232,19 +232,24 @@ impl MasterHandle {
         // Client certificates are optional here: bearer tokens, the proxy's forwarded
         // identities and anonymous health checks arrive without one.
         let config = self.tls.server_config(ClientAuth::Optional)?;
-        let listener = TlsListener::new(self.api_listener, config, "api", None)
-            .map_err(|e| MasterError::Other(format!("api listener: {e}")))?;
-        let sd = self.shutdown.clone();
-        let server = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<PeerInfo>(),
+        let limits = &self.config.config.limits;
+        let listener = TlsListener::new(
+            self.api_listener,
+            config,
+            "api",
+            None,
+            limits.max_connections,
         )
-        .with_graceful_shutdown(sd.clone().cancelled_owned());
+        .map_err(|e| MasterError::Other(format!("api listener: {e}")))?;
+        let sd = self.shutdown.clone();
+        let server =
+            ballast_config::listener::serve(listener, app, limits.header_read_timeout, sd.clone());
         // Long-lived requests (watches) must not hold the process: give them a grace.
-        let res = tokio::select! {
-            r = server => r.map_err(|e| MasterError::Other(format!("api server: {e}"))),
-            _ = async { sd.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => Ok(()),
+        tokio::select! {
+            _ = server => {}
+            _ = async { sd.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => {}
         };
+        let res = Ok(());
         tracing::info!(id = %self.id, "api server stopped; stopping raft");
         if let Err(e) = self.node.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");

@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
-use ballast_config::listener::{PeerInfo, TlsListener};
+use ballast_config::listener::{serve, PeerInfo, TlsListener};
 use ballast_config::tls::{ClientAuth, NodeTls};
 
 use crate::checker::HttpActiveCheck;
@@ -88,13 +88,12 @@ impl FakeMaster {
                 let tls = node_tls(&st.id)
                     .server_config(ClientAuth::Optional)
                     .unwrap();
-                let listener = TlsListener::new(listener, tls, "fake master", None).unwrap();
-                let app = Router::new()
-                    .fallback(fake_handler)
-                    .with_state(st)
-                    .into_make_service_with_connect_info::<PeerInfo>();
+                let listener = TlsListener::new(listener, tls, "fake master", None, 1024).unwrap();
+                let app = Router::new().fallback(fake_handler).with_state(st);
+                let never = tokio_util::sync::CancellationToken::new();
+                let limits = ballast_config::LimitsConfig::default();
                 tokio::select! {
-                    _ = axum::serve(listener, app).into_future() => {}
+                    _ = serve(listener, app, limits.header_read_timeout, never) => {}
                     _ = stopped => {}
                 }
             });
@@ -129,8 +128,6 @@ impl Drop for FakeMaster {
         self.kill();
     }
 }
-
-use std::future::IntoFuture;
 
 async fn fake_handler(State(st): State<Arc<FakeState>>, req: Request) -> Response {
     let active = st.active.load(Ordering::SeqCst);

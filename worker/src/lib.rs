@@ -144,7 +144,8 @@ pub async fn run(
     let app = server::router(metrics.clone(), Some(ctx.clone()), access);
     let server = tokio::spawn({
         let (bg, tls) = (bg.clone(), tls.clone());
-        async move { server::serve(listener, &tls, app, bg).await }
+        let limits = config.config.limits.clone();
+        async move { server::serve(listener, &tls, &limits, app, bg).await }
     });
     let node_task = tokio::spawn(node::run(
         api.clone(),
@@ -208,7 +209,8 @@ pub async fn run_hollow(
     let app = server::router(metrics.clone(), None, access);
     let server = tokio::spawn({
         let (s, tls) = (shutdown.clone(), tls.clone());
-        async move { server::serve(listener, &tls, app, s).await }
+        let limits = config.config.limits.clone();
+        async move { server::serve(listener, &tls, &limits, app, s).await }
     });
     let mut tasks = vec![tokio::spawn(
         statuses.clone().run(api.clone(), shutdown.clone()),

@@ -33,21 +33,14 @@ struct AppState {
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     tls: &NodeTls,
+    limits: &ballast_config::LimitsConfig,
     app: Router,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), TlsError> {
     let config = tls.server_config(ClientAuth::Optional)?;
-    let listener = TlsListener::new(listener, config, "worker", None)
+    let listener = TlsListener::new(listener, config, "worker", None, limits.max_connections)
         .map_err(|e| TlsError::Verifier(format!("worker listener: {e}")))?;
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<PeerInfo>(),
-    )
-    .with_graceful_shutdown(stop.cancelled_owned())
-    .await;
-    if let Err(e) = served {
-        tracing::error!(error = %e, "worker endpoint stopped");
-    }
+    ballast_config::listener::serve(listener, app, limits.header_read_timeout, stop).await;
     Ok(())
 }
 

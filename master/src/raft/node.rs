@@ -263,21 +263,19 @@ impl RaftNode {
             tls.server_config(ClientAuth::Required)?,
             "peer",
             Some(admit),
+            cfg.limits.max_connections,
         )
         .map_err(|source| RaftStartError::Bind {
             addr: me.peer,
             source,
         })?;
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            let app = router.into_make_service_with_connect_info::<PeerInfo>();
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(sd.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "peer server failed");
-            }
-        });
+        let header_read = cfg.limits.header_read_timeout;
+        tokio::spawn(ballast_config::listener::serve(
+            listener,
+            router,
+            header_read,
+            shutdown.clone(),
+        ));
 
         let leadership = Leadership::new(id, names.clone(), &raft, fence.clone());
         let node = Self {
