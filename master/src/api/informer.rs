@@ -7,7 +7,7 @@
 //! behind or leadership moved, makes the next drain list again, and reports every object
 //! as changed).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::FutureExt;
@@ -26,7 +26,8 @@ pub(crate) struct Change<T> {
 
 pub(crate) struct Informer<T> {
     def: &'static ResourceDef,
-    objects: HashMap<String, Arc<T>>,
+    /// By store key, so iteration is in key order (namespace, then name), as a list is.
+    objects: BTreeMap<String, Arc<T>>,
     /// `None` until the first list, and after the watch ended.
     watch: Option<WatchReceiver>,
 }
@@ -35,12 +36,12 @@ impl<T: ApiObject> Informer<T> {
     pub(crate) fn new() -> Result<Self, ApiError> {
         Ok(Self {
             def: def_of::<T>()?,
-            objects: HashMap::new(),
+            objects: BTreeMap::new(),
             watch: None,
         })
     }
 
-    /// Every object, in no particular order.
+    /// Every object, in key order (namespace, then name).
     pub(crate) fn objects(&self) -> impl Iterator<Item = &Arc<T>> {
         self.objects.values()
     }

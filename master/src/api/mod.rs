@@ -2,8 +2,10 @@
 //!
 //! - [`router`]: the axum `Router` (discovery, `/version`, `/openapi/v2`, the resources).
 //! - [`registry::Registry`]: object semantics over the store (used by the router).
-//! - [`objects::Objects`]: a typed layer over the registry for in-master code
-//!   (controllers, scheduler), generic over k8s-openapi resource types.
+//! - [`informer::Informer`]: a decoded copy of every object of a kind, kept current from
+//!   the store's watch, for in-master code (controllers, scheduler); [`objects`] maps
+//!   k8s-openapi types to served resources.
+//! - [`events`]: Events the master's own components record.
 //! - [`gc`]: ownerReference garbage collection and namespace finalization passes.
 //! - pure parts: [`selector`], [`patch`], [`table`], [`validate`], [`protobuf`].
 //!

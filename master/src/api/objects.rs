@@ -1,9 +1,10 @@
-//! Typed reads for code inside the master (controllers, scheduler, node lifecycle): every
-//! object of a kind as k8s-openapi types, decoded again only when it changed
-//! ([`DecodeCache`]). Writes go through the [`Registry`], as the HTTP API's do.
+//! Typed objects for code inside the master: which k8s-openapi types map to which served
+//! resource ([`ApiObject`]), and [`DecodeCache`], which decodes again only the objects that
+//! changed since the last look (the garbage collector's metadata caches). The controllers
+//! and the scheduler follow objects through [`super::informer`]. Writes go through the
+//! [`super::registry::Registry`], as the HTTP API's do.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, Resource};
@@ -12,15 +13,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::registry::Registry;
 use super::resources::ResourceDef;
 use crate::store::KeyValue;
-
-/// Typed access to the served objects. Cheap to clone.
-#[derive(Clone)]
-pub(crate) struct Objects {
-    registry: Registry,
-}
 
 /// The k8s-openapi types this layer accepts.
 pub(crate) trait ApiObject:
@@ -49,8 +43,7 @@ pub(crate) fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
         .map_err(|e| ApiError::Internal(format!("decoding stored object: {e}")))
 }
 
-/// Objects of one kind decoded by an earlier [`DecodeCache::refresh`] (for instance via
-/// [`Objects::list_all_cached`]), by key, with the mod revision they were decoded at.
+/// Objects of one kind decoded by an earlier [`DecodeCache::refresh`], by key, with the mod revision they were decoded at.
 pub(crate) struct DecodeCache<T> {
     decoded: HashMap<String, Slot<T>>,
     /// Counts refreshes; a slot not seen by the latest one is gone from the store.
@@ -110,31 +103,5 @@ impl<T: Clone> DecodeCache<T> {
         }
         self.decoded.retain(|_, s| s.seen == pass);
         Ok(items)
-    }
-}
-
-impl Objects {
-    pub(crate) fn from_registry(registry: Registry) -> Self {
-        Self { registry }
-    }
-
-    /// Every object of a kind (in `ns`, or all), read in full but decoding
-    /// only the objects written since `cache` last saw them: a controller pass reads
-    /// everything every time, and decoding thousands of unchanged nodes, leases and pods
-    /// per pass was most of the active master's CPU.
-    pub(crate) async fn list_all_cached<T: ApiObject>(
-        &self,
-        ns: Option<&str>,
-        cache: &mut DecodeCache<Arc<T>>,
-    ) -> Result<Vec<Arc<T>>, ApiError> {
-        let def = def_of::<T>()?;
-        let r = self
-            .registry
-            .store()
-            .range(&Registry::prefix(def, ns), None, 0)
-            .await?;
-        cache.refresh(r.kvs, |kv| {
-            Ok(Arc::new(from_value(Registry::decode(def, kv)?)?))
-        })
     }
 }
