@@ -227,7 +227,8 @@ impl Default for ControlConfig {
     }
 }
 
-/// Connection limits of the masters' (API and peer) and the workers' HTTPS listeners.
+/// What one client can hold of a server: connections on the masters' (API and peer) and
+/// the workers' HTTPS listeners, and requests in flight on the Kubernetes API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -242,6 +243,11 @@ pub struct LimitsConfig {
     /// 20 000 files on the reference machine).
     #[serde(default = "d_max_connections")]
     pub max_connections: usize,
+    /// Kubernetes API requests one identity may have in flight on the active master
+    /// (watches and followed logs not counted, `system:masters` exempt); more are
+    /// answered 429 with `Retry-After: 1`. Default `64`.
+    #[serde(default = "d_per_user")]
+    pub max_requests_in_flight_per_user: usize,
 }
 
 fn d_header_read() -> Duration {
@@ -250,12 +256,16 @@ fn d_header_read() -> Duration {
 fn d_max_connections() -> usize {
     8192
 }
+fn d_per_user() -> usize {
+    64
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             header_read_timeout: d_header_read(),
             max_connections: d_max_connections(),
+            max_requests_in_flight_per_user: d_per_user(),
         }
     }
 }

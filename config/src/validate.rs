@@ -82,6 +82,10 @@ pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
         let path = vec![key("limits"), key("max_connections")];
         return Err(invalid(path, "must be at least 1"));
     }
+    if c.limits.max_requests_in_flight_per_user == 0 {
+        let path = vec![key("limits"), key("max_requests_in_flight_per_user")];
+        return Err(invalid(path, "must be at least 1"));
+    }
     if c.limits.header_read_timeout.is_zero() {
         let path = vec![key("limits"), key("header_read_timeout")];
         return Err(invalid(path, "must be longer than 0s"));

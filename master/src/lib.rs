@@ -79,6 +79,8 @@ pub struct MasterHandle {
     pub tls: NodeTls,
     /// Authentication (token file) and authorization (RBAC over this store).
     pub auth: auth::Auth,
+    /// Each identity's API requests in flight (`[limits] max_requests_in_flight_per_user`).
+    fairness: Arc<auth::fairness::Fairness>,
     node: RaftNode,
     api_listener: tokio::net::TcpListener,
 }
@@ -138,7 +140,10 @@ impl Master {
             authn: Arc::new(auth::Authenticator::new(tokens)),
             authz: Arc::new(auth::Authorizer::new(raft_store.clone())),
         };
+        let fairness =
+            auth::fairness::Fairness::new(config.config.limits.max_requests_in_flight_per_user);
         Ok(MasterHandle {
+            fairness,
             id,
             raft_store,
             leadership,
@@ -220,6 +225,7 @@ impl MasterHandle {
             metrics: self.metrics.clone(),
             internal_kv: self.config.config.control.internal_kv,
             auth: self.auth.clone(),
+            fairness: self.fairness.clone(),
         }
     }
 

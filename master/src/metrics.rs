@@ -28,6 +28,7 @@ pub struct MasterMetrics {
     pub raft_rpc_seconds: HistogramVec,
     pub raft_rpc_failures: IntCounterVec,
     pub store_batch_writes: Histogram,
+    pub api_throttled: IntCounter,
 }
 
 impl MasterMetrics {
@@ -106,7 +107,12 @@ impl MasterMetrics {
         registry
             .register(Box::new(store_batch_writes.clone()))
             .expect("register");
+        let api_throttled = counter(
+            "ballast_master_api_throttled_total",
+            "API requests answered 429: their identity had its maximum in flight",
+        );
         Self {
+            api_throttled,
             store_batch_writes,
             active,
             term,

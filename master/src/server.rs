@@ -18,6 +18,7 @@ use ballast_config::listener::PeerInfo;
 
 use crate::api::ApiError;
 use crate::auth::authn::{anonymous, strip_remote_headers};
+use crate::auth::fairness::{is_long_running, Admission, Fairness};
 use crate::auth::{is_public, Attributes, Auth};
 use crate::metrics::{count_requests, MasterMetrics};
 use crate::raft::{Leadership, RaftStore};
@@ -32,6 +33,8 @@ pub struct ServerState {
     /// Serve `/internal/kv` (tests only; `control.internal_kv`).
     pub internal_kv: bool,
     pub auth: Auth,
+    /// Each identity's API requests in flight.
+    pub(crate) fairness: Arc<Fairness>,
 }
 
 /// The whole API-address router: health/active/metrics (+ internal KV when enabled),
@@ -104,6 +107,26 @@ async fn authenticate(State(st): State<ServerState>, mut req: Request, next: Nex
             Err(e) => return e.into_response(),
         }
     }
+    // Fairness: a bounded share of the API per identity (429 beyond it).
+    let _slot = if kube_api {
+        match st
+            .fairness
+            .admit(&user, is_long_running(path, req.uri().query()))
+        {
+            Admission::Counted(slot) => Some(slot),
+            Admission::Exempt => None,
+            Admission::Refused => {
+                st.metrics.api_throttled.inc();
+                return ApiError::TooManyRequests(format!(
+                    "too many requests in flight for user {:?}, please try again later",
+                    user.user
+                ))
+                .into_response();
+            }
+        }
+    } else {
+        None
+    };
     req.extensions_mut().insert(user);
     next.run(req).await
 }

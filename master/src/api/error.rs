@@ -102,6 +102,9 @@ pub enum ApiError {
     /// 503 with `Retry-After: 1`.
     #[error("{0}")]
     Unavailable(String),
+    /// 429 with `Retry-After: 1`: the client has too many requests in flight.
+    #[error("{0}")]
+    TooManyRequests(String),
     #[error("{0}")]
     Timeout(String),
     #[error("{0}")]
@@ -135,6 +138,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::Unavailable(_) | ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -155,6 +159,7 @@ impl ApiError {
             ApiError::NotAcceptable(_) => "NotAcceptable",
             ApiError::Unavailable(_) => "ServiceUnavailable",
             ApiError::Timeout(_) => "Timeout",
+            ApiError::TooManyRequests(_) => "TooManyRequests",
             ApiError::Internal(_) => "InternalError",
         }
     }
@@ -217,7 +222,7 @@ impl ApiError {
                     "reason": c.reason, "message": c.message, "field": c.field,
                 })).collect::<Vec<_>>(),
             })),
-            ApiError::Unavailable(_) | ApiError::Timeout(_) => {
+            ApiError::Unavailable(_) | ApiError::Timeout(_) | ApiError::TooManyRequests(_) => {
                 Some(json!({"retryAfterSeconds": 1}))
             }
             _ => None,
@@ -252,7 +257,7 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if code == StatusCode::SERVICE_UNAVAILABLE {
+        if code == StatusCode::SERVICE_UNAVAILABLE || code == StatusCode::TOO_MANY_REQUESTS {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp

@@ -6,6 +6,7 @@
 //! - [`authorizer`]: superusers (`system:masters`), then the [`node`] authorizer, then
 //!   [`rbac`] over the store's Role, ClusterRole, RoleBinding and ClusterRoleBinding
 //!   objects ([`bootstrap`] writes the defaults); [`attributes`] is what is decided on.
+//! - [`fairness`]: each identity's API requests in flight, bounded (429 beyond).
 //! - [`review`]: SelfSubjectAccessReview (`kubectl auth can-i`), SubjectAccessReview,
 //!   TokenReview, SelfSubjectReview (`kubectl auth whoami`).
 
@@ -13,6 +14,7 @@ pub(crate) mod attributes;
 pub(crate) mod authn;
 pub(crate) mod authorizer;
 pub(crate) mod bootstrap;
+pub(crate) mod fairness;
 pub(crate) mod node;
 pub(crate) mod rbac;
 pub(crate) mod review;

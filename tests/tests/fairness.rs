@@ -1,0 +1,96 @@
+//! One identity's flood is answered 429 once it has its maximum of requests in flight
+//! (`[limits] max_requests_in_flight_per_user`, 2 here), while another user and a worker
+//! go through as usual; the flooder is served again as soon as it slows down.
+//! Address block 32.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ballast_tests::{client, request, test_pki, wait_until, Cluster, ClusterOpts};
+
+const FLOOD_THREADS: usize = 24;
+const FLOOD_EACH: usize = 40;
+
+fn bind(proxy: &str, user: &str, role: &str) {
+    let body = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": format!("{user}-{role}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    })
+    .to_string();
+    let url = format!("{proxy}/apis/rbac.authorization.k8s.io/v1/clusterrolebindings");
+    let r = request(client(), "POST", &url, Some(&body)).expect("create the binding");
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+#[test]
+fn a_flooding_identity_gets_429_while_others_go_through() {
+    let c = Cluster::start(ClusterOpts::new(32).workers(1).proxy(true), |cfg| {
+        cfg.limits.max_requests_in_flight_per_user = 2;
+    });
+    let (active, _) = c.wait_one_active(Duration::from_secs(60));
+    let proxy = c.proxy_url();
+    let pods = format!("{proxy}/api/v1/namespaces/default/pods");
+    // The flood writes (each waits for a Raft commit, so many are in flight at once).
+    bind(&proxy, "flood", "edit");
+    bind(&proxy, "calm", "view");
+    let configmaps = format!("{proxy}/api/v1/namespaces/default/configmaps");
+    let flood = test_pki().client_as("flood", "flood", &[]);
+    let calm = test_pki().client_as("calm", "calm", &[]);
+    wait_until("the bindings apply", Duration::from_secs(30), || {
+        let ok = |cl| request(cl, "GET", &pods, None).is_ok_and(|r| r.status == 200);
+        (ok(&flood) && ok(&calm)).then_some(())
+    });
+    let w1 = c.node_client("w1");
+    let own_node = format!("{proxy}/api/v1/nodes/w1");
+    wait_until("w1 registered", Duration::from_secs(30), || {
+        request(&w1, "GET", &own_node, None)
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+
+    let (ok, throttled) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        for t in 0..FLOOD_THREADS {
+            let (flood, configmaps, ok, throttled) = (&flood, &configmaps, &ok, &throttled);
+            s.spawn(move || {
+                for i in 0..FLOOD_EACH {
+                    let body =
+                        serde_json::json!({"metadata": {"name": format!("f-{t}-{i}")}}).to_string();
+                    let r = request(flood, "POST", configmaps, Some(&body)).expect("flood request");
+                    match r.status {
+                        201 => ok.fetch_add(1, Ordering::Relaxed),
+                        429 => {
+                            assert_eq!(r.header("retry-after"), Some("1"));
+                            assert_eq!(r.json()["reason"], "TooManyRequests", "{}", r.body);
+                            throttled.fetch_add(1, Ordering::Relaxed)
+                        }
+                        other => panic!("flood: {other} {}", r.body),
+                    };
+                }
+            });
+        }
+        // Meanwhile, another user and the worker are served every time.
+        for i in 0..30 {
+            let r = request(&calm, "GET", &pods, None).expect("calm request");
+            assert_eq!(r.status, 200, "calm request {i}: {}", r.body);
+            let r = request(&w1, "GET", &own_node, None).expect("worker request");
+            assert_eq!(r.status, 200, "worker request {i}: {}", r.body);
+        }
+    });
+    let (ok, throttled) = (ok.into_inner(), throttled.into_inner());
+    println!("flood: {ok} answered 201, {throttled} answered 429");
+    assert!(
+        throttled > 0,
+        "the flood was never throttled ({ok} answered 201)"
+    );
+    assert!(ok > 0, "the flood got nothing through");
+    let r = request(&flood, "GET", &pods, None).unwrap();
+    assert_eq!(r.status, 200, "served again after the flood: {}", r.body);
+    let counted = c
+        .master_gauge(&active, "ballast_master_api_throttled_total")
+        .expect("the throttled counter");
+    assert_eq!(counted as usize, throttled);
+}
