@@ -1,6 +1,10 @@
 //! The generic object storage behind every resource: Kubernetes object semantics
 //! (metadata, optimistic concurrency, graceful deletion, finalizers, watches) on top
 //! of the [`Store`]. Objects are `serde_json::Value`s checked through k8s-openapi types.
+//!
+//! This file: the options and results, CRUD with compare-and-swap, deletion. Beside it:
+//! [`defaults`] (field defaults), [`continue_token`], [`namespaces`] (lifecycle),
+//! [`subresources`] (binding, scale), [`watch`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +21,16 @@ use super::selector::{FieldSelector, LabelSelector};
 use super::table;
 use super::validate::{normalize, validate};
 use crate::store::{Command, CommandResult, Event, KeyValue, Precondition, Store, StoreError};
+
+mod continue_token;
+mod defaults;
+mod namespaces;
+mod subresources;
+mod watch;
+
+use continue_token::{decode_continue, encode_continue};
+use defaults::*;
+pub(crate) use namespaces::ensure_defaults;
 
 /// Namespaces that always exist and cannot be deleted (`kube-node-lease` can be recreated).
 /// The largest object stored, as JSON (etcd's default request limit, which
@@ -157,175 +171,6 @@ fn deletion_complete(o: &Value) -> bool {
             .and_then(Value::as_i64)
             .unwrap_or(0)
             == 0
-}
-
-fn random_suffix(n: usize) -> String {
-    // Kubernetes' alphabet for generated names (no vowels, no confusable digits).
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let bytes = uuid::Uuid::new_v4().into_bytes();
-    bytes
-        .iter()
-        .take(n)
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-        .collect()
-}
-
-fn image_pull_policy(image: &str) -> &'static str {
-    let last = image.rsplit('/').next().unwrap_or(image);
-    if image.contains('@') {
-        "IfNotPresent"
-    } else {
-        match last.split_once(':') {
-            None => "Always",
-            Some((_, "latest")) => "Always",
-            Some(_) => "IfNotPresent",
-        }
-    }
-}
-
-/// Kubernetes' defaults of a pod spec (the fields the workers and kubectl rely on).
-pub(crate) fn default_pod_spec(spec: &mut Value) {
-    let Some(m) = spec.as_object_mut() else {
-        return;
-    };
-    m.entry("restartPolicy").or_insert(json!("Always"));
-    m.entry("terminationGracePeriodSeconds")
-        .or_insert(json!(30));
-    m.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
-    m.entry("schedulerName")
-        .or_insert(json!("default-scheduler"));
-    m.entry("securityContext").or_insert(json!({}));
-    for list in ["containers", "initContainers"] {
-        if let Some(cs) = m.get_mut(list).and_then(Value::as_array_mut) {
-            for c in cs.iter_mut().filter_map(Value::as_object_mut) {
-                let image = c.get("image").and_then(Value::as_str).unwrap_or_default();
-                let policy = image_pull_policy(image);
-                c.entry("imagePullPolicy").or_insert(json!(policy));
-                c.entry("terminationMessagePath")
-                    .or_insert(json!("/dev/termination-log"));
-                c.entry("terminationMessagePolicy").or_insert(json!("File"));
-                c.entry("resources").or_insert(json!({}));
-                if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
-                    for p in ports.iter_mut().filter_map(Value::as_object_mut) {
-                        p.entry("protocol").or_insert(json!("TCP"));
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Spec defaults (applied on create and on every main-resource update, as Kubernetes does).
-fn apply_spec_defaults(def: &ResourceDef, o: &mut Value) {
-    match def.kind {
-        "Pod" => {
-            if let Some(spec) = o.get_mut("spec") {
-                default_pod_spec(spec);
-            }
-        }
-        "Deployment" | "ReplicaSet" => {
-            if let Some(spec) = o.get_mut("spec").and_then(Value::as_object_mut) {
-                spec.entry("replicas").or_insert(json!(1));
-                spec.entry("revisionHistoryLimit").or_insert(json!(10));
-                if def.kind == "Deployment" {
-                    spec.entry("progressDeadlineSeconds").or_insert(json!(600));
-                    let strategy = spec.entry("strategy").or_insert(json!({}));
-                    if strategy.get("type").is_none() {
-                        strategy["type"] = json!("RollingUpdate");
-                    }
-                    if strategy["type"] == "RollingUpdate"
-                        && strategy.get("rollingUpdate").is_none()
-                    {
-                        strategy["rollingUpdate"] =
-                            json!({"maxUnavailable": "25%", "maxSurge": "25%"});
-                    }
-                }
-                if let Some(ps) = spec.get_mut("template").and_then(|t| t.get_mut("spec")) {
-                    default_pod_spec(ps);
-                }
-            }
-        }
-        "Service" => {
-            if let Some(spec) = o.get_mut("spec").and_then(Value::as_object_mut) {
-                spec.entry("type").or_insert(json!("ClusterIP"));
-                spec.entry("sessionAffinity").or_insert(json!("None"));
-                if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
-                    for p in ports.iter_mut().filter_map(Value::as_object_mut) {
-                        p.entry("protocol").or_insert(json!("TCP"));
-                        if let Some(port) = p.get("port").cloned() {
-                            p.entry("targetPort").or_insert(port);
-                        }
-                    }
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Defaults applied on create, per kind (spec defaults plus the initial status).
-fn apply_create_defaults(def: &ResourceDef, o: &mut Value) {
-    apply_spec_defaults(def, o);
-    match def.kind {
-        "Pod" => o["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"}),
-        "Deployment" | "ReplicaSet" => o["status"] = json!({}),
-        "Namespace" => {
-            let name = o.pointer("/metadata/name").cloned().unwrap_or(Value::Null);
-            if let Some(m) = o.pointer_mut("/metadata").and_then(Value::as_object_mut) {
-                let labels = m.entry("labels").or_insert(json!({}));
-                if let Some(l) = labels.as_object_mut() {
-                    l.insert("kubernetes.io/metadata.name".into(), name);
-                }
-            }
-            o["spec"] = json!({"finalizers": ["kubernetes"]});
-            o["status"] = json!({"phase": "Active"});
-        }
-        "Event" => {
-            if let Some(m) = o.as_object_mut() {
-                m.entry("count").or_insert(json!(1));
-                if !m.contains_key("eventTime") {
-                    let now = now_rfc3339();
-                    m.entry("firstTimestamp").or_insert(json!(now.clone()));
-                    m.entry("lastTimestamp").or_insert(json!(now));
-                }
-                m.entry("type").or_insert(json!("Normal"));
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Pod spec fields a main-resource update may change (everything else is immutable).
-fn pod_spec_mutable_view(spec: &Value) -> Value {
-    let mut s = spec.clone();
-    for list in ["containers", "initContainers"] {
-        if let Some(cs) = s.get_mut(list).and_then(Value::as_array_mut) {
-            for c in cs.iter_mut().filter_map(Value::as_object_mut) {
-                c.remove("image");
-            }
-        }
-    }
-    if let Some(m) = s.as_object_mut() {
-        m.remove("activeDeadlineSeconds");
-        m.remove("tolerations");
-        m.remove("terminationGracePeriodSeconds");
-    }
-    s
-}
-
-/// Continue tokens: the last returned key, opaque to clients.
-fn encode_continue(key: &str, rev: u64) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(json!({"k": key, "rv": rev}).to_string())
-}
-
-fn decode_continue(token: &str) -> Result<String, ApiError> {
-    let bad = || ApiError::BadRequest("invalid continue token".into());
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| bad())?;
-    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
-    v["k"].as_str().map(String::from).ok_or_else(bad)
 }
 
 impl Registry {
@@ -575,25 +420,6 @@ impl Registry {
         }
     }
 
-    async fn check_namespace_open(&self, ns: &str) -> Result<(), ApiError> {
-        match self.get(&NAMESPACES, None, ns).await {
-            Ok(n) => {
-                if n.pointer("/metadata/deletionTimestamp").is_some() {
-                    Err(ApiError::Forbidden(format!(
-                        "unable to create new content in namespace {ns} because it is being terminated"
-                    )))
-                } else {
-                    Ok(())
-                }
-            }
-            Err(e) if e.is_not_found() && DEFAULT_NAMESPACES.contains(&ns) => {
-                ensure_defaults(self.store.as_ref()).await?;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
     /// Write `new` over the revision `rev` of the object (CAS); removes it instead when
     /// its deletion is complete (deletionTimestamp set, no finalizers, no grace left).
     async fn put_cas(
@@ -633,35 +459,6 @@ impl Registry {
             CommandResult::Conflict { current: None, .. } => Err(Self::not_found(def, name)),
             CommandResult::Conflict { .. } => Err(Self::conflict(def, name)),
         }
-    }
-
-    /// Remove a terminating namespace once nothing is left in it.
-    async fn remove_namespace_if_done(&self, ns: &str) -> Result<(), ApiError> {
-        let Some(kv) = self.store.get(&Self::key(&NAMESPACES, None, ns)).await? else {
-            return Ok(());
-        };
-        let n = Self::decode(&NAMESPACES, &kv)?;
-        if n.pointer("/metadata/deletionTimestamp").is_none() || !finalizers(&n).is_empty() {
-            return Ok(());
-        }
-        for def in resources::ALL.iter().filter(|d| d.namespaced) {
-            if !self
-                .store
-                .range(&Self::prefix(def, Some(ns)), None, 1)
-                .await?
-                .kvs
-                .is_empty()
-            {
-                return Ok(());
-            }
-        }
-        self.store
-            .write(Command::Delete {
-                key: kv.key,
-                expect: Precondition::ModRevision(kv.mod_revision),
-            })
-            .await?;
-        Ok(())
     }
 
     /// Bump `metadata.generation` when the spec changed.
@@ -1017,75 +814,6 @@ impl Registry {
         Err(Self::conflict(def, name))
     }
 
-    async fn delete_namespace(&self, name: &str, opts: &DeleteOptions) -> Result<Value, ApiError> {
-        if UNDELETABLE_NAMESPACES.contains(&name) {
-            return Err(ApiError::Forbidden(format!(
-                "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
-            )));
-        }
-        if !opts.dry_run.is_empty() {
-            return self.get(&NAMESPACES, None, name).await;
-        }
-        let marked = self
-            .update_with(&NAMESPACES, None, name, |o| {
-                if o.pointer("/metadata/deletionTimestamp").is_none() {
-                    meta_mut(o).insert("deletionTimestamp".into(), json!(now_rfc3339()));
-                    meta_mut(o).insert("deletionGracePeriodSeconds".into(), json!(0));
-                }
-                o["status"] = json!({"phase": "Terminating"});
-                Ok(())
-            })
-            .await?;
-        self.finalize_namespace(name).await?;
-        Ok(marked)
-    }
-
-    /// Delete the content of a terminating namespace; remove it once empty.
-    /// Returns whether the namespace is gone.
-    pub(crate) async fn finalize_namespace(&self, name: &str) -> Result<bool, ApiError> {
-        let mut remaining = 0;
-        for def in resources::ALL.iter().filter(|d| d.namespaced) {
-            let items = self
-                .list(def, Some(name), &ListOptions::default())
-                .await?
-                .items;
-            for o in items {
-                let n = meta_str(&o, "name").unwrap_or_default().to_string();
-                match self
-                    .delete_object(def, Some(name), &n, &DeleteOptions::default())
-                    .await
-                {
-                    // Still there: graceful pod deletion or finalizers pending.
-                    Ok(_) => {
-                        if self.get(def, Some(name), &n).await.is_ok() {
-                            remaining += 1;
-                        }
-                    }
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        if remaining > 0 {
-            return Ok(false);
-        }
-        let (cur, rev) = match self.get_kv(&NAMESPACES, None, name).await {
-            Ok(x) => x,
-            Err(e) if e.is_not_found() => return Ok(true),
-            Err(e) => return Err(e),
-        };
-        if cur.pointer("/metadata/deletionTimestamp").is_none() || !finalizers(&cur).is_empty() {
-            return Ok(false);
-        }
-        self.store
-            .write(Command::Delete {
-                key: Self::key(&NAMESPACES, None, name),
-                expect: Precondition::ModRevision(rev),
-            })
-            .await?;
-        Ok(true)
-    }
-
     /// Delete every object of a collection matching `list` (DeleteCollection).
     pub(crate) async fn delete_collection(
         &self,
@@ -1107,298 +835,11 @@ impl Registry {
         }
         Ok(out)
     }
-
-    /// `pods/{name}/binding`: assign a pod to a node (409 if already bound elsewhere).
-    pub(crate) async fn bind(&self, ns: &str, pod: &str, node: &str) -> Result<Value, ApiError> {
-        if node.is_empty() {
-            return Err(ApiError::Invalid {
-                group: String::new(),
-                kind: "Binding".into(),
-                name: pod.into(),
-                causes: vec![Cause::required("target.name")],
-            });
-        }
-        self.update_with(&PODS, Some(ns), pod, |p| {
-            let cur = p
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            if !cur.is_empty() {
-                return Err(ApiError::Conflict {
-                    group: String::new(),
-                    resource: "pods".into(),
-                    name: pod.into(),
-                    message: format!("pod {pod} is already assigned to node \"{cur}\""),
-                });
-            }
-            if p.pointer("/metadata/deletionTimestamp").is_some() {
-                return Err(ApiError::Conflict {
-                    group: String::new(),
-                    resource: "pods".into(),
-                    name: pod.into(),
-                    message: "pod is being deleted, cannot be assigned to a host".into(),
-                });
-            }
-            p["spec"]["nodeName"] = json!(node);
-            let conds = p["status"]
-                .as_object_mut()
-                .map(|s| s.entry("conditions").or_insert(json!([])));
-            if let Some(Value::Array(a)) = conds {
-                a.retain(|c| c["type"] != "PodScheduled");
-                a.push(json!({"type": "PodScheduled", "status": "True",
-                    "lastProbeTime": null, "lastTransitionTime": now_rfc3339()}));
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    /// The autoscaling/v1 `Scale` of a deployment or replica set.
-    pub(crate) fn scale_of(o: &Value) -> Value {
-        let m = &o["metadata"];
-        let selector = o
-            .pointer("/spec/selector")
-            .and_then(|s| LabelSelector::from_object(s).ok())
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        json!({
-            "kind": "Scale",
-            "apiVersion": "autoscaling/v1",
-            "metadata": {
-                "name": m["name"], "namespace": m["namespace"], "uid": m["uid"],
-                "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"],
-            },
-            "spec": {"replicas": o.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
-            "status": {
-                "replicas": o.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
-                "selector": selector,
-            },
-        })
-    }
-
-    /// Set `spec.replicas` through the scale subresource.
-    pub(crate) async fn set_replicas(
-        &self,
-        def: &ResourceDef,
-        ns: Option<&str>,
-        name: &str,
-        replicas: i64,
-        want_rev: Option<u64>,
-    ) -> Result<Value, ApiError> {
-        if replicas < 0 {
-            return Err(ApiError::Invalid {
-                group: "autoscaling".into(),
-                kind: "Scale.autoscaling".into(),
-                name: name.into(),
-                causes: vec![Cause::invalid(
-                    "spec.replicas",
-                    replicas,
-                    "must be greater than or equal to 0",
-                )],
-            });
-        }
-        let (_, rev) = self.get_kv(def, ns, name).await?;
-        if want_rev.is_some_and(|w| w != rev) {
-            return Err(Self::conflict(def, name));
-        }
-        let o = self
-            .update_with(def, ns, name, |o| {
-                o["spec"]["replicas"] = json!(replicas);
-                Ok(())
-            })
-            .await?;
-        Ok(Self::scale_of(&o))
-    }
-
-    /// Watch a collection. Events are filtered by the selectors (an object leaving the
-    /// selection is sent as DELETED, one entering as ADDED). The channel ends at the
-    /// timeout, when the receiver is dropped, or after an ERROR event.
-    pub(crate) async fn watch(
-        &self,
-        def: &'static ResourceDef,
-        ns: Option<&str>,
-        opts: WatchOptions,
-    ) -> Result<mpsc::Receiver<WatchEvent>, ApiError> {
-        let prefix = Self::prefix(def, ns);
-        let (tx, rx) = mpsc::channel(256);
-        let mut initial = Vec::new();
-        let start = match opts.resource_version {
-            Some(r) if r > 0 => r,
-            _ => {
-                let r = self.store.range(&prefix, None, 0).await?;
-                for kv in &r.kvs {
-                    let o = Self::decode(def, kv)?;
-                    if opts.label_selector.matches_object(&o) && opts.field_selector.matches(&o) {
-                        initial.push(WatchEvent {
-                            kind: "ADDED",
-                            object: o,
-                        });
-                    }
-                }
-                r.revision
-            }
-        };
-        let mut events = match self.store.watch(&prefix, start).await {
-            Ok(e) => e,
-            Err(e @ StoreError::Compacted { .. }) => {
-                let _ = tx.try_send(WatchEvent {
-                    kind: "ERROR",
-                    object: ApiError::from(e).status(),
-                });
-                return Ok(rx);
-            }
-            Err(e) => return Err(e.into()),
-        };
-        tokio::spawn(async move {
-            for ev in initial {
-                if tx.send(ev).await.is_err() {
-                    return;
-                }
-            }
-            let deadline = opts.timeout.map(|t| tokio::time::Instant::now() + t);
-            let bookmark_every = opts.bookmark_interval.unwrap_or(Duration::from_secs(30));
-            let mut last_rev = start;
-            let matches =
-                |o: &Value| opts.label_selector.matches_object(o) && opts.field_selector.matches(o);
-            let needle = opts.field_selector.required_json();
-            loop {
-                let sleep_until = deadline.unwrap_or_else(|| {
-                    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep_until(sleep_until) => return,
-                    _ = tx.closed() => return,
-                    _ = tokio::time::sleep(bookmark_every), if opts.allow_bookmarks => {
-                        let bm = WatchEvent {
-                            kind: "BOOKMARK",
-                            object: json!({"kind": def.kind, "apiVersion": def.api_version(),
-                                "metadata": {"resourceVersion": last_rev.to_string()}}),
-                        };
-                        if tx.send(bm).await.is_err() {
-                            return;
-                        }
-                    }
-                    ev = events.recv() => {
-                        let ev = match ev {
-                            None => return,
-                            // Leadership lost: end the stream like a stopping API server
-                            // does; clients re-watch (through the proxy, on the new active).
-                            Some(Err(StoreError::NotActive { .. } | StoreError::Timeout)) => return,
-                            Some(Err(e)) => {
-                                let _ = tx.send(WatchEvent { kind: "ERROR", object: ApiError::from(e).status() }).await;
-                                return;
-                            }
-                            Some(Ok(ev)) => ev,
-                        };
-                        last_rev = ev.revision();
-                        let out = match convert_event(def, &ev, needle.as_deref(), &matches) {
-                            Ok(Some(e)) => e,
-                            Ok(None) => continue,
-                            Err(e) => WatchEvent { kind: "ERROR", object: e.status() },
-                        };
-                        if tx.send(out).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        Ok(rx)
-    }
 }
 
+/// `o` without its resourceVersion (what is stored).
 fn strip_rv(o: &Value) -> Value {
     let mut o = o.clone();
     meta_mut(&mut o).remove("resourceVersion");
     o
-}
-
-fn convert_event(
-    def: &ResourceDef,
-    ev: &Event,
-    needle: Option<&[u8]>,
-    matches: &dyn Fn(&Value) -> bool,
-) -> Result<Option<WatchEvent>, ApiError> {
-    // An object whose JSON lacks the selector's required bytes cannot match: skip
-    // decoding it (most events, when each node watches only its own pods).
-    let may_match =
-        |kv: &KeyValue| needle.is_none_or(|n| memchr::memmem::find(&kv.value, n).is_some());
-    Ok(match ev {
-        Event::Put { kv, prev } => {
-            let old_matched = match prev {
-                Some(p) if may_match(p) => matches(&Registry::decode(def, p)?),
-                _ => false,
-            };
-            if !old_matched && !may_match(kv) {
-                return Ok(None);
-            }
-            let new = Registry::decode(def, kv)?;
-            let kind = match (old_matched, matches(&new)) {
-                (false, true) => "ADDED",
-                (true, true) => "MODIFIED",
-                (true, false) => "DELETED",
-                (false, false) => return Ok(None),
-            };
-            Some(WatchEvent { kind, object: new })
-        }
-        Event::Delete { prev, revision } => {
-            if !may_match(prev) {
-                return Ok(None);
-            }
-            let mut o = Registry::decode(def, prev)?;
-            meta_mut(&mut o).insert("resourceVersion".into(), json!(revision.to_string()));
-            matches(&o).then_some(WatchEvent {
-                kind: "DELETED",
-                object: o,
-            })
-        }
-    })
-}
-
-/// Create the default namespaces and the bootstrap RBAC policy when absent (idempotent).
-pub(crate) async fn ensure_defaults(store: &dyn Store) -> Result<(), ApiError> {
-    for ns in DEFAULT_NAMESPACES {
-        let o = json!({
-            "kind": "Namespace", "apiVersion": "v1",
-            "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}},
-            "spec": {"finalizers": ["kubernetes"]},
-            "status": {"phase": "Active"},
-        });
-        create_if_absent(store, &NAMESPACES, o).await?;
-    }
-    use crate::auth::bootstrap;
-    for o in bootstrap::cluster_roles() {
-        create_if_absent(store, &super::resources::CLUSTERROLES, o).await?;
-    }
-    for o in bootstrap::cluster_role_bindings() {
-        create_if_absent(store, &super::resources::CLUSTERROLEBINDINGS, o).await?;
-    }
-    Ok(())
-}
-
-/// Store cluster-scoped object `o` (with a new uid and creation time) unless one of its
-/// name exists: what an operator changed stays.
-async fn create_if_absent(
-    store: &dyn Store,
-    def: &ResourceDef,
-    mut o: Value,
-) -> Result<(), ApiError> {
-    let name = meta_str(&o, "name").unwrap_or_default().to_string();
-    let key = Registry::key(def, None, &name);
-    if store.get(&key).await?.is_some() {
-        return Ok(());
-    }
-    let meta = meta_mut(&mut o);
-    meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
-    meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
-    // a concurrent creator winning the race is as good as this write
-    store
-        .write(Command::Put {
-            key,
-            value: serde_json::to_vec(&o).unwrap_or_default(),
-            expect: Precondition::Absent,
-        })
-        .await?;
-    Ok(())
 }
