@@ -16,7 +16,8 @@ use super::error::{success_status, ApiError};
 use super::patch::PatchType;
 use super::protobuf;
 use super::registry::{
-    ensure_defaults, DeleteOptions, ListOptions, Registry, Subresource, WatchOptions,
+    ensure_defaults, DeleteOptions, ListOptions, Registry, Subresource, WatchEventType,
+    WatchOptions,
 };
 use super::resources::{self, ResourceDef, PODS};
 use super::selector::{FieldSelector, LabelSelector};
@@ -763,9 +764,11 @@ async fn watch(
     let stream = futures::stream::unfold((rx, true), move |(mut rx, first)| async move {
         let ev = rx.recv().await?;
         let object = match (out, ev.kind) {
-            (_, "ERROR") => ev.object,
-            (Output::Table, "BOOKMARK") => json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1",
-                "metadata": ev.object["metadata"].clone(), "columnDefinitions": [], "rows": []}),
+            (_, WatchEventType::Error) => ev.object,
+            (Output::Table, WatchEventType::Bookmark) => {
+                json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+                "metadata": ev.object["metadata"].clone(), "columnDefinitions": [], "rows": []})
+            }
             (Output::Table, _) => {
                 let rv = ev
                     .object
@@ -780,13 +783,13 @@ async fn watch(
                 }
                 t
             }
-            (Output::Metadata, "BOOKMARK") => ev.object,
+            (Output::Metadata, WatchEventType::Bookmark) => ev.object,
             (Output::Metadata, _) => to_metadata(&ev.object),
             (Output::Json, _) => ev.object,
         };
-        let next_first = first && ev.kind == "BOOKMARK";
-        let mut line =
-            serde_json::to_vec(&json!({"type": ev.kind, "object": object})).unwrap_or_default();
+        let next_first = first && ev.kind == WatchEventType::Bookmark;
+        let mut line = serde_json::to_vec(&json!({"type": ev.kind.as_str(), "object": object}))
+            .unwrap_or_default();
         line.push(b'\n');
         Some((Ok::<_, Infallible>(Bytes::from(line)), (rx, next_first)))
     });

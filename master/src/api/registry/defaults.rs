@@ -71,7 +71,7 @@ pub(super) fn apply_spec_defaults(def: &ResourceDef, o: &mut Value) {
             if let Some(spec) = o.get_mut("spec").and_then(Value::as_object_mut) {
                 spec.entry("replicas").or_insert(json!(1));
                 spec.entry("revisionHistoryLimit").or_insert(json!(10));
-                if def.kind == "Deployment" {
+                if *def == DEPLOYMENTS {
                     spec.entry("progressDeadlineSeconds").or_insert(json!(600));
                     let strategy = spec.entry("strategy").or_insert(json!({}));
                     if strategy.get("type").is_none() {

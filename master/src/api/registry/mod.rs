@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::error::{ApiError, Cause};
 use super::patch::{self, PatchType};
-use super::resources::{self, ResourceDef, NAMESPACES, PODS};
+use super::resources::{self, ResourceDef, DEPLOYMENTS, NAMESPACES, PODS, REPLICASETS};
 use super::selector::{FieldSelector, LabelSelector};
 use super::table;
 use super::validate::{normalize, validate};
@@ -105,10 +105,35 @@ pub(crate) struct WatchOptions {
     pub bookmark_interval: Option<Duration>,
 }
 
-/// One watch event: `ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK` or `ERROR` (object = Status).
+/// What a watch event says happened (its `type` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WatchEventType {
+    Added,
+    Modified,
+    Deleted,
+    /// Progress: only `metadata.resourceVersion` of the object is meaningful.
+    Bookmark,
+    /// The watch ends; the object is a `Status`.
+    Error,
+}
+
+impl WatchEventType {
+    /// The wire name (`ADDED`...).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            WatchEventType::Added => "ADDED",
+            WatchEventType::Modified => "MODIFIED",
+            WatchEventType::Deleted => "DELETED",
+            WatchEventType::Bookmark => "BOOKMARK",
+            WatchEventType::Error => "ERROR",
+        }
+    }
+}
+
+/// One watch event.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct WatchEvent {
-    pub kind: &'static str,
+    pub kind: WatchEventType,
     pub object: Value,
 }
 
@@ -544,12 +569,12 @@ impl Registry {
         if sub == Subresource::Main {
             apply_spec_defaults(def, &mut new);
         }
-        if def.kind == "Namespace" && sub == Subresource::Main {
+        if *def == NAMESPACES && sub == Subresource::Main {
             new["spec"] = cur.get("spec").cloned().unwrap_or(json!({}));
         }
         let mut new = normalize(def, new)?;
         validate(def, &new)?;
-        if def.kind == "Pod" && sub == Subresource::Main {
+        if *def == PODS && sub == Subresource::Main {
             let old_spec = pod_spec_mutable_view(&cur["spec"]);
             if old_spec != pod_spec_mutable_view(&new["spec"]) {
                 return Err(ApiError::Invalid {
@@ -701,7 +726,7 @@ impl Registry {
         name: &str,
         opts: &DeleteOptions,
     ) -> Result<Value, ApiError> {
-        if def.kind == "Namespace" {
+        if *def == NAMESPACES {
             return self.delete_namespace(name, opts).await;
         }
         self.delete_object(def, ns, name, opts).await
@@ -758,9 +783,8 @@ impl Registry {
                 }
             };
             // Only kinds that own others get the GC finalizers.
-            let gc_finalizer =
-                gc_finalizer.filter(|_| matches!(def.kind, "Deployment" | "ReplicaSet"));
-            let grace = if def.kind == "Pod" {
+            let gc_finalizer = gc_finalizer.filter(|_| [DEPLOYMENTS, REPLICASETS].contains(def));
+            let grace = if *def == PODS {
                 let bound = cur
                     .pointer("/spec/nodeName")
                     .and_then(Value::as_str)

@@ -24,7 +24,7 @@ impl Registry {
                     let o = Self::decode(def, kv)?;
                     if opts.label_selector.matches_object(&o) && opts.field_selector.matches(&o) {
                         initial.push(WatchEvent {
-                            kind: "ADDED",
+                            kind: WatchEventType::Added,
                             object: o,
                         });
                     }
@@ -36,7 +36,7 @@ impl Registry {
             Ok(e) => e,
             Err(e @ StoreError::Compacted { .. }) => {
                 let _ = tx.try_send(WatchEvent {
-                    kind: "ERROR",
+                    kind: WatchEventType::Error,
                     object: ApiError::from(e).status(),
                 });
                 return Ok(rx);
@@ -64,7 +64,7 @@ impl Registry {
                     _ = tx.closed() => return,
                     _ = tokio::time::sleep(bookmark_every), if opts.allow_bookmarks => {
                         let bm = WatchEvent {
-                            kind: "BOOKMARK",
+                            kind: WatchEventType::Bookmark,
                             object: json!({"kind": def.kind, "apiVersion": def.api_version(),
                                 "metadata": {"resourceVersion": last_rev.to_string()}}),
                         };
@@ -79,7 +79,7 @@ impl Registry {
                             // does; clients re-watch (through the proxy, on the new active).
                             Some(Err(StoreError::NotActive { .. } | StoreError::Timeout)) => return,
                             Some(Err(e)) => {
-                                let _ = tx.send(WatchEvent { kind: "ERROR", object: ApiError::from(e).status() }).await;
+                                let _ = tx.send(WatchEvent { kind: WatchEventType::Error, object: ApiError::from(e).status() }).await;
                                 return;
                             }
                             Some(Ok(ev)) => ev,
@@ -88,7 +88,7 @@ impl Registry {
                         let out = match convert_event(def, &ev, needle.as_deref(), &matches) {
                             Ok(Some(e)) => e,
                             Ok(None) => continue,
-                            Err(e) => WatchEvent { kind: "ERROR", object: e.status() },
+                            Err(e) => WatchEvent { kind: WatchEventType::Error, object: e.status() },
                         };
                         if tx.send(out).await.is_err() {
                             return;
@@ -122,9 +122,9 @@ pub(super) fn convert_event(
             }
             let new = Registry::decode(def, kv)?;
             let kind = match (old_matched, matches(&new)) {
-                (false, true) => "ADDED",
-                (true, true) => "MODIFIED",
-                (true, false) => "DELETED",
+                (false, true) => WatchEventType::Added,
+                (true, true) => WatchEventType::Modified,
+                (true, false) => WatchEventType::Deleted,
                 (false, false) => return Ok(None),
             };
             Some(WatchEvent { kind, object: new })
@@ -136,7 +136,7 @@ pub(super) fn convert_event(
             let mut o = Registry::decode(def, prev)?;
             meta_mut(&mut o).insert("resourceVersion".into(), json!(revision.to_string()));
             matches(&o).then_some(WatchEvent {
-                kind: "DELETED",
+                kind: WatchEventType::Deleted,
                 object: o,
             })
         }
