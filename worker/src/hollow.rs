@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{retry, Api};
 use crate::backoff::RestartPolicy;
 use crate::metrics::Metrics;
-use crate::status::{self, CState, ContainerView, PodView};
-use crate::sync::StatusSync;
+use crate::pod_status::{self, CState, ContainerView, PodView};
+use crate::status_upload::StatusSync;
 use crate::watch::{self, PodSink};
 
 /// The status a hollow node reports for a pod: Running, all containers ready.
@@ -43,7 +43,7 @@ pub(crate) fn running_status(pod: &Pod, ip: IpAddr, now: Timestamp) -> PodStatus
         pod_ip: ip.to_string(),
         start_time: Some(now),
     };
-    status::compute(&view, None, now)
+    pod_status::compute(&view, None, now)
 }
 
 /// One hollow node's pods.

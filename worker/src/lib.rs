@@ -3,9 +3,9 @@
 //! - [`node`]: registers the Node, renews its Lease, keeps `Ready` true.
 //! - [`watch`] + [`pods`]: the pods bound to this node run as local processes
 //!   ([`process`]), restarted per policy ([`backoff`]), probed ([`probe`]), with
-//!   size-bounded logs ([`logs`]); their status ([`status`]) goes to the API through a
-//!   latest-wins queue ([`sync`]) that rides out control-plane outages.
-//! - [`state`]: what survives a worker restart (pod → container → pid), so processes are
+//!   size-bounded logs ([`logs`]); their status ([`pod_status`]) goes to the API through a
+//!   latest-wins queue ([`status_upload`]) that rides out control-plane outages.
+//! - [`checkpoint`]: what survives a worker restart (pod → container → pid), so processes are
 //!   adopted, never duplicated.
 //! - [`route`]: the API is reached by URL or by a DNS name resolved at the configured
 //!   server ([`api`]).
@@ -16,19 +16,19 @@
 mod access;
 mod api;
 mod backoff;
+mod checkpoint;
 mod events;
 mod hollow;
 mod logs;
 mod metrics;
 mod node;
+mod pod_status;
 mod pods;
 mod probe;
 mod process;
 mod route;
 mod server;
-mod state;
-mod status;
-mod sync;
+mod status_upload;
 mod watch;
 
 use std::net::SocketAddr;
@@ -61,7 +61,7 @@ pub enum WorkerError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    State(#[from] state::StateError),
+    State(#[from] checkpoint::StateError),
     #[error("the HTTPS server failed: {0}")]
     Serve(#[from] ballast_config::tls::TlsError),
     #[error("{0}")]
@@ -123,8 +123,8 @@ pub async fn run(
     tracing::info!(id = %id, address = %me.address, route = %route.describe(), data_dir = %data_dir.display(), "worker starting");
     let tls = config.node_tls(&id)?;
     let api = Arc::new(Api::new(route, metrics.clone(), &tls)?);
-    let state = Arc::new(state::StateFile::load(data_dir.join("state.json"))?);
-    let statuses = sync::StatusSync::new();
+    let state = Arc::new(checkpoint::StateFile::load(data_dir.join("state.json"))?);
+    let statuses = status_upload::StatusSync::new();
     let ctx = pods::Ctx::new(
         id.clone(),
         me.address.ip(),
@@ -203,7 +203,7 @@ pub async fn run_hollow(
     let tls = config.node_tls(&base_id)?;
     let admin = config.node_tls("admin")?;
     let api = Arc::new(Api::new(Route::new(me.route()), metrics.clone(), &admin)?);
-    let statuses = sync::StatusSync::new();
+    let statuses = status_upload::StatusSync::new();
     tracing::info!(base = %base_id, count, address = %me.address, "hollow nodes starting");
     let access = Arc::new(access::Access::new(api.clone()));
     let app = server::router(metrics.clone(), None, access);

@@ -18,14 +18,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{retry, Api, ApiError};
 use crate::backoff::{Backoff, BackoffConfig, RestartPolicy};
+use crate::checkpoint::{PodRecord, StateFile};
 use crate::events::Events;
 use crate::logs;
 use crate::metrics::Metrics;
+use crate::pod_status::{self, CState, ContainerView, PodView, Termination};
 use crate::probe::{self, ProbeTask};
 use crate::process::{self, ProcSpec};
-use crate::state::{PodRecord, StateFile};
-use crate::status::{self, CState, ContainerView, PodView, Termination};
-use crate::sync::StatusSync;
+use crate::status_upload::StatusSync;
 use crate::watch::PodSink;
 
 /// How long a worker that is shutting down waits for a pod's processes before SIGKILL
@@ -1044,7 +1044,7 @@ impl Runner {
             return;
         }
         let view = self.view();
-        let st = status::compute(&view, self.last_status.as_ref(), crate::now());
+        let st = pod_status::compute(&view, self.last_status.as_ref(), crate::now());
         self.ctx
             .set_running(&self.uid, st.phase.as_deref() == Some("Running"));
         if self.last_status.as_ref() == Some(&st) {

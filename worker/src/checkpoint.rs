@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::status::Termination;
+use crate::pod_status::Termination;
 
 /// One container's record.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
