@@ -1201,6 +1201,7 @@ mod tests {
         for (_, h) in m.pods.drain() {
             h.task.abort();
         }
+        // Nothing may kill it meanwhile (a wait for something that must not happen).
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(process::start_ticks(pid).is_some());
 
@@ -1208,12 +1209,15 @@ mod tests {
         let stop2 = CancellationToken::new();
         let c2 = ctx(d.path(), stop2.clone());
         let mut m2 = Manager::new(c2.clone());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(pid_of(&c2, "u1"), Some(pid));
-        assert_eq!(
-            c2.metrics.containers_running.get(),
-            1 + i64::from(pid_of(&c2, "u2").is_some())
-        );
+        wait(
+            "the next worker adopts u1 (and no second process runs)",
+            || {
+                let running = c2.metrics.containers_running.get();
+                let want = 1 + i64::from(pid_of(&c2, "u2").is_some());
+                (pid_of(&c2, "u1") == Some(pid) && running == want).then_some(())
+            },
+        )
+        .await;
         let log = logs::container_log(&logs::pod_dir(d.path(), "default", "p-u1", "u1"), "c");
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "hi\n");
 
