@@ -185,10 +185,7 @@ mod tests {
     use super::*;
 
     fn pod(name: &str) -> PodRef {
-        PodRef {
-            namespace: "default".into(),
-            name: name.into(),
-        }
+        PodRef::in_default(name)
     }
 
     #[test]

@@ -28,6 +28,16 @@ pub(crate) struct PodRef {
     pub(crate) name: String,
 }
 
+#[cfg(test)]
+impl PodRef {
+    pub(crate) fn in_default(name: &str) -> Self {
+        Self {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Queue {
     /// Pods the next cycle tries, in order.
@@ -117,10 +127,7 @@ mod tests {
     use super::*;
 
     fn pod(name: &str) -> PodRef {
-        PodRef {
-            namespace: "default".into(),
-            name: name.into(),
-        }
+        PodRef::in_default(name)
     }
 
     fn room(open: bool, pods: f64) -> Room {
