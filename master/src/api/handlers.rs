@@ -49,6 +49,40 @@ pub(crate) fn json_response(code: StatusCode, v: &Value) -> Response {
     r
 }
 
+/// A JSON list whose items are already encoded ([`Registry::list_json`]): the bytes
+/// `json_response` gives for the decoded list (keys in the same sorted order).
+fn raw_list_response(
+    def: &ResourceDef,
+    (items, rev, token): (Vec<Vec<u8>>, u64, Option<String>),
+) -> Response {
+    let mut meta = json!({"resourceVersion": rev.to_string()});
+    if let Some(c) = &token {
+        meta["continue"] = json!(c);
+    }
+    let json = |v: &Value| serde_json::to_vec(v).unwrap_or_default();
+    let mut body = Vec::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 256);
+    body.extend_from_slice(b"{\"apiVersion\":");
+    body.extend_from_slice(&json(&json!(def.api_version())));
+    body.extend_from_slice(b",\"items\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"],\"kind\":");
+    body.extend_from_slice(&json(&json!(def.list_kind())));
+    body.extend_from_slice(b",\"metadata\":");
+    body.extend_from_slice(&json(&meta));
+    body.push(b'}');
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 pub(crate) async fn version(State(st): State<Shared>) -> Response {
     let v = &st.info.git_version;
     let (major, minor) = v
@@ -487,6 +521,11 @@ async fn serve(
             }
             Method::GET => {
                 let opts = list_options(q)?;
+                if out == Output::Json {
+                    if let Some(raw) = reg.list_json(def, ns.as_deref(), &opts).await? {
+                        return Ok(raw_list_response(def, raw));
+                    }
+                }
                 let r = reg.list(def, ns.as_deref(), &opts).await?;
                 let rv = r.revision.to_string();
                 let v = match out {

@@ -291,13 +291,54 @@ impl Registry {
         Ok(self.get_kv(def, ns, name).await?.0)
     }
 
-    /// List a collection (one namespace or all), filtered, paged by `limit`/`continue`.
+    /// LIST (one page when `opts.limit` is set).
     pub(crate) async fn list(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
         opts: &ListOptions,
     ) -> Result<ListResult, ApiError> {
+        let (items, revision, continue_token) = self
+            .list_with(def, ns, opts, |kv| {
+                let o = Self::decode(def, kv)?;
+                Ok(opts.matches(&o).then_some(o))
+            })
+            .await?;
+        Ok(ListResult {
+            items,
+            revision,
+            continue_token,
+        })
+    }
+
+    /// LIST without selectors, each item already encoded as the JSON the API returns
+    /// (see [`raw_item`]): no tree of values is built for the items' specs and statuses,
+    /// which made listing 10 000 pods mostly parsing and printing JSON. `None` when `opts`
+    /// has selectors (they need the decoded object).
+    pub(crate) async fn list_json(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        opts: &ListOptions,
+    ) -> Result<Option<(Vec<Vec<u8>>, u64, Option<String>)>, ApiError> {
+        if !opts.label_selector.is_empty() || !opts.field_selector.requirements.is_empty() {
+            return Ok(None);
+        }
+        let r = self
+            .list_with(def, ns, opts, |kv| raw_item(def, kv).map(Some))
+            .await?;
+        Ok(Some(r))
+    }
+
+    /// The pages of a list: `item` turns each stored object into an item, or `None` to
+    /// skip it. Returns the items, the revision read at and the continue token.
+    async fn list_with<T>(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        opts: &ListOptions,
+        mut item: impl FnMut(&KeyValue) -> Result<Option<T>, ApiError>,
+    ) -> Result<(Vec<T>, u64, Option<String>), ApiError> {
         let prefix = Self::prefix(def, ns);
         let mut start = match &opts.continue_token {
             Some(t) if !t.is_empty() => Some(decode_continue(t)?),
@@ -314,27 +355,18 @@ impl Registry {
             let r = self.store.range(&prefix, start.as_deref(), page).await?;
             let rev = *revision.get_or_insert(r.revision);
             for (i, kv) in r.kvs.iter().enumerate() {
-                let o = Self::decode(def, kv)?;
-                if !opts.matches(&o) {
+                let Some(o) = item(kv)? else {
                     continue;
-                }
+                };
                 items.push(o);
                 if opts.limit != 0 && items.len() == opts.limit {
                     let rest = i + 1 < r.kvs.len() || r.more;
                     let token = rest.then(|| encode_continue(&kv.key, rev));
-                    return Ok(ListResult {
-                        items,
-                        revision: rev,
-                        continue_token: token,
-                    });
+                    return Ok((items, rev, token));
                 }
             }
             if !r.more || r.kvs.is_empty() {
-                return Ok(ListResult {
-                    items,
-                    revision: rev,
-                    continue_token: None,
-                });
+                return Ok((items, rev, None));
             }
             start = r.kvs.last().map(|kv| kv.key.clone());
         }
@@ -866,4 +898,50 @@ fn strip_rv(o: &Value) -> Value {
     let mut o = o.clone();
     meta_mut(&mut o).remove("resourceVersion");
     o
+}
+
+/// A stored object as the API returns it, encoded directly: what [`Registry::decode`]
+/// then `serde_json::to_vec` give, byte for byte (`kind`, `apiVersion` and
+/// `metadata.resourceVersion` set, keys in order), but only the top level and `metadata`
+/// are parsed; `spec`, `status` and the rest are copied as stored.
+pub(crate) fn raw_item(def: &ResourceDef, kv: &KeyValue) -> Result<Vec<u8>, ApiError> {
+    use serde_json::value::RawValue;
+    let corrupt =
+        |e: serde_json::Error| ApiError::Internal(format!("corrupt object at {}: {e}", kv.key));
+    let top: std::collections::BTreeMap<String, &RawValue> =
+        serde_json::from_slice(&kv.value).map_err(corrupt)?;
+    let mut meta: serde_json::Map<String, Value> = match top.get("metadata") {
+        Some(m) => serde_json::from_str(m.get()).map_err(corrupt)?,
+        None => serde_json::Map::new(),
+    };
+    meta.insert("resourceVersion".into(), json!(kv.mod_revision.to_string()));
+    let mut fixed: std::collections::BTreeMap<&str, Vec<u8>> = std::collections::BTreeMap::new();
+    fixed.insert(
+        "apiVersion",
+        serde_json::to_vec(&def.api_version()).map_err(corrupt)?,
+    );
+    fixed.insert("kind", serde_json::to_vec(def.kind).map_err(corrupt)?);
+    fixed.insert("metadata", serde_json::to_vec(&meta).map_err(corrupt)?);
+    let mut keys: Vec<&str> = top
+        .keys()
+        .map(String::as_str)
+        .chain(fixed.keys().copied())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut out = Vec::with_capacity(kv.value.len() + 64);
+    out.push(b'{');
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, k).map_err(corrupt)?;
+        out.push(b':');
+        match fixed.get(k) {
+            Some(v) => out.extend_from_slice(v),
+            None => out.extend_from_slice(top[*k].get().as_bytes()),
+        }
+    }
+    out.push(b'}');
+    Ok(out)
 }
