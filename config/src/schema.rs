@@ -372,9 +372,15 @@ pub struct VipConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
     /// How long a lease version must stand before another proxy may take the VIP.
-    /// Default `900ms`.
-    #[serde(with = "humantime_serde", default = "d_vip_lease")]
-    pub lease: Duration,
+    /// Default `900ms`; with an `interface`, default `3s` and at least `2500ms`: the
+    /// kernel removes a dead or paused holder's address only 1–2 s after its last renewal
+    /// (see [`VipConfig::lease`]).
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lease: Option<Duration>,
     /// How often the holder renews (and every proxy reads the lease). Default `100ms`.
     #[serde(with = "humantime_serde", default = "d_vip_renew")]
     pub renew: Duration,
@@ -387,15 +393,33 @@ impl VipConfig {
             address,
             prefix: None,
             interface: None,
-            lease: d_vip_lease(),
+            lease: None,
             renew: d_vip_renew(),
         }
     }
+
+    /// The lease in force: as configured, else `900ms` without an interface and `3s` with
+    /// one.
+    pub fn lease(&self) -> Duration {
+        self.lease.unwrap_or(if self.interface.is_some() {
+            Duration::from_secs(3)
+        } else {
+            Duration::from_millis(900)
+        })
+    }
+
+    /// Prefix length of the VIP on its interface: as configured, else a host address.
+    pub fn prefix(&self) -> u8 {
+        self.prefix.unwrap_or(match self.address {
+            std::net::IpAddr::V4(_) => 32,
+            std::net::IpAddr::V6(_) => 128,
+        })
+    }
 }
 
-fn d_vip_lease() -> Duration {
-    Duration::from_millis(900)
-}
+/// The shortest VIP lease with an interface: a renewal of the address right after a claim
+/// must have run out (up to 2.2 s later, by the kernel) before `lease - lease/10`.
+pub const MIN_INTERFACE_VIP_LEASE: Duration = Duration::from_millis(2_500);
 fn d_vip_renew() -> Duration {
     Duration::from_millis(100)
 }

@@ -227,13 +227,31 @@ pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
                 ));
             }
         }
-        if v.interface.is_some() {
-            return Err(invalid(
-                vp("interface"),
-                "adding the VIP to an interface is not supported yet: leave it out and use an address the proxy hosts already route to themselves (a loopback address)",
-            ));
+        if let Some(name) = &v.interface {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                return Err(invalid(
+                    vp("interface"),
+                    "must be an interface name (1–15 characters, no `/` or space)",
+                ));
+            }
+            if v.address.is_ipv6() {
+                return Err(invalid(
+                    vp("address"),
+                    "an IPv6 VIP on an interface is not supported yet (it needs unsolicited neighbour advertisements): use an IPv4 VIP",
+                ));
+            }
+            let max = if v.address.is_ipv4() { 32 } else { 128 };
+            if v.prefix() == 0 || v.prefix() > max {
+                return Err(invalid(vp("prefix"), format!("must be 1..={max}")));
+            }
+            if v.lease() < crate::schema::MIN_INTERFACE_VIP_LEASE {
+                return Err(invalid(
+                    vp("lease"),
+                    "with an interface, must be at least 2500ms: the kernel removes a dead or paused holder's address only 1–2 s after its last renewal (address lifetimes are whole seconds), and no other proxy may add it before then; the default is 3s",
+                ));
+            }
         }
-        if v.renew.is_zero() || v.lease < v.renew * 3 {
+        if v.renew.is_zero() || v.lease() < v.renew * 3 {
             return Err(invalid(
                 vp("lease"),
                 "must be at least three times vip.renew (and renew more than zero)",

@@ -86,3 +86,27 @@ fn election_timeout_must_exceed_heartbeats() {
     let e = err(&format!("{ONE}[raft]\nheartbeat_interval = \"300ms\"\n"));
     assert!(e.contains("raft.election_timeout_min"), "{e}");
 }
+
+const TWO_PROXIES: &str = "[proxy]\napi = \"10.0.0.100:6443\"\ndns = \"10.0.0.100:5353\"\nadmin = \"10.0.0.100:9180\"\n\n[[proxies]]\nid = \"p1\"\napi = \"10.0.0.21:6443\"\ndns = \"10.0.0.21:5353\"\nadmin = \"10.0.0.21:9180\"\n\n[[proxies]]\nid = \"p2\"\napi = \"10.0.0.22:6443\"\ndns = \"10.0.0.22:5353\"\nadmin = \"10.0.0.22:9180\"\n";
+
+#[test]
+fn a_vip_on_an_interface_needs_a_lease_the_kernel_can_fence() {
+    let vip = "\n[vip]\naddress = \"10.0.0.100\"\ninterface = \"eth0\"\nprefix = 24\n";
+    let ok = format!("{ONE}{TWO_PROXIES}{vip}");
+    let c = ballast_config::parse_str(Path::new("c.toml"), &ok).unwrap();
+    let v = c.0.vip.unwrap();
+    assert_eq!(v.lease(), std::time::Duration::from_secs(3), "the default");
+    assert_eq!(v.prefix(), 24);
+    let e = err(&format!("{ok}lease = \"900ms\"\n"));
+    assert!(e.contains("vip.lease: with an interface, must be at least 2500ms"), "{e}");
+    let e = err(&format!("{ok}lease = \"900ms\"\n"));
+    assert!(e.starts_with("c.toml:"), "{e}");
+    let e = err(&format!(
+        "{ONE}{TWO_PROXIES}\n[vip]\naddress = \"10.0.0.100\"\ninterface = \"eth0\"\nprefix = 33\n"
+    ));
+    assert!(e.contains("vip.prefix: must be 1..=32"), "{e}");
+    let e = err(&format!(
+        "{ONE}{TWO_PROXIES}\n[vip]\naddress = \"10.0.0.100\"\ninterface = \"a/b\"\n"
+    ));
+    assert!(e.contains("vip.interface: must be an interface name"), "{e}");
+}

@@ -183,6 +183,14 @@ impl Lease {
         self.held_until.is_some_and(|h| now < h)
     }
 
+    /// Whether, at `now`, something this proxy sets up that outlives it by up to `fence`
+    /// (the VIP's address, which the kernel removes only that long after its last
+    /// renewal) is still gone before any other proxy may claim: `now + fence` is within
+    /// the hold, which ends before the lease lets anyone else in.
+    pub(crate) fn may_fence(&self, now: Instant, fence: Duration) -> bool {
+        self.held_until.is_some_and(|h| now + fence <= h)
+    }
+
     /// When the current hold ends, if holding.
     pub(crate) fn held_until(&self) -> Option<Instant> {
         self.held_until
@@ -268,6 +276,25 @@ mod tests {
                 assert!(!h.holds(now), "claim at {claim_began}, seen +{seen_after}");
             }
         }
+    }
+
+    #[test]
+    fn the_address_is_renewed_only_while_it_would_be_gone_before_the_lease_ends() {
+        let t0 = Instant::now();
+        let t = Timings::new(3000 * MS, 100 * MS);
+        let mut p1 = Lease::new("p1", t);
+        assert!(!p1.may_fence(t0, 2200 * MS), "not holding");
+        p1.claimed(t0, 1);
+        // held until t0 + 2.7 s
+        assert!(p1.may_fence(t0 + 400 * MS, 2200 * MS));
+        assert!(
+            !p1.may_fence(t0 + 600 * MS, 2200 * MS),
+            "a claim answered late"
+        );
+        // and a candidate claims no earlier than t0 + 3 s, after the fence
+        let mut c = Lease::new("p2", t);
+        c.observe(obs("p1", 1), t0);
+        assert_eq!(c.next(t0 + 2999 * MS), Step::Wait);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`tcp`]: the L4 passthrough mode (`proxy.mode = "tcp"`);
 //! - [`listeners`]: one set of API, DNS and admin listeners on one set of addresses;
 //! - [`lease`]: who holds the VIP (pure); [`vip`]: the lease loop, serving on the VIP;
+//!   [`vip_address`]: the VIP on a real interface (netlink, kernel lifetime, gratuitous ARP);
 //! - [`dns`]: zone answers and the hickory request handler;
 //! - [`admin`]: the admin HTTP endpoint;
 //! - this file: startup, signals (SIGTERM/SIGINT stop, SIGHUP reloads) and shutdown.
@@ -25,6 +26,7 @@ mod proxy;
 mod state;
 mod tcp;
 mod vip;
+mod vip_address;
 
 #[cfg(test)]
 mod e2e_tests;

@@ -57,7 +57,8 @@ impl Settings {
         let vip = c.vip.as_ref().map(|v| crate::vip::VipSettings {
             me: proxy.id.clone(),
             address: v.address,
-            timings: crate::lease::Timings::new(v.lease, v.renew),
+            timings: crate::lease::Timings::new(v.lease(), v.renew),
+            interface: v.interface.clone().map(|name| (name, v.prefix())),
             addrs: crate::listeners::Addrs {
                 api: c.proxy.api,
                 dns: c.proxy.dns,

@@ -9,6 +9,7 @@
 //! Lease.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_config::pki;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lease::{Lease, Observed, Step, Timings};
 use crate::listeners::{Addrs, Listeners, Serving};
+use crate::vip_address::{InterfaceVip, ANNOUNCE_AT, KERNEL_FENCE, LIFETIME_SECS};
 
 /// Where the VIP lease lives.
 pub(crate) const LEASE_NAMESPACE: &str = "kube-system";
@@ -31,6 +33,9 @@ pub struct VipSettings {
     pub timings: Timings,
     /// The VIP's API, DNS and admin addresses.
     pub addrs: Addrs,
+    /// The interface (and prefix length) the holder adds the VIP to; `None`: the VIP is
+    /// an address every proxy host already has, and holding it means serving on it.
+    pub interface: Option<(String, u8)>,
 }
 
 /// A lease call that failed. All are transient: the next tick tries again.
@@ -161,6 +166,76 @@ impl Client {
     }
 }
 
+/// Open the VIP's interface, and take away a VIP address a former run of this proxy may
+/// have left there (a kill -9 leaves it until its lifetime runs out).
+async fn open_interface(vip: &VipSettings) -> Result<Option<Arc<InterfaceVip>>, String> {
+    let Some((name, prefix)) = &vip.interface else {
+        return Ok(None);
+    };
+    let IpAddr::V4(address) = vip.address else {
+        return Err("an IPv6 VIP on an interface is not supported".into());
+    };
+    let iface = InterfaceVip::open(name, address, *prefix).map_err(|e| e.to_string())?;
+    iface.remove().await.map_err(|e| e.to_string())?;
+    Ok(Some(Arc::new(iface)))
+}
+
+/// The VIP's address on the interface while this proxy holds the lease.
+struct AddressKeeper {
+    iface: Arc<InterfaceVip>,
+    /// When the address was last added or renewed.
+    renewed: Option<Instant>,
+    /// Gratuitous ARPs after the address was (re)added.
+    announcer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl AddressKeeper {
+    /// After a successful claim: renew the address if it would still be gone before
+    /// anyone else may claim, and announce it when it was absent (new, or lapsed).
+    async fn after_claim(&mut self, lease: &Lease) {
+        if !lease.may_fence(Instant::now(), KERNEL_FENCE) {
+            tracing::debug!("VIP claim answered too late to renew the address on it");
+            return;
+        }
+        let lapsed = self
+            .renewed
+            .is_none_or(|r| r.elapsed() >= Duration::from_secs(LIFETIME_SECS.into()));
+        match self.iface.renew().await {
+            Ok(()) => self.renewed = Some(Instant::now()),
+            Err(e) => {
+                tracing::warn!(error = %e, "VIP: cannot add the address");
+                return;
+            }
+        }
+        if lapsed {
+            if let Some(a) = self.announcer.take() {
+                a.abort();
+            }
+            let iface = self.iface.clone();
+            self.announcer = Some(tokio::spawn(async move {
+                let t0 = tokio::time::Instant::now();
+                for at in ANNOUNCE_AT {
+                    tokio::time::sleep_until(t0 + at).await;
+                    if let Err(e) = iface.announce().await {
+                        tracing::warn!(error = %e, "VIP: cannot announce it");
+                    }
+                }
+            }));
+        }
+    }
+
+    /// Take the address away now.
+    async fn remove(&mut self) {
+        if let Some(a) = self.announcer.take() {
+            a.abort();
+        }
+        self.renewed = None;
+        if let Err(e) = self.iface.remove().await {
+            tracing::warn!(error = %e, "VIP: cannot remove the address; the kernel drops it within its lifetime");
+        }
+    }
+}
+
 /// Run the VIP loop until `cancel`, then stop serving the VIP and release the lease.
 pub(crate) async fn run(serving: Serving, vip: VipSettings, cancel: CancellationToken) {
     let shared = serving.shared.clone();
@@ -180,6 +255,17 @@ pub(crate) async fn run(serving: Serving, vip: VipSettings, cancel: Cancellation
         }
         Err(e) => {
             tracing::error!(error = %e, "VIP: cannot build the API client; not taking part");
+            return;
+        }
+    };
+    let mut address = match open_interface(&vip).await {
+        Ok(iface) => iface.map(|iface| AddressKeeper {
+            iface,
+            renewed: None,
+            announcer: None,
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "VIP: cannot use its interface; not taking part");
             return;
         }
     };
@@ -211,6 +297,9 @@ pub(crate) async fn run(serving: Serving, vip: VipSettings, cancel: Cancellation
                 Ok(Some(written)) => {
                     lease.claimed(started, version_of(&written).unwrap_or(0));
                     current = Some(written);
+                    if let Some(a) = address.as_mut() {
+                        a.after_claim(&lease).await;
+                    }
                 }
                 Ok(None) => lease.claim_failed(),
                 Err(e) => {
@@ -234,11 +323,20 @@ pub(crate) async fn run(serving: Serving, vip: VipSettings, cancel: Cancellation
             },
             (Some(_), false) => {
                 tracing::warn!(vip = %vip.address, "VIP lease over: letting go");
+                if let Some(a) = address.as_mut() {
+                    a.remove().await;
+                }
                 if let Some(l) = serving_vip.take() {
                     l.stop().await;
                 }
                 metrics.vip_holder.set(0);
                 metrics.vip_changes.inc();
+            }
+            (None, false) if address.as_ref().is_some_and(|a| a.renewed.is_some()) => {
+                // claimed, but never served (binding failed) and the hold ran out
+                if let Some(a) = address.as_mut() {
+                    a.remove().await;
+                }
             }
             _ => {}
         }
@@ -250,6 +348,9 @@ pub(crate) async fn run(serving: Serving, vip: VipSettings, cancel: Cancellation
         }
     }
     // SIGTERM: let go now, and tell the others so the next one takes over at its next read
+    if let Some(a) = address.as_mut() {
+        a.remove().await;
+    }
     if let Some(l) = serving_vip.take() {
         l.stop().await;
         metrics.vip_holder.set(0);

@@ -12,7 +12,7 @@
 //! - [`UpProcess`] runs `ballast up` itself.
 //!
 //! Address blocks in use (one per test): 10 harness self-tests and `ballast up`,
-//! 11–19 master tests, 21–29 proxy tests, 31–39 API tests, 41–49 worker tests, 50 the
+//! 11–19 master tests, 21–29 proxy tests (and 39, the VIP on real interfaces: [`netns`]), 31–38 API tests, 41–49 worker tests, 50 the
 //! in-process Raft group test (`master/src/raft/group_tests.rs`), 51–59 security tests,
 //! 70–79 the benchmarks (`examples/bench_*.rs`).
 
@@ -1139,6 +1139,8 @@ impl Kubectl {
 }
 
 /// Helpers the benchmark programs (`tests/examples/bench_*.rs`) share.
+pub mod netns;
+
 pub mod bench {
     use std::str::FromStr;
     use std::time::Duration;

@@ -1,0 +1,306 @@
+//! The VIP on real interfaces: three proxies, each a host in its own network namespace on
+//! one bridge, and a client host. The holder adds the VIP to its `eth0` and announces it
+//! by gratuitous ARP; kill -9, SIGSTOP past the lease, a cut from the masters and SIGTERM
+//! each move it to another proxy, and the client's neighbour entry follows. A checker
+//! reads every proxy host's addresses every 20 ms throughout: never two hosts with the
+//! VIP. The masters run in the test's own namespace on the bridge's addresses. Block 39.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ballast_config::{ProxyNode, VipConfig};
+use ballast_tests::netns::Segment;
+use ballast_tests::*;
+use nix::sys::signal::Signal;
+
+const BLOCK: u8 = 39;
+const T: Duration = Duration::from_secs(60);
+const PROXIES: [&str; 3] = ["p1", "p2", "p3"];
+
+/// The proxies as processes inside their hosts, killed in `Drop`.
+struct Proxies {
+    children: BTreeMap<String, Child>,
+}
+
+impl Proxies {
+    fn start(&mut self, seg: &Segment, c: &Cluster, id: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(c.log_path(id))
+            .unwrap();
+        let mut cmd = seg.command(id, &ballast_bin());
+        cmd.args(["proxy", "--config"])
+            .arg(c.config_path())
+            .args(["--id", id])
+            .env("RUST_LOG", "info")
+            .current_dir(c.dir())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.children
+            .insert(id.to_string(), spawn_tied(&mut cmd).expect("spawn proxy"));
+    }
+
+    fn signal(&self, id: &str, sig: Signal) {
+        let pid = self.children[id].id() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+    }
+
+    fn reap(&mut self, id: &str) {
+        let mut child = self.children.remove(id).unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Proxies {
+    fn drop(&mut self) {
+        for child in self.children.values_mut() {
+            // already gone is fine: the test may have killed it
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Who answered the client on the VIP, and when.
+#[derive(Clone, Debug)]
+struct Answer {
+    at: Instant,
+    from: Option<String>,
+}
+
+/// A client inside host `c`: asks the VIP's admin `/status` (which proxy answers) and the
+/// VIP's API `/readyz`, every 50 ms until `stop`.
+fn client_loop(ns: String, vip: Ipv4Addr, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Answer>>>) {
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    // built here, so their sockets are made in this namespace
+    let api = test_pki()
+        .admin_builder()
+        .timeout(Duration::from_millis(800))
+        .build()
+        .unwrap();
+    let admin = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(800))
+        .build()
+        .unwrap();
+    while !stop.load(Ordering::Relaxed) {
+        let at = Instant::now();
+        let id = admin
+            .get(format!("http://{vip}:9180/status"))
+            .send()
+            .ok()
+            .and_then(|r| r.json::<serde_json::Value>().ok())
+            .and_then(|s| s["id"].as_str().map(String::from));
+        let ready = api
+            .get(format!("https://{vip}:6443/readyz"))
+            .send()
+            .is_ok_and(|r| r.status().as_u16() == 200);
+        log.lock().unwrap().push(Answer {
+            at,
+            from: id.filter(|_| ready),
+        });
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn one_host_holds_the_vip_and_it_moves_when_the_holder_fails() {
+    require("nft");
+    let mut seg = Segment::new(BLOCK);
+    let vip = seg.addr(100);
+    for i in 1..=3u8 {
+        seg.add_bridge_address(10 + i);
+    }
+    for (i, id) in PROXIES.iter().enumerate() {
+        seg.host(id, 21 + i as u8);
+    }
+    seg.host("c", 30);
+    let (m_addr, p_addr) = (|i: u8| seg.addr(10 + i), |i: u8| seg.addr(20 + i));
+    let mut c = Cluster::configure(ClusterOpts::new(BLOCK).masters(3), |cfg| {
+        for (i, m) in cfg.masters.iter_mut().enumerate() {
+            m.api = (m_addr(i as u8 + 1), 6443).into();
+            m.peer = (m_addr(i as u8 + 1), 2380).into();
+        }
+        cfg.proxy.api = (vip, 6443).into();
+        cfg.proxy.dns = (vip, 5353).into();
+        cfg.proxy.admin = (vip, 9180).into();
+        cfg.proxies = PROXIES
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let a = p_addr(i as u8 + 1);
+                ProxyNode {
+                    id: id.to_string(),
+                    api: (a, 6443).into(),
+                    dns: (a, 5353).into(),
+                    admin: (a, 9180).into(),
+                    tls: Default::default(),
+                }
+            })
+            .collect();
+        let mut v = VipConfig::new(vip.into());
+        v.interface = Some("eth0".into());
+        v.prefix = Some(24);
+        cfg.vip = Some(v);
+    });
+    for m in ["m1", "m2", "m3"] {
+        c.start_node(m);
+    }
+    c.wait_one_active(T);
+    let mut proxies = Proxies {
+        children: BTreeMap::new(),
+    };
+    for id in PROXIES {
+        proxies.start(&seg, &c, id);
+    }
+    let own_status = |id: &str| -> Option<serde_json::Value> {
+        let i = PROXIES.iter().position(|p| *p == id).unwrap() as u8 + 1;
+        let r = http_timeout(
+            "GET",
+            &format!("http://{}:9180/status", p_addr(i)),
+            None,
+            Duration::from_millis(500),
+        )
+        .ok()?;
+        (r.status == 200).then(|| r.json())
+    };
+
+    // the checker: every proxy host's addresses, every 20 ms
+    let stop = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicUsize::new(0));
+    let checker = {
+        let (stop, most) = (stop.clone(), most.clone());
+        let seg_ns: Vec<String> = PROXIES.iter().map(|p| seg.ns(p)).collect();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let n = seg_ns
+                    .iter()
+                    .filter(|ns| {
+                        let out = run("ip", &["-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"]);
+                        String::from_utf8_lossy(&out.stdout).contains(&format!(" {vip}/"))
+                    })
+                    .count();
+                most.fetch_max(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let client = {
+        let (ns, stop, log) = (seg.ns("c"), stop.clone(), answers.clone());
+        std::thread::spawn(move || client_loop(ns, vip, stop, log))
+    };
+    let answered_by = |since: Instant, not: &[&str]| -> Option<String> {
+        let log = answers.lock().unwrap();
+        let a = log.iter().rev().find(|a| a.at >= since)?;
+        a.from.clone().filter(|f| !not.contains(&f.as_str()))
+    };
+    let holders = |seg: &Segment| -> Vec<&'static str> {
+        PROXIES
+            .into_iter()
+            .filter(|p| seg.addresses(p).contains(&vip))
+            .collect()
+    };
+    // The client's neighbour entry for the VIP names the holder's MAC.
+    let neighbour_follows = |seg: &Segment, holder: &str| {
+        let mac = seg.mac(holder);
+        wait_until("the client's neighbour entry names the holder", T, || {
+            (seg.neighbour("c", vip).as_deref() == Some(mac.as_str())).then_some(())
+        });
+    };
+
+    let t0 = Instant::now();
+    let first = wait_until("the VIP answers the client", T, || answered_by(t0, &[]));
+    assert_eq!(holders(&seg), vec![first.as_str()]);
+    assert_eq!(own_status(&first).unwrap()["vip_holder"], true);
+    neighbour_follows(&seg, &first);
+
+    // kill -9 of the holder: another host adds the VIP, and the client follows it
+    let t1 = Instant::now();
+    proxies.signal(&first, Signal::SIGKILL);
+    proxies.reap(&first);
+    let second = wait_until("another proxy answers on the VIP", T, || {
+        answered_by(t1, &[first.as_str()])
+    });
+    println!(
+        "kill -9 of {first}: {second} answers on the VIP after {:?}",
+        t1.elapsed()
+    );
+    neighbour_follows(&seg, &second);
+    wait_until("the dead holder's address runs out", T, || {
+        (holders(&seg) == vec![second.as_str()]).then_some(())
+    });
+    proxies.start(&seg, &c, &first);
+    wait_until("the restarted proxy is up and not the holder", T, || {
+        own_status(&first).filter(|s| s["vip_holder"] == false)
+    });
+
+    // SIGSTOP of the holder past its lease: another takes over; resumed, it holds nothing
+    let t2 = Instant::now();
+    proxies.signal(&second, Signal::SIGSTOP);
+    let third = wait_until("a third proxy answers on the VIP", T, || {
+        answered_by(t2, &[second.as_str()])
+    });
+    println!(
+        "SIGSTOP of {second}: {third} answers on the VIP after {:?}",
+        t2.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    proxies.signal(&second, Signal::SIGCONT);
+    wait_until("the resumed proxy knows it is not the holder", T, || {
+        own_status(&second).filter(|s| s["vip_holder"] == false)
+    });
+    assert!(!seg.addresses(&second).contains(&vip));
+    neighbour_follows(&seg, &third);
+
+    // the holder cut off from the masters lets go within its lease, and another takes over
+    let t3 = Instant::now();
+    let masters: Vec<String> = (1..=3).map(|i| m_addr(i).to_string()).collect();
+    seg.nft(
+        &third,
+        &format!(
+            "add table ip cut\nadd chain ip cut out {{ type filter hook output priority 0 ; }}\nadd rule ip cut out ip daddr {{ {} }} drop\n",
+            masters.join(", ")
+        ),
+    );
+    let fourth = wait_until("a proxy that reaches the masters answers", T, || {
+        answered_by(t3, &[third.as_str()])
+    });
+    println!(
+        "{third} cut from the masters: {fourth} answers on the VIP after {:?}",
+        t3.elapsed()
+    );
+    assert!(!seg.addresses(&third).contains(&vip));
+    neighbour_follows(&seg, &fourth);
+    seg.nft(&third, "delete table ip cut\n");
+
+    // SIGTERM: the holder releases at once, the next takes over at its next read
+    let t4 = Instant::now();
+    proxies.signal(&fourth, Signal::SIGTERM);
+    proxies.reap(&fourth);
+    let fifth = wait_until("the VIP answers after a SIGTERM", T, || {
+        answered_by(t4, &[fourth.as_str()])
+    });
+    println!(
+        "SIGTERM of {fourth}: {fifth} answers on the VIP after {:?}",
+        t4.elapsed()
+    );
+    neighbour_follows(&seg, &fifth);
+
+    stop.store(true, Ordering::Relaxed);
+    checker.join().unwrap();
+    client.join().unwrap();
+    assert_eq!(
+        most.load(Ordering::Relaxed),
+        1,
+        "two proxy hosts had the VIP at once (0: never any)"
+    );
+    drop(proxies);
+    drop(c);
+}
