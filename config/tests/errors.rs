@@ -98,7 +98,10 @@ fn a_vip_on_an_interface_needs_a_lease_the_kernel_can_fence() {
     assert_eq!(v.lease(), std::time::Duration::from_secs(3), "the default");
     assert_eq!(v.prefix(), 24);
     let e = err(&format!("{ok}lease = \"900ms\"\n"));
-    assert!(e.contains("vip.lease: with an interface, must be at least 2500ms"), "{e}");
+    assert!(
+        e.contains("vip.lease: with an interface, must be at least 2500ms"),
+        "{e}"
+    );
     let e = err(&format!("{ok}lease = \"900ms\"\n"));
     assert!(e.starts_with("c.toml:"), "{e}");
     let e = err(&format!(
@@ -108,5 +111,8 @@ fn a_vip_on_an_interface_needs_a_lease_the_kernel_can_fence() {
     let e = err(&format!(
         "{ONE}{TWO_PROXIES}\n[vip]\naddress = \"10.0.0.100\"\ninterface = \"a/b\"\n"
     ));
-    assert!(e.contains("vip.interface: must be an interface name"), "{e}");
+    assert!(
+        e.contains("vip.interface: must be an interface name"),
+        "{e}"
+    );
 }

@@ -5,10 +5,14 @@
 //! Everything is deleted in `Drop`, and left-overs of a killed run with the same block are
 //! deleted first.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::process::Command;
+use std::process::{Child, Command};
 
-use crate::run;
+use ballast_config::{ProxyNode, VipConfig};
+use nix::sys::signal::Signal;
+
+use crate::{ballast_bin, run, spawn_tied, Cluster, ClusterOpts};
 
 /// A bridge and the hosts on it.
 pub struct Segment {
@@ -182,6 +186,27 @@ impl Segment {
             }
         }
         let _ = run("ip", &["link", "del", &self.bridge()]);
+        // A deleted namespace lives on while the kernel still holds it (closing sockets),
+        // and its veths with it: delete our ends, which takes the pair, and wait until the
+        // names are free.
+        let ours = format!("v{}", self.block);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let out = run("ip", &["-br", "link"]);
+            let left: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.split(['@', ' ']).next())
+                .filter(|n| n.starts_with(&ours))
+                .map(String::from)
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            for name in left {
+                let _ = run("ip", &["link", "del", &name]);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 
@@ -191,5 +216,112 @@ impl Drop for Segment {
             let _ = run("ip", &["netns", "del", ns]);
         }
         let _ = run("ip", &["link", "del", &self.bridge()]);
+    }
+}
+
+/// Move the calling thread into host `ns` (a namespace name): the sockets it and the
+/// threads it starts make from now on are that host's.
+pub fn enter(ns: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+}
+
+/// A cluster for the VIP on real interfaces, on `seg`: three masters on the bridge's
+/// addresses `10.233.K.11–13` (the caller's own namespace), proxies `ids` as hosts
+/// `10.233.K.21…`, a client host `c` (`10.233.K.30`), and the VIP `10.233.K.100/24` added to
+/// the holder's `eth0`. The masters are started, the proxies not ([`HostProcs`]).
+pub fn vip_cluster(seg: &mut Segment, ids: &[&str]) -> Cluster {
+    for i in 1..=3u8 {
+        seg.add_bridge_address(10 + i);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        seg.host(id, 21 + i as u8);
+    }
+    seg.host("c", 30);
+    let vip = seg.addr(100);
+    let (m_addr, p_addr) = (
+        |i: usize| seg.addr(11 + i as u8),
+        |i: usize| seg.addr(21 + i as u8),
+    );
+    let mut c = Cluster::configure(ClusterOpts::new(seg.block).masters(3), |cfg| {
+        for (i, m) in cfg.masters.iter_mut().enumerate() {
+            m.api = (m_addr(i), 6443).into();
+            m.peer = (m_addr(i), 2380).into();
+        }
+        cfg.proxy.api = (vip, 6443).into();
+        cfg.proxy.dns = (vip, 5353).into();
+        cfg.proxy.admin = (vip, 9180).into();
+        cfg.proxies = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ProxyNode {
+                id: id.to_string(),
+                api: (p_addr(i), 6443).into(),
+                dns: (p_addr(i), 5353).into(),
+                admin: (p_addr(i), 9180).into(),
+                tls: Default::default(),
+            })
+            .collect();
+        let mut v = VipConfig::new(vip.into());
+        v.interface = Some("eth0".into());
+        v.prefix = Some(24);
+        cfg.vip = Some(v);
+    });
+    for m in ["m1", "m2", "m3"] {
+        c.start_node(m);
+    }
+    c
+}
+
+/// Processes run inside hosts, by name, killed in `Drop`.
+#[derive(Default)]
+pub struct HostProcs {
+    children: BTreeMap<String, Child>,
+}
+
+impl HostProcs {
+    /// `ballast proxy --id id` inside host `id`, its output appended to `logs/<id>.log`.
+    pub fn start_proxy(&mut self, seg: &Segment, c: &Cluster, id: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(c.log_path(id))
+            .unwrap();
+        let mut cmd = seg.command(id, &ballast_bin());
+        cmd.args(["proxy", "--config"])
+            .arg(c.config_path())
+            .args(["--id", id])
+            .current_dir(c.dir())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.start(id, &mut cmd);
+    }
+
+    /// Start `cmd` under `name` (which must not be running).
+    pub fn start(&mut self, name: &str, cmd: &mut Command) {
+        assert!(!self.children.contains_key(name), "{name} runs already");
+        let child = spawn_tied(cmd).unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        self.children.insert(name.to_string(), child);
+    }
+
+    pub fn signal(&self, name: &str, sig: Signal) {
+        let pid = self.children[name].id() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+    }
+
+    /// Wait for `name` to exit (after a signal) and forget it.
+    pub fn reap(&mut self, name: &str) {
+        let mut child = self.children.remove(name).unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for HostProcs {
+    fn drop(&mut self) {
+        for child in self.children.values_mut() {
+            // one the caller killed already is fine
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

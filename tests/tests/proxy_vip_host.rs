@@ -5,66 +5,18 @@
 //! reads every proxy host's addresses every 20 ms throughout: never two hosts with the
 //! VIP. The masters run in the test's own namespace on the bridge's addresses. Block 39.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ballast_config::{ProxyNode, VipConfig};
-use ballast_tests::netns::Segment;
+use ballast_tests::netns::{enter, vip_cluster, HostProcs, Segment};
 use ballast_tests::*;
 use nix::sys::signal::Signal;
 
 const BLOCK: u8 = 39;
 const T: Duration = Duration::from_secs(60);
 const PROXIES: [&str; 3] = ["p1", "p2", "p3"];
-
-/// The proxies as processes inside their hosts, killed in `Drop`.
-struct Proxies {
-    children: BTreeMap<String, Child>,
-}
-
-impl Proxies {
-    fn start(&mut self, seg: &Segment, c: &Cluster, id: &str) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(c.log_path(id))
-            .unwrap();
-        let mut cmd = seg.command(id, &ballast_bin());
-        cmd.args(["proxy", "--config"])
-            .arg(c.config_path())
-            .args(["--id", id])
-            .env("RUST_LOG", "info")
-            .current_dir(c.dir())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        self.children
-            .insert(id.to_string(), spawn_tied(&mut cmd).expect("spawn proxy"));
-    }
-
-    fn signal(&self, id: &str, sig: Signal) {
-        let pid = self.children[id].id() as i32;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
-    }
-
-    fn reap(&mut self, id: &str) {
-        let mut child = self.children.remove(id).unwrap();
-        child.wait().unwrap();
-    }
-}
-
-impl Drop for Proxies {
-    fn drop(&mut self) {
-        for child in self.children.values_mut() {
-            // already gone is fine: the test may have killed it
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// Who answered the client on the VIP, and when.
 #[derive(Clone, Debug)]
@@ -76,8 +28,7 @@ struct Answer {
 /// A client inside host `c`: asks the VIP's admin `/status` (which proxy answers) and the
 /// VIP's API `/readyz`, every 50 ms until `stop`.
 fn client_loop(ns: String, vip: Ipv4Addr, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Answer>>>) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    enter(&ns);
     // built here, so their sockets are made in this namespace
     let api = test_pki()
         .admin_builder()
@@ -114,51 +65,13 @@ fn one_host_holds_the_vip_and_it_moves_when_the_holder_fails() {
     require("nft");
     let mut seg = Segment::new(BLOCK);
     let vip = seg.addr(100);
-    for i in 1..=3u8 {
-        seg.add_bridge_address(10 + i);
-    }
-    for (i, id) in PROXIES.iter().enumerate() {
-        seg.host(id, 21 + i as u8);
-    }
-    seg.host("c", 30);
-    let (m_addr, p_addr) = (|i: u8| seg.addr(10 + i), |i: u8| seg.addr(20 + i));
-    let mut c = Cluster::configure(ClusterOpts::new(BLOCK).masters(3), |cfg| {
-        for (i, m) in cfg.masters.iter_mut().enumerate() {
-            m.api = (m_addr(i as u8 + 1), 6443).into();
-            m.peer = (m_addr(i as u8 + 1), 2380).into();
-        }
-        cfg.proxy.api = (vip, 6443).into();
-        cfg.proxy.dns = (vip, 5353).into();
-        cfg.proxy.admin = (vip, 9180).into();
-        cfg.proxies = PROXIES
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                let a = p_addr(i as u8 + 1);
-                ProxyNode {
-                    id: id.to_string(),
-                    api: (a, 6443).into(),
-                    dns: (a, 5353).into(),
-                    admin: (a, 9180).into(),
-                    tls: Default::default(),
-                }
-            })
-            .collect();
-        let mut v = VipConfig::new(vip.into());
-        v.interface = Some("eth0".into());
-        v.prefix = Some(24);
-        cfg.vip = Some(v);
-    });
-    for m in ["m1", "m2", "m3"] {
-        c.start_node(m);
-    }
+    let c = vip_cluster(&mut seg, &PROXIES);
     c.wait_one_active(T);
-    let mut proxies = Proxies {
-        children: BTreeMap::new(),
-    };
+    let mut proxies = HostProcs::default();
     for id in PROXIES {
-        proxies.start(&seg, &c, id);
+        proxies.start_proxy(&seg, &c, id);
     }
+    let (m_addr, p_addr) = (|i: u8| seg.addr(10 + i), |i: u8| seg.addr(20 + i));
     let own_status = |id: &str| -> Option<serde_json::Value> {
         let i = PROXIES.iter().position(|p| *p == id).unwrap() as u8 + 1;
         let r = http_timeout(
@@ -236,7 +149,7 @@ fn one_host_holds_the_vip_and_it_moves_when_the_holder_fails() {
     wait_until("the dead holder's address runs out", T, || {
         (holders(&seg) == vec![second.as_str()]).then_some(())
     });
-    proxies.start(&seg, &c, &first);
+    proxies.start_proxy(&seg, &c, &first);
     wait_until("the restarted proxy is up and not the holder", T, || {
         own_status(&first).filter(|s| s["vip_holder"] == false)
     });
