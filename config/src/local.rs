@@ -83,6 +83,7 @@ pub fn local_cluster(masters: usize, workers: usize, plan: AddressPlan) -> Clust
                 api_url: by_proxy.then(|| format!("https://{}", proxy.api)),
                 api_dns: (!by_proxy).then(|| format!("api.{}", proxy.dns_zone)),
                 dns_server: (!by_proxy).then_some(proxy.dns),
+                dns_servers: Vec::new(),
                 api_port: 6443,
                 capacity: Capacity::default(),
                 data_dir: None,
@@ -117,7 +118,8 @@ pub fn local_cluster(masters: usize, workers: usize, plan: AddressPlan) -> Clust
 
 /// Give `c` `n` proxies `p1`..`pN` on `127.K.3.I` (their own API, DNS and admin
 /// addresses) sharing a VIP: the `[proxy]` row's address (`127.0.0.1` by default), which
-/// the holder serves besides its own. The workers keep reaching the API at that address.
+/// the holder serves besides its own. Workers that reach the API by URL keep that address;
+/// those that resolve its name get every proxy's DNS responder.
 pub fn with_proxies(c: &mut ClusterConfig, n: usize, plan: AddressPlan) {
     c.proxies = (1..=n)
         .map(|i| ProxyNode {
@@ -129,6 +131,12 @@ pub fn with_proxies(c: &mut ClusterConfig, n: usize, plan: AddressPlan) {
         })
         .collect();
     c.vip = Some(VipConfig::new(c.proxy.api.ip()));
+    // workers that resolve the API name ask every proxy's own responder in turn
+    let all: Vec<SocketAddr> = c.proxies.iter().map(|p| p.dns).collect();
+    for w in c.workers.iter_mut().filter(|w| w.dns_server.is_some()) {
+        w.dns_server = None;
+        w.dns_servers = all.clone();
+    }
 }
 
 /// Render a config as TOML with a header comment.

@@ -610,6 +610,10 @@ pub struct WorkerConfig {
     /// The DNS server that resolves `api_dns`, e.g. `127.0.0.1:5353`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_server: Option<SocketAddr>,
+    /// Several DNS servers for `api_dns` (e.g. every proxy's responder), tried in turn
+    /// when one does not answer; instead of `dns_server`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<SocketAddr>,
     /// Port of the API behind `api_dns`. Default 6443.
     #[serde(default = "d_api_port")]
     pub api_port: u16,
@@ -633,7 +637,8 @@ pub enum ApiRoute {
     Url(String),
     Dns {
         name: String,
-        server: SocketAddr,
+        /// Tried in turn until one answers (never empty).
+        servers: Vec<SocketAddr>,
         port: u16,
     },
 }
@@ -645,9 +650,13 @@ impl WorkerConfig {
             (Some(url), _) => ApiRoute::Url(url.clone()),
             (None, Some(name)) => ApiRoute::Dns {
                 name: name.clone(),
-                server: self
-                    .dns_server
-                    .unwrap_or_else(|| "127.0.0.1:5353".parse().unwrap()),
+                servers: if self.dns_servers.is_empty() {
+                    vec![self
+                        .dns_server
+                        .unwrap_or_else(|| "127.0.0.1:5353".parse().unwrap())]
+                } else {
+                    self.dns_servers.clone()
+                },
                 port: self.api_port,
             },
             (None, None) => ApiRoute::Url("https://127.0.0.1:6443".into()),

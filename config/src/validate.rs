@@ -305,11 +305,21 @@ pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
                     ));
                 }
             }
-            (None, Some(_)) => {
-                if w.dns_server.is_none() {
-                    return Err(invalid(p("api_dns"), "api_dns needs dns_server"));
+            (None, Some(_)) => match (w.dns_server, w.dns_servers.is_empty()) {
+                (None, true) => {
+                    return Err(invalid(
+                        p("api_dns"),
+                        "api_dns needs dns_server (or dns_servers)",
+                    ))
                 }
-            }
+                (Some(_), false) => {
+                    return Err(invalid(
+                        p("dns_servers"),
+                        "set either dns_server or dns_servers, not both",
+                    ))
+                }
+                _ => {}
+            },
         }
         if w.capacity.pods == 0 {
             return Err(invalid(

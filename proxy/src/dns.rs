@@ -21,8 +21,31 @@ pub(crate) struct ZoneView<'a> {
     pub zone: &'a Name,
     pub ttl: u32,
     pub routing: &'a Routing,
-    /// The proxy's API address (`proxy.` in the zone).
+    /// The proxy's API address (`proxy.` in the zone, with one proxy).
     pub proxy_api: SocketAddr,
+    /// With several proxies: each one's id, own API address and whether it is alive.
+    /// `proxy.` and the zone's NS list the live ones; `<id>.proxy.` names each.
+    pub proxies: &'a [(String, SocketAddr, bool)],
+    /// The VIP (`vip.` in the zone), if any.
+    pub vip: Option<IpAddr>,
+}
+
+impl ZoneView<'_> {
+    /// The name servers of the zone, with their addresses: every live proxy
+    /// (`<id>.proxy.`), or with one proxy `proxy.`.
+    fn name_servers(&self) -> Vec<(Name, IpAddr)> {
+        if self.proxies.is_empty() {
+            return vec![(child(self.zone, "proxy"), self.proxy_api.ip())];
+        }
+        self.proxies
+            .iter()
+            .filter(|(_, _, live)| *live)
+            .map(|(id, api, _)| {
+                let name = child(self.zone, &format!("{}.proxy", id.to_lowercase()));
+                (name, api.ip())
+            })
+            .collect()
+    }
 }
 
 /// A computed DNS answer.
@@ -90,8 +113,8 @@ fn soa_record(v: &ZoneView<'_>) -> Record {
     Record::from_rdata(v.zone.clone(), v.ttl, RData::SOA(soa))
 }
 
-fn ns_record(v: &ZoneView<'_>) -> Record {
-    Record::from_rdata(v.zone.clone(), v.ttl, RData::NS(NS(child(v.zone, "proxy"))))
+fn ns_record(v: &ZoneView<'_>, server: &Name) -> Record {
+    Record::from_rdata(v.zone.clone(), v.ttl, RData::NS(NS(server.clone())))
 }
 
 /// Answer one question. Pure: no I/O, no clock.
@@ -124,9 +147,9 @@ pub(crate) fn answer(
                 answers.push(soa_record(v));
             }
             if matches!(qtype, RecordType::NS | RecordType::ANY) {
-                answers.push(ns_record(v));
-                if v.proxy_api.ip().is_ipv4() || v.proxy_api.ip().is_ipv6() {
-                    additional.push(ip_record(&child(v.zone, "proxy"), ttl, v.proxy_api.ip()));
+                for (server, ip) in v.name_servers() {
+                    answers.push(ns_record(v, &server));
+                    additional.push(ip_record(&server, ttl, ip));
                 }
             }
             true
@@ -151,8 +174,18 @@ pub(crate) fn answer(
             true
         }
         "proxy" => {
-            if matches_type(v.proxy_api.ip(), qtype) {
-                answers.push(ip_record(&fq, ttl, v.proxy_api.ip()));
+            let mut seen = Vec::new();
+            for (_, ip) in v.name_servers() {
+                if matches_type(ip, qtype) && !seen.contains(&ip) {
+                    seen.push(ip);
+                    answers.push(ip_record(&fq, ttl, ip));
+                }
+            }
+            true
+        }
+        "vip" if v.vip.is_some() => {
+            if let Some(ip) = v.vip.filter(|ip| matches_type(*ip, qtype)) {
+                answers.push(ip_record(&fq, ttl, ip));
             }
             true
         }
@@ -172,6 +205,22 @@ pub(crate) fn answer(
         }
         // empty non-terminal above the SRV name
         "_tcp" => true,
+        other if other.ends_with(".proxy") => {
+            let id = other.trim_end_matches(".proxy");
+            match v
+                .proxies
+                .iter()
+                .find(|(p, _, _)| p.eq_ignore_ascii_case(id))
+            {
+                Some((_, api, _)) => {
+                    if matches_type(api.ip(), qtype) {
+                        answers.push(ip_record(&fq, ttl, api.ip()));
+                    }
+                    true
+                }
+                None => false,
+            }
+        }
         other => {
             if let Some(m) = v
                 .routing
@@ -261,6 +310,11 @@ impl RequestHandler for DnsHandler {
                 Ok(info) => {
                     let settings = self.shared.settings();
                     let routing = self.shared.current();
+                    let proxies: Vec<(String, SocketAddr, bool)> = settings
+                        .proxies
+                        .iter()
+                        .map(|p| (p.id.clone(), p.api, self.shared.peers.alive(&p.id)))
+                        .collect();
                     match zone_name(&settings.proxy.dns_zone) {
                         Ok(zone) => {
                             let view = ZoneView {
@@ -268,6 +322,8 @@ impl RequestHandler for DnsHandler {
                                 ttl: settings.proxy.dns_ttl.as_secs().min(u32::MAX as u64) as u32,
                                 routing: &routing,
                                 proxy_api: settings.proxy.api,
+                                proxies: &proxies,
+                                vip: settings.vip.as_ref().map(|v| v.address),
                             };
                             let q = info.query.original();
                             Ok(answer(&view, q.name(), q.query_type(), q.query_class()))
@@ -348,8 +404,74 @@ mod tests {
             ttl: 1,
             routing: r,
             proxy_api: "127.0.0.1:6443".parse().unwrap(),
+            proxies: &[],
+            vip: None,
         };
         answer(&v, &Name::from_ascii(name).unwrap(), t, DNSClass::IN)
+    }
+
+    #[test]
+    fn several_proxies_list_the_live_ones_and_the_vip_has_a_name() {
+        let zone = zone_name("ballast.local").unwrap();
+        let proxies = [
+            ("p1".to_string(), "127.0.3.1:6443".parse().unwrap(), true),
+            ("p2".to_string(), "127.0.3.2:6443".parse().unwrap(), false),
+            ("p3".to_string(), "127.0.3.3:6443".parse().unwrap(), true),
+        ];
+        let r = routing(Some(1));
+        let v = ZoneView {
+            zone: &zone,
+            ttl: 1,
+            routing: &r,
+            proxy_api: "127.0.3.1:6443".parse().unwrap(),
+            proxies: &proxies,
+            vip: Some("127.0.0.1".parse().unwrap()),
+        };
+        let q = |name: &str, t| answer(&v, &Name::from_ascii(name).unwrap(), t, DNSClass::IN);
+        assert_eq!(
+            ips(&q("proxy.ballast.local.", RecordType::A)),
+            vec!["127.0.3.1", "127.0.3.3"]
+        );
+        assert_eq!(
+            ips(&q("vip.ballast.local.", RecordType::A)),
+            vec!["127.0.0.1"]
+        );
+        // a dead proxy keeps its own name
+        assert_eq!(
+            ips(&q("p2.proxy.ballast.local.", RecordType::A)),
+            vec!["127.0.3.2"]
+        );
+        assert_eq!(
+            q("p9.proxy.ballast.local.", RecordType::A).rcode,
+            ResponseCode::NXDomain
+        );
+        let ns = q("ballast.local.", RecordType::NS);
+        let servers: Vec<String> = ns
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::NS(n) => n.0.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            servers,
+            vec!["p1.proxy.ballast.local.", "p3.proxy.ballast.local."]
+        );
+        assert_eq!(ns.additional.len(), 2, "glue for each");
+        // without a VIP the name does not exist
+        let one = ZoneView {
+            vip: None,
+            proxies: &[],
+            ..v
+        };
+        let a = answer(
+            &one,
+            &Name::from_ascii("vip.ballast.local.").unwrap(),
+            RecordType::A,
+            DNSClass::IN,
+        );
+        assert_eq!(a.rcode, ResponseCode::NXDomain);
     }
 
     fn ips(a: &Answer) -> Vec<String> {

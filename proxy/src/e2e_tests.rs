@@ -222,6 +222,7 @@ fn settings(masters: &[&FakeMaster], hold: Duration) -> Settings {
             .map(|m| (m.state.id.clone(), m.addr))
             .collect(),
         vip: None,
+        proxies: Vec::new(),
     }
 }
 

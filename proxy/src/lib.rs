@@ -11,7 +11,8 @@
 //! - [`listeners`]: one set of API, DNS and admin listeners on one set of addresses;
 //! - [`lease`]: who holds the VIP (pure); [`vip`]: the lease loop, serving on the VIP;
 //!   [`vip_address`]: the VIP on a real interface (netlink, kernel lifetime, gratuitous ARP);
-//! - [`dns`]: zone answers and the hickory request handler;
+//! - [`dns`]: zone answers and the hickory request handler; [`peers`]: which of several
+//!   proxies are alive (they all answer DNS and list each other);
 //! - [`admin`]: the admin HTTP endpoint;
 //! - this file: startup, signals (SIGTERM/SIGINT stop, SIGHUP reloads) and shutdown.
 
@@ -22,6 +23,7 @@ mod health;
 mod lease;
 mod listeners;
 mod metrics;
+mod peers;
 mod proxy;
 mod state;
 mod tcp;
@@ -181,6 +183,10 @@ impl Running {
                 cancel.clone(),
             )),
         ];
+        let mut tasks = tasks;
+        if shared.settings().proxies.len() > 1 {
+            tasks.push(tokio::spawn(peers::run(shared.clone(), cancel.clone())));
+        }
         let vip = vip_settings.map(|v| {
             let stop = CancellationToken::new();
             let task = tokio::spawn(vip::run(serving.clone(), v, stop.clone()));

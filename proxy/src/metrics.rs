@@ -31,6 +31,8 @@ pub struct Metrics {
     pub vip_holder: IntGauge,
     /// How often this proxy started or stopped serving the VIP.
     pub vip_changes: IntCounter,
+    /// `ballast_proxy_info{id}` 1: which proxy this is (several may be scraped).
+    pub info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -150,8 +152,14 @@ impl Metrics {
             "How often this proxy took or let go of the VIP",
         )
         .expect("valid metric");
+        let info = IntGaugeVec::new(
+            Opts::new("ballast_proxy_info", "Always 1; the label names this proxy"),
+            &["id"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(active_master.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(info.clone()),
             Box::new(tcp_connections.clone()),
             Box::new(vip_holder.clone()),
             Box::new(vip_changes.clone()),
@@ -189,6 +197,7 @@ impl Metrics {
             tcp_connections,
             vip_holder,
             vip_changes,
+            info,
         }
     }
 

@@ -24,6 +24,8 @@ pub struct Settings {
     pub masters: Vec<(String, SocketAddr)>,
     /// The VIP this proxy competes for, when the config has one.
     pub vip: Option<crate::vip::VipSettings>,
+    /// Every proxy of `[[proxies]]` (this one included); empty with one `[proxy]`.
+    pub proxies: Vec<crate::peers::ProxyPeer>,
 }
 
 /// The config names no proxy `id`.
@@ -69,6 +71,15 @@ impl Settings {
             proxy,
             masters: c.masters.iter().map(|m| (m.id.clone(), m.api)).collect(),
             vip,
+            proxies: c
+                .proxies
+                .iter()
+                .map(|p| crate::peers::ProxyPeer {
+                    id: p.id.clone(),
+                    api: p.api,
+                    admin: p.admin,
+                })
+                .collect(),
         })
     }
 }
@@ -100,6 +111,8 @@ pub struct Shared {
     /// Wakes the checker supervisor after a reload changed the masters or timings.
     pub reconfigured: Notify,
     pub conns: ConnRegistry,
+    /// Which of the other proxies are alive (for DNS).
+    pub(crate) peers: crate::peers::Peers,
 }
 
 struct TableState {
@@ -112,6 +125,8 @@ impl Shared {
     pub fn new(settings: Settings) -> Arc<Self> {
         let table = HealthTable::new(settings.masters.iter().cloned());
         let (routing_tx, _) = watch::channel(Routing::default());
+        let metrics = Metrics::new();
+        metrics.info.with_label_values(&[&settings.proxy.id]).set(1);
         let shared = Arc::new(Self {
             settings: RwLock::new(Arc::new(settings)),
             table: Mutex::new(TableState {
@@ -119,12 +134,13 @@ impl Shared {
                 down_since: Some(Instant::now()),
             }),
             routing_tx,
-            metrics: Metrics::new(),
+            metrics,
             held: AtomicUsize::new(0),
             in_flight: Arc::new(AtomicUsize::new(0)),
             recheck: Notify::new(),
             reconfigured: Notify::new(),
             conns: ConnRegistry::default(),
+            peers: crate::peers::Peers::default(),
         });
         shared.publish_with(|_| ());
         shared
@@ -409,6 +425,7 @@ mod tests {
                 ("m2".into(), "127.0.1.2:6443".parse().unwrap()),
             ],
             vip: None,
+            proxies: Vec::new(),
         }
     }
 

@@ -311,16 +311,22 @@ pub(crate) async fn run(serving: Serving, vip: VipSettings, cancel: Cancellation
         // serve exactly while the lease allows, by this proxy's own clock
         let holds = lease.holds(Instant::now());
         match (&serving_vip, holds) {
-            (None, true) => match Listeners::start("vip", vip.addrs, &serving).await {
-                Ok(l) => {
-                    tracing::info!(vip = %vip.address, "holding the VIP");
-                    metrics.vip_holder.set(1);
-                    metrics.vip_changes.inc();
-                    serving_vip = Some(l);
+            (None, true) => {
+                // said before the listeners answer, so whoever answers on the VIP says so
+                metrics.vip_holder.set(1);
+                match Listeners::start("vip", vip.addrs, &serving).await {
+                    Ok(l) => {
+                        tracing::info!(vip = %vip.address, "holding the VIP");
+                        metrics.vip_changes.inc();
+                        serving_vip = Some(l);
+                    }
+                    // e.g. a paused former holder still has the addresses: try again
+                    Err(e) => {
+                        metrics.vip_holder.set(0);
+                        tracing::warn!(error = %e, "VIP: cannot serve on it yet");
+                    }
                 }
-                // e.g. a paused former holder still has the addresses: try again
-                Err(e) => tracing::warn!(error = %e, "VIP: cannot serve on it yet"),
-            },
+            }
             (Some(_), false) => {
                 tracing::warn!(vip = %vip.address, "VIP lease over: letting go");
                 if let Some(a) = address.as_mut() {

@@ -287,7 +287,10 @@ fn measure(front: &mut dyn Front, seg: &Segment, c: &Cluster, kills: usize) {
                 ([h], _) => stable = Some((h, Instant::now())),
                 _ => stable = None,
             }
-            assert!(Instant::now() < deadline, "not one VIP holder for a minute: {last:?}");
+            assert!(
+                Instant::now() < deadline,
+                "not one VIP holder for a minute: {last:?}"
+            );
             thread::sleep(Duration::from_millis(20));
         };
         let since = Instant::now();
@@ -296,8 +299,11 @@ fn measure(front: &mut dyn Front, seg: &Segment, c: &Cluster, kills: usize) {
                 .filter(|t| t.elapsed() >= Duration::from_secs(1))
                 .map(|_| ())
         });
-        let t = Instant::now();
+        // the clock starts once the holder's processes are gone (a dying process may still
+        // answer for a few milliseconds after kill(2) returns)
         kill_host_processes(seg, holder);
+        front.killed(holder);
+        let t = Instant::now();
         let deadline = t + GIVE_UP;
         let back = loop {
             match first_ok_after(t) {
@@ -314,7 +320,6 @@ fn measure(front: &mut dyn Front, seg: &Segment, c: &Cluster, kills: usize) {
             .filter(|s| s.done >= t && s.done <= end && !s.ok)
             .count() as u64;
         let gap = back.map(|b| b - t);
-        front.killed(holder);
         let now_holders = holders(seg, vip);
         // the killed host still has the VIP beside the new holder: keepalived leaves it there
         // (ballast's address runs out by its kernel lifetime); cleared by hand, as an operator
@@ -336,7 +341,15 @@ fn measure(front: &mut dyn Front, seg: &Segment, c: &Cluster, kills: usize) {
         if stale {
             let out = run(
                 "ip",
-                &["-n", &seg.ns(holder), "addr", "del", &format!("{vip}/24"), "dev", "eth0"],
+                &[
+                    "-n",
+                    &seg.ns(holder),
+                    "addr",
+                    "del",
+                    &format!("{vip}/24"),
+                    "dev",
+                    "eth0",
+                ],
             );
             assert!(out.status.success());
         }
@@ -412,7 +425,10 @@ fn main() {
         .tempdir()
         .unwrap()
         .keep();
-    println!("keepalived and HAProxy files and logs (kept): {}", dir.display());
+    println!(
+        "keepalived and HAProxy files and logs (kept): {}",
+        dir.display()
+    );
     let mut fronts: Vec<Box<dyn Front>> = vec![
         Box::new(Ballast {
             procs: HostProcs::default(),

@@ -176,3 +176,115 @@ fn exactly_one_proxy_serves_the_vip_and_another_takes_over() {
     let _ = again.kill();
     let _ = again.wait();
 }
+
+/// `dig +short NAME TYPE` at `server` (`ip:port`), sorted.
+fn dig_at(server: &str, name: &str, rtype: &str) -> Vec<String> {
+    let (ip, port) = server.split_once(':').unwrap();
+    let out = run(
+        "dig",
+        &[
+            &format!("@{ip}"),
+            "-p",
+            port,
+            "+time=1",
+            "+tries=1",
+            "+norec",
+            "+short",
+            name,
+            rtype,
+        ],
+    );
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty() && !l.starts_with(';'))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every proxy answers DNS and lists the live ones; a worker that resolves the API name at
+/// both keeps following the active master when the first of them dies. Block 57.
+#[test]
+fn every_proxy_answers_dns_and_a_worker_resolves_at_the_other_when_one_dies() {
+    require("dig");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    let up = UpProcess::start(&dir, &["--address-block", "57", "--proxies", "2"]);
+    let (d1, d2) = ("127.57.3.1:5353", "127.57.3.2:5353");
+    let both = vec!["127.57.3.1".to_string(), "127.57.3.2".to_string()];
+    for d in [d1, d2] {
+        wait_until("each proxy lists both", T, || {
+            (dig_at(d, "proxy.ballast.local", "A") == both).then_some(())
+        });
+        assert_eq!(dig_at(d, "vip.ballast.local", "A"), vec!["127.57.0.1"]);
+        assert_eq!(
+            dig_at(d, "ballast.local", "NS"),
+            vec!["p1.proxy.ballast.local.", "p2.proxy.ballast.local."]
+        );
+        assert_eq!(dig_at(d, "p2.proxy.ballast.local", "A"), vec!["127.57.3.2"]);
+    }
+    // w2 resolves the API name at p1, then p2 (ballast.toml)
+    let config: toml::Value =
+        toml::from_str(&std::fs::read_to_string(dir.join("ballast.toml")).unwrap()).unwrap();
+    assert_eq!(
+        config["workers"][1]["dns_servers"],
+        toml::Value::Array(vec![d1.into(), d2.into()]),
+        "{config}"
+    );
+
+    // p1 dies: p2 stops listing it
+    let pids = up.child_pids();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids["p1"] as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("p2 lists only itself", T, || {
+        (dig_at(d2, "proxy.ballast.local", "A") == vec!["127.57.3.2"]).then_some(())
+    });
+    assert_eq!(
+        dig_at(d2, "ballast.local", "NS"),
+        vec!["p2.proxy.ballast.local."]
+    );
+
+    // the active master dies too: w2 must find the new one through p2's responder
+    let active = wait_until("p2 names the active master", T, || {
+        status("127.57.3.2:9180")?["active"]
+            .as_str()
+            .map(String::from)
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[&active] as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    let new_active = wait_until("a new active master", T, || {
+        let a = status("127.57.3.2:9180")?["active"].as_str()?.to_string();
+        (a != active).then_some(a)
+    });
+    let api = test_pki()
+        .admin_builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let lease_url =
+        "https://127.57.3.2:6443/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/w2";
+    let renewed = || -> Option<String> {
+        let r = api.get(lease_url).send().ok()?;
+        let v: serde_json::Value = r.json().ok()?;
+        v.pointer("/spec/renewTime")?.as_str().map(String::from)
+    };
+    let first = wait_until("w2's lease readable at the new active", T, renewed);
+    let second = wait_until("w2 renews its lease at the new active", T, || {
+        renewed().filter(|r| *r != first)
+    });
+    wait_until("w2 renews it again", T, || {
+        renewed().filter(|r| *r != second)
+    });
+    let log = std::fs::read_to_string(dir.join("logs/w2.log")).unwrap_or_default();
+    assert!(
+        log.contains("now resolving at this DNS server"),
+        "w2 never moved to p2's responder (new active {new_active}):\n{log}"
+    );
+}

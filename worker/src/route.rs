@@ -1,10 +1,11 @@
-//! How the worker reaches the API: a fixed URL, or a DNS name resolved at one configured
-//! DNS server (the proxy's responder), cached for the record's TTL and resolved again on
-//! expiry or after a connection failure. If the DNS server cannot answer, the last known
-//! address is used (stale beats nothing while the proxy restarts).
+//! How the worker reaches the API: a fixed URL, or a DNS name resolved at the configured
+//! DNS servers (the proxies' responders: the one that answered last first, then the
+//! others in turn), cached for the record's TTL and resolved again on expiry or after a
+//! connection failure. If no DNS server answers, the last known address is used (stale
+//! beats nothing while the proxies restart).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -54,7 +55,9 @@ pub(crate) enum Route {
     Url(String),
     Dns {
         name: String,
-        server: SocketAddr,
+        servers: Vec<SocketAddr>,
+        /// The server asked first: the one that answered last.
+        preferred: AtomicUsize,
         port: u16,
         cache: Mutex<Option<Cached>>,
         /// Bumped whenever the name resolves to a different address.
@@ -66,9 +69,14 @@ impl Route {
     pub(crate) fn new(r: ApiRoute) -> Self {
         match r {
             ApiRoute::Url(u) => Route::Url(u.trim_end_matches('/').to_string()),
-            ApiRoute::Dns { name, server, port } => Route::Dns {
+            ApiRoute::Dns {
                 name,
-                server,
+                servers,
+                port,
+            } => Route::Dns {
+                name,
+                servers,
+                preferred: AtomicUsize::new(0),
                 port,
                 cache: Mutex::new(None),
                 generation: AtomicU64::new(0),
@@ -81,8 +89,14 @@ impl Route {
         match self {
             Route::Url(u) => u.clone(),
             Route::Dns {
-                name, server, port, ..
-            } => format!("{name}:{port} (DNS at {server})"),
+                name,
+                servers,
+                port,
+                ..
+            } => {
+                let at: Vec<String> = servers.iter().map(ToString::to_string).collect();
+                format!("{name}:{port} (DNS at {})", at.join(", "))
+            }
         }
     }
 
@@ -92,7 +106,8 @@ impl Route {
             Route::Url(u) => Ok(u.clone()),
             Route::Dns {
                 name,
-                server,
+                servers,
+                preferred,
                 port,
                 cache,
                 generation,
@@ -101,26 +116,28 @@ impl Route {
                 let cached = *cache.lock().unwrap();
                 let ip = match decide(cached, now) {
                     Decision::Use(ip) => ip,
-                    Decision::Resolve { stale } => match resolve_a(name, *server).await {
-                        Ok((ip, ttl)) => {
-                            *cache.lock().unwrap() = Some(Cached {
-                                ip,
-                                expires: Instant::now() + ttl,
-                            });
-                            if cached.map(|c| c.ip) != Some(ip) {
-                                generation.fetch_add(1, Ordering::SeqCst);
-                                tracing::info!(%name, %ip, "API name resolves to a new address");
-                            }
-                            ip
-                        }
-                        Err(e) => match stale {
-                            Some(ip) => {
-                                tracing::debug!(error = %e, %ip, "using the stale address");
+                    Decision::Resolve { stale } => {
+                        match resolve_any(name, servers, preferred).await {
+                            Ok((ip, ttl)) => {
+                                *cache.lock().unwrap() = Some(Cached {
+                                    ip,
+                                    expires: Instant::now() + ttl,
+                                });
+                                if cached.map(|c| c.ip) != Some(ip) {
+                                    generation.fetch_add(1, Ordering::SeqCst);
+                                    tracing::info!(%name, %ip, "API name resolves to a new address");
+                                }
                                 ip
                             }
-                            None => return Err(e),
-                        },
-                    },
+                            Err(e) => match stale {
+                                Some(ip) => {
+                                    tracing::debug!(error = %e, %ip, "using the stale address");
+                                    ip
+                                }
+                                None => return Err(e),
+                            },
+                        }
+                    }
                 };
                 Ok(format!("https://{}", SocketAddr::new(ip, *port)))
             }
@@ -144,6 +161,38 @@ impl Route {
             }
         }
     }
+}
+
+/// Ask `servers` in turn, starting with `preferred`, until one answers; the one that
+/// answered becomes `preferred`. The last error when none does.
+async fn resolve_any(
+    name: &str,
+    servers: &[SocketAddr],
+    preferred: &AtomicUsize,
+) -> Result<(IpAddr, Duration), RouteError> {
+    let first = preferred.load(Ordering::Relaxed) % servers.len().max(1);
+    let mut last = None;
+    for k in 0..servers.len() {
+        let i = (first + k) % servers.len();
+        match resolve_a(name, servers[i]).await {
+            Ok(found) => {
+                if i != first {
+                    tracing::info!(server = %servers[i], %name, "now resolving at this DNS server");
+                    preferred.store(i, Ordering::Relaxed);
+                }
+                return Ok(found);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS server did not answer; trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| RouteError::Dns {
+        name: name.to_string(),
+        server: "0.0.0.0:0".parse().unwrap(),
+        message: "no DNS server configured".into(),
+    }))
 }
 
 /// One A query at `server` over UDP; returns the first address and its TTL.
@@ -240,7 +289,7 @@ mod tests {
     async fn invalidate_forces_a_new_resolution() {
         let r = Route::new(ApiRoute::Dns {
             name: "api.ballast.local".into(),
-            server: "127.0.0.1:9".parse().unwrap(),
+            servers: vec!["127.0.0.1:9".parse().unwrap()],
             port: 6443,
         });
         let ip: IpAddr = "127.0.1.3".parse().unwrap();
@@ -258,23 +307,60 @@ mod tests {
         assert_eq!(url.base_url().await.unwrap(), "https://127.0.0.1:6443");
     }
 
-    #[tokio::test]
-    async fn resolves_at_the_configured_server_only() {
+    /// A DNS server answering `answers` queries with `127.0.1.2`, TTL 7.
+    async fn fake_server(answers: usize) -> SocketAddr {
         let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let server = sock.local_addr().unwrap();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 512];
-            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
-            let q = Message::from_vec(&buf[..n]).unwrap();
-            let mut resp = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
-            resp.add_query(q.queries[0].clone());
-            resp.answers.push(Record::from_rdata(
-                q.queries[0].name().clone(),
-                7,
-                RData::A(A(Ipv4Addr::new(127, 0, 1, 2))),
-            ));
-            sock.send_to(&resp.to_vec().unwrap(), from).await.unwrap();
+            for _ in 0..answers {
+                let mut buf = vec![0u8; 512];
+                let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut resp = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+                resp.add_query(q.queries[0].clone());
+                resp.answers.push(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    7,
+                    RData::A(A(Ipv4Addr::new(127, 0, 1, 2))),
+                ));
+                sock.send_to(&resp.to_vec().unwrap(), from).await.unwrap();
+            }
         });
+        server
+    }
+
+    #[tokio::test]
+    async fn a_dead_dns_server_is_passed_over_and_the_answering_one_asked_first() {
+        // nothing listens on a port just freed: the query is refused at once
+        let dead = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let live = fake_server(2).await;
+        let preferred = AtomicUsize::new(0);
+        let (ip, _) = resolve_any("api.ballast.local", &[dead, live], &preferred)
+            .await
+            .unwrap();
+        assert_eq!(ip, "127.0.1.2".parse::<IpAddr>().unwrap());
+        assert_eq!(preferred.load(Ordering::Relaxed), 1);
+        let t = Instant::now();
+        resolve_any("api.ballast.local", &[dead, live], &preferred)
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "the live one is asked first"
+        );
+        assert!(
+            resolve_any("api.ballast.local", &[dead], &AtomicUsize::new(0))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn resolves_at_the_configured_server_only() {
+        let server = fake_server(1).await;
         let (ip, ttl) = resolve_a("api.ballast.local", server).await.unwrap();
         assert_eq!(ip, "127.0.1.2".parse::<IpAddr>().unwrap());
         assert_eq!(ttl, Duration::from_secs(7));
