@@ -272,7 +272,33 @@ pub async fn run(
     id: String,
     shutdown: CancellationToken,
 ) -> Result<(), MasterError> {
-    let handle = Master::start(config, id, shutdown).await?;
+    // Everything stops on `stop`; a signal (`shutdown`) first hands the leadership over
+    // while the peer address still serves (see `raft/handover.rs`).
+    let stop = CancellationToken::new();
+    let handle = Master::start(config, id, stop.clone()).await?;
+    {
+        let handover = handle.node.handover.clone();
+        let id = handle.id.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            let started = std::time::Instant::now();
+            match handover.run().await {
+                raft::handover::Outcome::NotLeader => {}
+                raft::handover::Outcome::HandedOver { to } => tracing::info!(
+                    id = %id,
+                    to,
+                    ms = started.elapsed().as_millis() as u64,
+                    "handed the leadership over before stopping"
+                ),
+                raft::handover::Outcome::Failed(why) => tracing::warn!(
+                    id = %id,
+                    %why,
+                    "could not hand the leadership over; the others elect after the lease"
+                ),
+            }
+            stop.cancel();
+        });
+    }
     let cfg = &handle.config.config;
     let mut info = api::ApiInfo::new(handle.id.clone());
     info.server_address = cfg.proxy.api.to_string();

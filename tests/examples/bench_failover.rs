@@ -19,6 +19,9 @@
 //! and the write throughput: acknowledged writes/s with all 3 masters up (the settle windows)
 //! and over the whole run (failovers included).
 //!
+//! `BENCH_SIGNAL=term` stops the active with SIGTERM instead (a planned stop: it hands
+//! the leadership over first) and waits for it to exit before the restart.
+//!
 //! Run with a release build: `BALLAST_BIN=$CARGO_TARGET_DIR/release/ballast`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use ballast_tests::bench::{client, env_or, rank, sorted_millis};
 use ballast_tests::{wait_until, Cluster, ClusterOpts};
+use nix::sys::signal::Signal;
 
 const BLOCK: u8 = 70;
 const LONG: Duration = Duration::from_secs(30);
@@ -170,11 +174,15 @@ struct Cycle {
     new_active: String,
     to_active: Duration,
     to_write: Duration,
+    /// The longest gap between two acknowledged writes around the kill.
+    stall: Duration,
     to_rejoin: Duration,
 }
 
 fn main() {
     let kills: usize = env_or("BENCH_KILLS", 20);
+    // BENCH_SIGNAL=term: a planned stop (SIGTERM, the handover) instead of SIGKILL
+    let planned = env_or("BENCH_SIGNAL", "kill".to_string()) == "term";
     let writers: usize = env_or("BENCH_WRITERS", 8);
     let settle = Duration::from_millis(env_or("BENCH_SETTLE_MS", 2000));
     println!(
@@ -219,7 +227,11 @@ fn main() {
             .map(|x| x.load(Ordering::Relaxed))
             .collect();
         let kill_at = Instant::now();
-        c.kill(&active);
+        if planned {
+            c.signal(&active, Signal::SIGTERM);
+        } else {
+            c.kill(&active);
+        }
         // kill -> a surviving master reports active: one poller per survivor, every ~2 ms
         let (new_active, new_term, active_at) = first_active(&ids, &urls, a);
         // kill -> first write acknowledged by another master (exact time from the ack log)
@@ -238,6 +250,28 @@ fn main() {
                 .min()
                 .expect("an ack after the kill")
         };
+        // the longest gap between two acknowledged writes from the last one before the
+        // kill to the first one after it at another master
+        let stall = {
+            let acks = load.acks.lock().unwrap();
+            let mut times: Vec<Instant> = acks
+                .iter()
+                .map(|x| x.at)
+                .filter(|t| *t + Duration::from_secs(2) > kill_at && *t <= write_at)
+                .collect();
+            times.sort();
+            let first = times.iter().rposition(|t| *t <= kill_at).unwrap_or(0);
+            times[first..]
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .max()
+                .unwrap_or_default()
+        };
+        if planned {
+            wait_until(&format!("{active} stops after SIGTERM"), LONG, || {
+                (!c.is_running(&active)).then_some(())
+            });
+        }
         // restart the killed master and wait until it has rejoined and caught up
         let restart_at = Instant::now();
         c.start_node(&active);
@@ -256,16 +290,18 @@ fn main() {
             new_active: new_active.clone(),
             to_active: active_at - kill_at,
             to_write: write_at - kill_at,
+            stall,
             to_rejoin: rejoined_at - restart_at,
         };
         println!(
             "kill {:2}: {} killed (term {old_term}), {} active (term {new_term}) after {:6.1} ms, \
-             first write ack after {:6.1} ms, {} rejoined {:6.1} ms after restart",
+             first write ack after {:6.1} ms, longest stall {:6.1} ms, {} rejoined {:6.1} ms after restart",
             k + 1,
             cy.killed,
             cy.new_active,
             cy.to_active.as_secs_f64() * 1e3,
             cy.to_write.as_secs_f64() * 1e3,
+            cy.stall.as_secs_f64() * 1e3,
             cy.killed,
             cy.to_rejoin.as_secs_f64() * 1e3,
         );
@@ -290,8 +326,13 @@ fn main() {
 
     println!();
     println!(
-        "== master failover, {} kills (SIGKILL of the active) ==",
-        cycles.len()
+        "== master failover, {} {} of the active ==",
+        cycles.len(),
+        if planned {
+            "SIGTERMs (planned handover)"
+        } else {
+            "SIGKILLs"
+        }
     );
     println!(
         "kill -> new /active 200       {}",
@@ -300,6 +341,10 @@ fn main() {
     println!(
         "kill -> first write acked     {}",
         summary(&col(|c| c.to_write))
+    );
+    println!(
+        "longest stall between acks    {}",
+        summary(&col(|c| c.stall))
     );
     println!(
         "restart -> rejoined (caught up) {}",

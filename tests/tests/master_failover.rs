@@ -1,6 +1,6 @@
 //! Masters: exactly one active, failover, fencing and durability, with real processes.
 //!
-//! Address blocks 11–20 (one per test). Every wait is on a condition with a generous
+//! Address blocks 11–20 and 33 (one per test). Every wait is on a condition with a generous
 //! deadline; no test asserts a timing.
 
 use std::collections::BTreeMap;
@@ -449,4 +449,69 @@ fn restarted_follower_rejoins_without_deposing_the_active() {
         );
     }
     assert_all_present(&c, &want);
+}
+
+/// SIGTERM of the active master hands the leadership to a follower before it stops: one
+/// election (term + 1), named in its log, and a write loop through the proxy meanwhile
+/// sees no failure (the proxy holds requests for the moment there is no active master).
+/// Block 33.
+#[test]
+fn sigterm_of_the_active_hands_the_leadership_over_and_fails_no_request() {
+    let mut c = Cluster::start(ClusterOpts::new(33).masters(3).proxy(true), |_| {});
+    let (old, term) = c.wait_one_active(LONG);
+    let proxy = c.proxy_url();
+    let url = move |k: usize| format!("{proxy}/internal/kv/handover/{k}");
+    let url = &url;
+    wait_until("writes through the proxy", LONG, || {
+        http_timeout("PUT", &url(0), Some("v"), Duration::from_secs(5))
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writer = {
+        let (stop, failed, acked) = (stop.clone(), failed.clone(), acked.clone());
+        let urls: Vec<String> = (1..100_000).map(url).collect();
+        thread::spawn(move || {
+            for (k, u) in urls.iter().enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match http_timeout("PUT", u, Some("v"), Duration::from_secs(10)) {
+                    Ok(r) if r.status == 200 => acked.lock().unwrap().push(k + 1),
+                    other => failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("{u}: {:?}", other.map(|r| (r.status, r.body)))),
+                }
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    let (status, by_itself) = c.terminate(&old, Duration::from_secs(20));
+    assert!(
+        by_itself && status.success(),
+        "{old} did not stop cleanly: {status:?}"
+    );
+    let (new, new_term) = wait_until("a new active master", LONG, || {
+        the_active(&c).filter(|(id, _)| *id != old)
+    });
+    assert_eq!(new_term, term + 1, "one election, straight to {new}");
+    let log = std::fs::read_to_string(c.log_path(&old)).unwrap();
+    assert!(
+        log.contains("handed the leadership over before stopping"),
+        "{old} did not hand over:\n{log}"
+    );
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let failed = failed.lock().unwrap();
+    assert!(failed.is_empty(), "failed writes: {failed:?}");
+    let acked = acked.lock().unwrap();
+    assert!(acked.len() > 10, "only {} writes", acked.len());
+    for k in acked.iter() {
+        let r = http_timeout("GET", &url(*k), None, Duration::from_secs(5)).unwrap();
+        assert_eq!(r.status, 200, "acknowledged write {k} lost");
+    }
 }

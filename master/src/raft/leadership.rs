@@ -72,6 +72,8 @@ struct FenceState {
     /// Refuse votes before this instant (a restarted master honours the lease of a
     /// leader it may have acknowledged just before it stopped).
     quiet_until: Option<Instant>,
+    /// Handing over before a planned stop: never active again (see `handover.rs`).
+    retired: bool,
 }
 
 impl FenceState {
@@ -191,7 +193,8 @@ impl Fence {
         view: &RaftView,
         now: Instant,
     ) -> Option<Instant> {
-        if !view.leader_here
+        if st.retired
+            || !view.leader_here
             || !view.applied_own_term
             || st.votes_in_flight > 0
             || st.granted_term >= view.term
@@ -224,6 +227,13 @@ impl Fence {
         }
         st.votes_in_flight += 1;
         Ok(())
+    }
+
+    /// Stop being active, for good: this master hands its leadership over and stops.
+    /// Votes are no longer refused for being active.
+    pub(crate) fn retire(&self) {
+        self.state.lock().expect("fence lock").retired = true;
+        self.changed.notify_one();
     }
 
     /// Refuse every vote until `until`.

@@ -14,6 +14,7 @@
 pub(crate) mod campaign;
 #[cfg(test)]
 mod group_tests;
+pub(crate) mod handover;
 pub(crate) mod leadership;
 pub(crate) mod log_store;
 pub(crate) mod network;

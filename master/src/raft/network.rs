@@ -346,6 +346,7 @@ pub(crate) fn peer_router(state: PeerState) -> Router {
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/status", axum::routing::get(status))
+        .route("/raft/takeover", post(takeover))
         // AppendEntries carry at most 16 entries of at most 64 KiB each, snapshots come in
         // 1 MiB chunks: 16 MiB is room to spare
         .layer(DefaultBodyLimit::max(16 * 1024 * 1024))
@@ -454,6 +455,34 @@ async fn snapshot(
     let res: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> =
         st.raft.install_snapshot(req).await;
     Msgpack(res).into_response()
+}
+
+/// The leader hands over (see `handover.rs`): campaign now. Only the leader of the
+/// current term may ask, over its own connection.
+async fn takeover(
+    State(st): State<PeerState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    Msgpack(req): Msgpack<super::handover::TakeoverRequest>,
+) -> Response {
+    if let Some(refused) = st.refuse_impostor(&peer, req.leader) {
+        return refused;
+    }
+    let (leader, term) = {
+        let m = st.raft.metrics().borrow().clone();
+        (m.current_leader, m.current_term)
+    };
+    if leader != Some(req.leader) || term != req.term {
+        return (
+            StatusCode::CONFLICT,
+            format!("master {} does not lead term {} here", req.leader, req.term),
+        )
+            .into_response();
+    }
+    tracing::info!(from = req.leader, term, "taking over the leadership");
+    match st.raft.trigger().elect().await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
 }
 
 async fn vote(

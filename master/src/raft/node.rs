@@ -118,6 +118,8 @@ pub(crate) struct RaftNode {
     pub applied: Arc<Applied>,
     pub leadership: Leadership,
     pub timings: Timings,
+    /// Hands the leadership over before a planned stop.
+    pub handover: super::handover::Handover,
 }
 
 impl RaftNode {
@@ -278,12 +280,25 @@ impl RaftNode {
         ));
 
         let leadership = Leadership::new(id, names.clone(), &raft, fence.clone());
+        let handover = super::handover::Handover {
+            me: id,
+            raft: raft.clone(),
+            fence: fence.clone(),
+            http: http.clone(),
+            peers: members
+                .iter()
+                .filter(|(rid, _)| **rid != id)
+                .map(|(rid, n)| (*rid, n.addr.clone()))
+                .collect(),
+            rpc_timeout: cfg.raft.rpc_timeout,
+        };
         let node = Self {
             id,
             raft,
             applied,
             leadership,
             timings,
+            handover,
         };
         if pristine {
             node.guard_pristine(members, http, cfg.raft.rpc_timeout, fence, shutdown.clone());

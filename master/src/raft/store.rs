@@ -163,6 +163,17 @@ impl Proposer {
     /// Propose one batch and answer each of its writers.
     async fn propose(&self, batch: Vec<(Command, Reply)>) {
         let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+        // queued while active, but no longer (e.g. handing over): never proposed, so the
+        // writer may retry anywhere
+        if !self.leadership.is_active() {
+            let e = StoreError::NotActive {
+                leader: self.leadership.status().leader,
+            };
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return;
+        }
         let n = cmds.len();
         self.batch_writes.observe(n as f64);
         let cmd = if n == 1 {
