@@ -59,6 +59,7 @@ pub(crate) fn build_router(state: ServerState, extra: Router) -> Router {
     }
     base.with_state(state.clone())
         .merge(gated)
+        .layer(middleware::from_fn(mark_unacted))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),
@@ -289,6 +290,27 @@ fn store_error(e: StoreError) -> Response {
     if code == StatusCode::SERVICE_UNAVAILABLE {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if matches!(e, StoreError::NotActive { .. }) {
+        resp.extensions_mut()
+            .insert(crate::store::unacted::NotActiveRefusal);
+    }
+    resp
+}
+
+/// Run the request counting its committed writes; a "not active" refusal of a write by the
+/// store, in a request that committed nothing, is marked as refused before acting (see
+/// `store::unacted`), so a proxy sends it again to the new active master.
+async fn mark_unacted(req: Request, next: Next) -> Response {
+    let (mut resp, committed) = crate::store::unacted::track(next.run(req)).await;
+    if !committed
+        && resp
+            .extensions()
+            .get::<crate::store::unacted::NotActiveRefusal>()
+            .is_some()
+    {
+        resp.headers_mut()
+            .insert(REJECTED_HEADER, HeaderValue::from_static("not-active"));
     }
     resp
 }

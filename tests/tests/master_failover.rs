@@ -451,16 +451,17 @@ fn restarted_follower_rejoins_without_deposing_the_active() {
     assert_all_present(&c, &want);
 }
 
-/// SIGTERM of the active master hands the leadership to a follower before it stops: one
-/// election (term + 1), named in its log, and a write loop through the proxy meanwhile
-/// sees no failure (the proxy holds requests for the moment there is no active master).
-/// Block 33.
+/// A rolling restart: SIGTERM and restart every master in turn, the active one first,
+/// under a write loop and a read loop through the proxy. The active hands the leadership to
+/// a follower before it stops (named in its log), and no
+/// request fails, not even with a 503 (the proxy holds the few milliseconds without an
+/// active master). Every acknowledged write is there at the end. Block 33.
 #[test]
-fn sigterm_of_the_active_hands_the_leadership_over_and_fails_no_request() {
+fn a_rolling_restart_hands_the_leadership_over_and_fails_no_request() {
     let mut c = Cluster::start(ClusterOpts::new(33).masters(3).proxy(true), |_| {});
-    let (old, term) = c.wait_one_active(LONG);
+    c.wait_one_active(LONG);
     let proxy = c.proxy_url();
-    let url = move |k: usize| format!("{proxy}/internal/kv/handover/{k}");
+    let url = move |k: usize| format!("{proxy}/internal/kv/rolling/{k}");
     let url = &url;
     wait_until("writes through the proxy", LONG, || {
         http_timeout("PUT", &url(0), Some("v"), Duration::from_secs(5))
@@ -472,7 +473,7 @@ fn sigterm_of_the_active_hands_the_leadership_over_and_fails_no_request() {
     let acked = Arc::new(Mutex::new(Vec::new()));
     let writer = {
         let (stop, failed, acked) = (stop.clone(), failed.clone(), acked.clone());
-        let urls: Vec<String> = (1..100_000).map(url).collect();
+        let urls: Vec<String> = (1..1_000_000).map(url).collect();
         thread::spawn(move || {
             for (k, u) in urls.iter().enumerate() {
                 if stop.load(Ordering::Relaxed) {
@@ -483,33 +484,83 @@ fn sigterm_of_the_active_hands_the_leadership_over_and_fails_no_request() {
                     other => failed
                         .lock()
                         .unwrap()
-                        .push(format!("{u}: {:?}", other.map(|r| (r.status, r.body)))),
+                        .push(format!("PUT {u}: {:?}", other.map(|r| (r.status, r.body)))),
                 }
             }
         })
     };
-    thread::sleep(Duration::from_millis(500));
-    let (status, by_itself) = c.terminate(&old, Duration::from_secs(20));
-    assert!(
-        by_itself && status.success(),
-        "{old} did not stop cleanly: {status:?}"
-    );
-    let (new, new_term) = wait_until("a new active master", LONG, || {
-        the_active(&c).filter(|(id, _)| *id != old)
-    });
-    assert_eq!(new_term, term + 1, "one election, straight to {new}");
-    let log = std::fs::read_to_string(c.log_path(&old)).unwrap();
-    assert!(
-        log.contains("handed the leadership over before stopping"),
-        "{old} did not hand over:\n{log}"
-    );
-    thread::sleep(Duration::from_millis(500));
+    let reader = {
+        let (stop, failed) = (stop.clone(), failed.clone());
+        let u = url(0);
+        thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match http_timeout("GET", &u, None, Duration::from_secs(10)) {
+                    Ok(r) if r.status == 200 => n += 1,
+                    other => failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("GET {u}: {:?}", other.map(|r| (r.status, r.body)))),
+                }
+            }
+            n
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    // the active first, then the others: each active stop is a handover
+    let (first, _) = c.wait_one_active(LONG);
+    let mut order = vec![first.clone()];
+    order.extend(c.master_ids().into_iter().filter(|m| *m != first));
+    let mut handovers = 0;
+    for m in &order {
+        let (active, term) = c.wait_one_active(LONG);
+        let (status, by_itself) = c.terminate(m, Duration::from_secs(20));
+        assert!(
+            by_itself && status.success(),
+            "{m} did not stop cleanly: {status:?}"
+        );
+        if *m == active {
+            let (new, new_term) = wait_until("a new active master", LONG, || {
+                the_active(&c).filter(|(id, _)| id != m)
+            });
+            // one election when the machine keeps up (the benchmark shows it every time);
+            // a starved one may need another, which the proxy still hides
+            assert!(new_term > term, "{new} leads term {new_term} <= {term}");
+            println!("{m} stopped: {new} active in term {new_term} (was {term})");
+            let log = std::fs::read_to_string(c.log_path(m)).unwrap();
+            assert!(
+                log.contains("handed the leadership over before stopping"),
+                "{m} did not hand over:\n{log}"
+            );
+            handovers += 1;
+        }
+        c.start_node(m);
+        // back as a follower that has caught up before the next one stops
+        wait_until(&format!("{m} follows again"), LONG, || {
+            let r = http_timeout(
+                "GET",
+                &format!("{}/active", c.master_url(m)),
+                None,
+                Duration::from_secs(2),
+            )
+            .ok()?;
+            let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+            v["leader"].as_str().filter(|l| l != m).map(|_| ())
+        });
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert!(handovers >= 1);
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
+    let reads = reader.join().unwrap();
     let failed = failed.lock().unwrap();
-    assert!(failed.is_empty(), "failed writes: {failed:?}");
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
     let acked = acked.lock().unwrap();
-    assert!(acked.len() > 10, "only {} writes", acked.len());
+    assert!(
+        acked.len() > 30 && reads > 30,
+        "{} writes, {reads} reads",
+        acked.len()
+    );
     for k in acked.iter() {
         let r = http_timeout("GET", &url(*k), None, Duration::from_secs(5)).unwrap();
         assert_eq!(r.status, 200, "acknowledged write {k} lost");

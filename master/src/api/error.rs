@@ -102,6 +102,10 @@ pub enum ApiError {
     /// 503 with `Retry-After: 1`.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `Retry-After: 1`: the store refused a write for not being active (see
+    /// `store::unacted`).
+    #[error("{0}")]
+    NotActive(String),
     /// 429 with `Retry-After: 1`: the client has too many requests in flight.
     #[error("{0}")]
     TooManyRequests(String),
@@ -137,7 +141,9 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
-            ApiError::Unavailable(_) | ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NotActive(_) | ApiError::Timeout(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -157,7 +163,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
             ApiError::NotAcceptable(_) => "NotAcceptable",
-            ApiError::Unavailable(_) => "ServiceUnavailable",
+            ApiError::Unavailable(_) | ApiError::NotActive(_) => "ServiceUnavailable",
             ApiError::Timeout(_) => "Timeout",
             ApiError::TooManyRequests(_) => "TooManyRequests",
             ApiError::Internal(_) => "InternalError",
@@ -222,9 +228,10 @@ impl ApiError {
                     "reason": c.reason, "message": c.message, "field": c.field,
                 })).collect::<Vec<_>>(),
             })),
-            ApiError::Unavailable(_) | ApiError::Timeout(_) | ApiError::TooManyRequests(_) => {
-                Some(json!({"retryAfterSeconds": 1}))
-            }
+            ApiError::Unavailable(_)
+            | ApiError::NotActive(_)
+            | ApiError::Timeout(_)
+            | ApiError::TooManyRequests(_) => Some(json!({"retryAfterSeconds": 1})),
             _ => None,
         };
         if let Some(d) = details {
@@ -237,7 +244,7 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotActive { .. } => ApiError::Unavailable(e.to_string()),
+            StoreError::NotActive { .. } => ApiError::NotActive(e.to_string()),
             StoreError::Timeout => ApiError::Timeout(e.to_string()),
             StoreError::Compacted { requested, oldest } => {
                 ApiError::Gone(format!("too old resource version: {requested} ({oldest})"))
@@ -249,6 +256,7 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let refusal = matches!(self, ApiError::NotActive(_));
         let code = self.code();
         let body = serde_json::to_vec(&self.status()).unwrap_or_default();
         let mut resp = (code, body).into_response();
@@ -259,6 +267,10 @@ impl IntoResponse for ApiError {
         );
         if code == StatusCode::SERVICE_UNAVAILABLE || code == StatusCode::TOO_MANY_REQUESTS {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if refusal {
+            resp.extensions_mut()
+                .insert(crate::store::unacted::NotActiveRefusal);
         }
         resp
     }

@@ -29,7 +29,7 @@ use openraft::storage::RaftLogStorage;
 use openraft::{Raft, ServerState};
 use tokio_util::sync::CancellationToken;
 
-use super::leadership::LeaderContact;
+use super::leadership::{Fence, LeaderContact};
 use super::log_store::LogStore;
 use super::network::{peer_status, PeerStatus};
 use super::{NodeId, TypeConfig};
@@ -143,6 +143,7 @@ impl CampaignConfig {
 pub(crate) async fn run(
     cfg: CampaignConfig,
     raft: Raft<TypeConfig>,
+    fence: Arc<Fence>,
     contact: Arc<LeaderContact>,
     mut log: LogStore,
     http: reqwest::Client,
@@ -165,7 +166,7 @@ pub(crate) async fn run(
         if acted_for == Some(last) || last.elapsed() < silent {
             continue;
         }
-        if raft.metrics().borrow().state != ServerState::Follower {
+        if raft.metrics().borrow().state != ServerState::Follower || fence.retired() {
             continue;
         }
         acted_for = Some(last);
@@ -194,6 +195,7 @@ pub(crate) async fn run(
                 // Still leaderless here (no newer contact) and still a follower.
                 if contact.last() == Some(last)
                     && raft.metrics().borrow().state == ServerState::Follower
+                    && !fence.retired()
                 {
                     let _ = raft.trigger().elect().await;
                 }
@@ -206,7 +208,9 @@ pub(crate) async fn run(
                     _ = shutdown.cancelled() => {}
                     _ = tokio::time::sleep(cfg.lease) => {}
                 }
-                raft.runtime_config().elect(true);
+                if !fence.retired() {
+                    raft.runtime_config().elect(true);
+                }
             }
             Decision::LeaderAlive | Decision::NoQuorum => {}
         }

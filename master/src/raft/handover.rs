@@ -98,6 +98,8 @@ impl Handover {
             return Outcome::NotLeader;
         }
         self.fence.retire();
+        // a retired master never campaigns: once it granted its vote it waits to stop
+        self.raft.runtime_config().elect(false);
         let mut metrics = self.raft.metrics();
         // the log must stand still: writes that were proposed just before retiring land
         // first (a candidate behind the leader's last entry would lose its vote)

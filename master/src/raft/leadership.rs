@@ -236,6 +236,11 @@ impl Fence {
         self.changed.notify_one();
     }
 
+    /// Whether this master retired (it hands over and stops; it must not campaign).
+    pub(crate) fn retired(&self) -> bool {
+        self.state.lock().expect("fence lock").retired
+    }
+
     /// Refuse every vote until `until`.
     pub(crate) fn set_quiet_until(&self, until: Instant) {
         self.state.lock().expect("fence lock").quiet_until = Some(until);

@@ -236,6 +236,7 @@ impl RaftNode {
                 rpc_timeout: cfg.raft.rpc_timeout,
             },
             raft.clone(),
+            fence.clone(),
             contact.clone(),
             log_reader.clone(),
             http.clone(),

@@ -236,7 +236,11 @@ impl Store for RaftStore {
         }
         // The batcher answers every write it took (its proposal has its own timeout);
         // no answer means it was dropped mid-proposal: the outcome is unknown.
-        answer.await.unwrap_or(Err(StoreError::Timeout))
+        let res = answer.await.unwrap_or(Err(StoreError::Timeout));
+        if res.is_ok() {
+            crate::store::unacted::committed();
+        }
+        res
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {

@@ -85,6 +85,11 @@ struct Scheduler {
     nodes: Informer<Node>,
     /// The pods waiting for a node (not bound, not being deleted).
     pending: HashMap<PodRef, Arc<Pod>>,
+    /// Pods this scheduler bound that the informer does not show bound yet, as bound
+    /// (kube-scheduler's "assumed" pods): they count against their node's room, and are
+    /// not scheduled again, until the pod's own change arrives. Without this a cycle that
+    /// starts before the watch delivered the last cycle's binds over-commits nodes.
+    assumed: HashMap<PodRef, Arc<Pod>>,
     queue: Queue,
     marks: Marks,
     /// Some node or bound pod changed in a way that may give parked pods room.
@@ -100,6 +105,7 @@ impl Scheduler {
             pods: Informer::new()?,
             nodes: Informer::new()?,
             pending: HashMap::new(),
+            assumed: HashMap::new(),
             queue: Queue::default(),
             marks: Marks::default(),
             rooms_dirty: false,
@@ -116,6 +122,10 @@ impl Scheduler {
                 continue;
             };
             let at = pod_ref(any);
+            if new.as_deref().is_none_or(|p| !waits(p)) {
+                // bound (by us or anyone) or gone: the informer shows the truth now
+                self.assumed.remove(&at);
+            }
             let was = old.as_deref().filter(|p| waits(p));
             match new.as_ref().filter(|p| waits(p)) {
                 Some(now) => {
@@ -172,7 +182,15 @@ impl Scheduler {
         }
         self.rooms_dirty = false;
         let nodes: Vec<Arc<Node>> = self.nodes.objects().cloned().collect();
-        let mut usage = Usage::new(&nodes, self.pods.objects().map(|p| &**p));
+        let assumed = &self.assumed;
+        let mut usage = Usage::new(
+            &nodes,
+            self.pods
+                .objects()
+                .filter(|p| !assumed.contains_key(&pod_ref(p)))
+                .chain(assumed.values())
+                .map(|p| &**p),
+        );
         let reg = self.reg.clone();
         let mut binds = FuturesUnordered::new();
         for at in self.queue.begin(&fit::rooms(&nodes, &usage), now) {
@@ -182,13 +200,18 @@ impl Scheduler {
             let Some(pod) = self.pending.get(&at).cloned() else {
                 continue;
             };
+            if self.assumed.contains_key(&at) {
+                continue;
+            }
             match fit::schedule_with(&pod, &nodes, &usage) {
                 Ok(node) => {
                     usage.add(&pod, &node);
                     self.marks.withdraw(&at);
+                    self.assumed.insert(at.clone(), bound_to(&pod, &node));
                     binds.push(bind(&reg, at, pod.metadata.uid.clone(), node));
                     if binds.len() >= BINDS_IN_FLIGHT {
                         if let Some(Err(again)) = binds.next().await {
+                            self.assumed.remove(&again);
                             self.queue.add(again);
                         }
                     }
@@ -204,6 +227,7 @@ impl Scheduler {
         }
         while let Some(r) = binds.next().await {
             if let Err(again) = r {
+                self.assumed.remove(&again);
                 self.queue.add(again);
             }
         }
@@ -217,6 +241,13 @@ impl Scheduler {
         );
         Ok(())
     }
+}
+
+/// `pod` as it is once bound to `node`.
+fn bound_to(pod: &Pod, node: &str) -> Arc<Pod> {
+    let mut p = pod.clone();
+    p.spec.get_or_insert_with(Default::default).node_name = Some(node.to_string());
+    Arc::new(p)
 }
 
 /// Waits for a node: not bound and not being deleted.

@@ -11,6 +11,7 @@
 //! whether trying again (possibly on another master) can help.
 
 pub(crate) mod kv;
+pub(crate) mod unacted;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
