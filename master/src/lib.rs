@@ -16,6 +16,8 @@
 mod api;
 mod auth;
 mod controllers;
+#[doc(hidden)]
+pub mod fuzzing;
 mod metrics;
 mod raft;
 mod scheduler;

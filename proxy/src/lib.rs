@@ -19,6 +19,8 @@
 mod admin;
 mod checker;
 mod dns;
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod lease;
 mod listeners;

@@ -278,8 +278,10 @@ fn find_op(s: &str) -> Option<(usize, &'static str)> {
             i += 2;
             continue;
         }
+        // bytes, not `&s[i..]`: `i` walks bytes and may stand inside a multi-byte
+        // character (the operators are ASCII, so a match is at a character boundary)
         for op in ["!=", "==", "="] {
-            if s[i..].starts_with(op) {
+            if b[i..].starts_with(op.as_bytes()) {
                 return Some((i, op));
             }
         }
@@ -358,6 +360,16 @@ pub(crate) fn field_value(obj: &Value, path: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Found by `./task fuzz` (selectors): a multi-byte character before the operator
+    /// panicked the request's task.
+    #[test]
+    fn field_selectors_with_multibyte_characters_parse() {
+        let f = FieldSelector::parse("(\u{3da}=x").unwrap();
+        assert_eq!(f.requirements.len(), 1);
+        assert!(FieldSelector::parse("é\\é!=ü,ß==1").is_ok());
+        assert!(LabelSelector::parse("(\u{3da}=").is_err());
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -8,7 +8,7 @@ pub(super) fn encode_continue(key: &str, rev: u64) -> String {
         .encode(json!({"k": key, "rv": rev}).to_string())
 }
 
-pub(super) fn decode_continue(token: &str) -> Result<String, ApiError> {
+pub(crate) fn decode_continue(token: &str) -> Result<String, ApiError> {
     let bad = || ApiError::BadRequest("invalid continue token".into());
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)

@@ -22,7 +22,7 @@ use super::table;
 use super::validate::{normalize, validate};
 use crate::store::{Command, CommandResult, Event, KeyValue, Precondition, Store, StoreError};
 
-mod continue_token;
+pub(crate) mod continue_token;
 mod defaults;
 mod namespaces;
 mod subresources;

@@ -1,0 +1,7 @@
+//! A list's `continue` query value.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Ok(s) = std::str::from_utf8(data) {
+        ballast_master::fuzzing::continue_token(s);
+    }
+});
