@@ -28,7 +28,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ballast_tests::bench::{env_or, rank, sorted_millis};
-use ballast_tests::netns::{enter, vip_cluster, HostProcs, Segment};
+use ballast_tests::netns::{addresses_in, enter, vip_cluster, HostProcs, Segment};
 use ballast_tests::*;
 use nix::sys::signal::Signal;
 
@@ -249,10 +249,7 @@ fn measure(front: &mut dyn Front, seg: &Segment, c: &Cluster, kills: usize) {
             while !stop.load(Ordering::Relaxed) {
                 let n = ns
                     .iter()
-                    .filter(|ns| {
-                        let out = run("ip", &["-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"]);
-                        String::from_utf8_lossy(&out.stdout).contains(&format!(" {vip}/"))
-                    })
+                    .filter(|ns| addresses_in(ns).contains(&vip))
                     .count();
                 if n > 1 {
                     two.fetch_add(1, Ordering::Relaxed);

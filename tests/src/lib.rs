@@ -548,8 +548,22 @@ pub fn pod_processes(dir: &Path) -> BTreeMap<String, u32> {
 
 /// Run an nftables script (`nft -f -`), panicking on failure.
 fn nft(script: &str) {
+    nft_in(None, script);
+}
+
+/// Run an nftables script in network namespace `ns` (or the test's own), panicking on
+/// failure.
+pub(crate) fn nft_in(ns: Option<&str>, script: &str) {
     use std::io::Write as _;
-    let mut child = Command::new("nft")
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "nft"]);
+            c
+        }
+        None => Command::new("nft"),
+    };
+    let mut child = cmd
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
@@ -564,7 +578,8 @@ fn nft(script: &str) {
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "nft failed: {}\n{script}",
+        "nft{} failed: {}\n{script}",
+        ns.map(|n| format!(" in {n}")).unwrap_or_default(),
         String::from_utf8_lossy(&out.stderr)
     );
 }

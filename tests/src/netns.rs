@@ -102,27 +102,7 @@ impl Segment {
 
     /// The IPv4 addresses on host `name`'s `eth0` now.
     pub fn addresses(&self, name: &str) -> Vec<Ipv4Addr> {
-        let out = run(
-            "ip",
-            &[
-                "-n",
-                &self.ns(name),
-                "-4",
-                "-o",
-                "addr",
-                "show",
-                "dev",
-                "eth0",
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                w.find(|x| *x == "inet")?;
-                w.next()?.split('/').next()?.parse().ok()
-            })
-            .collect()
+        addresses_in(&self.ns(name))
     }
 
     /// Host `name`'s `eth0` MAC address.
@@ -154,25 +134,7 @@ impl Segment {
 
     /// Run an nft script inside host `name` (its tables go with the namespace).
     pub fn nft(&self, name: &str, script: &str) {
-        use std::io::Write;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(name), "nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("nft");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "nft in {name} failed: {}\n{script}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::nft_in(Some(&self.ns(name)), script);
     }
 
     fn clean(&self) {
@@ -324,4 +286,18 @@ impl Drop for HostProcs {
             let _ = child.wait();
         }
     }
+}
+
+/// The IPv4 addresses on `eth0` in namespace `ns` now (callable from any thread, e.g. a
+/// checker polling every host).
+pub fn addresses_in(ns: &str) -> Vec<Ipv4Addr> {
+    let out = run("ip", &["-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.find(|x| *x == "inet")?;
+            w.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ballast_tests::netns::{enter, vip_cluster, HostProcs, Segment};
+use ballast_tests::netns::{addresses_in, enter, vip_cluster, HostProcs, Segment};
 use ballast_tests::*;
 use nix::sys::signal::Signal;
 
@@ -94,10 +94,7 @@ fn one_host_holds_the_vip_and_it_moves_when_the_holder_fails() {
             while !stop.load(Ordering::Relaxed) {
                 let n = seg_ns
                     .iter()
-                    .filter(|ns| {
-                        let out = run("ip", &["-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"]);
-                        String::from_utf8_lossy(&out.stdout).contains(&format!(" {vip}/"))
-                    })
+                    .filter(|ns| addresses_in(ns).contains(&vip))
                     .count();
                 most.fetch_max(n, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(20));
