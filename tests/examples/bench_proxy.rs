@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ballast_tests::bench::{client, env_or, rank};
+use ballast_tests::bench::{client, env_or, min_p50_p99_max, rank};
 use ballast_tests::{spawn_tied, test_pki, wait_until, Cluster, ClusterOpts};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -55,21 +55,11 @@ const HAPROXY_TCP: &str = "127.71.0.2:8443";
 /// The second ballast proxy, in L4 mode.
 const BALLAST_L4: &str = "127.71.0.5:6443";
 
-/// Nearest-rank percentile of sorted values.
 /// min / p50 / p99 / max by nearest rank, in milliseconds.
 fn summary(samples: &[f64]) -> String {
-    if samples.is_empty() {
-        return "no samples".into();
-    }
     let mut v = samples.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    format!(
-        "min {:7.1}  p50 {:7.1}  p99 {:7.1}  max {:7.1}  ms",
-        v[0],
-        rank(&v, 0.5),
-        rank(&v, 0.99),
-        v[v.len() - 1]
-    )
+    min_p50_p99_max(&v)
 }
 
 /// A helper process (haproxy, nginx) stopped with SIGTERM (then SIGKILL) on drop.

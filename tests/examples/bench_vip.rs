@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ballast_tests::bench::{env_or, rank, sorted_millis};
+use ballast_tests::bench::{env_or, min_p50_p99_max, sorted_millis};
 use ballast_tests::netns::{addresses_in, enter, vip_cluster, HostProcs, Segment};
 use ballast_tests::*;
 use nix::sys::signal::Signal;
@@ -222,17 +222,7 @@ struct Round {
 }
 
 fn summary(samples: &[Duration]) -> String {
-    if samples.is_empty() {
-        return "no samples".into();
-    }
-    let v = sorted_millis(samples);
-    format!(
-        "min {:7.1}  p50 {:7.1}  p99 {:7.1}  max {:7.1} ms",
-        v[0],
-        rank(&v, 0.5),
-        rank(&v, 0.99),
-        v[v.len() - 1]
-    )
+    min_p50_p99_max(&sorted_millis(samples))
 }
 
 fn measure(front: &mut dyn Front, seg: &Segment, c: &Cluster, kills: usize) {
@@ -336,19 +326,7 @@ fn measure(front: &mut dyn Front, seg: &Segment, c: &Cluster, kills: usize) {
             k + 1,
         );
         if stale {
-            let out = run(
-                "ip",
-                &[
-                    "-n",
-                    &seg.ns(holder),
-                    "addr",
-                    "del",
-                    &format!("{vip}/24"),
-                    "dev",
-                    "eth0",
-                ],
-            );
-            assert!(out.status.success());
+            seg.remove_address(holder, vip, 24);
         }
         rounds.push(Round { gap, failed, stale });
         front.start(seg, c, holder);
@@ -378,19 +356,7 @@ fn measure(front: &mut dyn Front, seg: &Segment, c: &Cluster, kills: usize) {
     // a killed keepalived leaves its address behind: clear every host for the next front
     for h in HOSTS {
         if seg.addresses(h).contains(&vip) {
-            let out = run(
-                "ip",
-                &[
-                    "-n",
-                    &seg.ns(h),
-                    "addr",
-                    "del",
-                    &format!("{vip}/24"),
-                    "dev",
-                    "eth0",
-                ],
-            );
-            assert!(out.status.success());
+            seg.remove_address(h, vip, 24);
         }
     }
 }

@@ -1186,6 +1186,20 @@ pub mod bench {
         v
     }
 
+    /// `min / p50 / p99 / max` (nearest rank) of sorted milliseconds, or "no samples".
+    pub fn min_p50_p99_max(sorted: &[f64]) -> String {
+        if sorted.is_empty() {
+            return "no samples".into();
+        }
+        format!(
+            "min {:7.1}  p50 {:7.1}  p99 {:7.1}  max {:7.1}  ms",
+            sorted[0],
+            rank(sorted, 0.5),
+            rank(sorted, 0.99),
+            sorted[sorted.len() - 1]
+        )
+    }
+
     /// Nearest-rank percentile `p` (0..=1) of sorted, non-empty samples.
     pub fn rank(sorted: &[f64], p: f64) -> f64 {
         sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]

@@ -105,6 +105,19 @@ impl Segment {
         addresses_in(&self.ns(name))
     }
 
+    /// Remove `addr/prefix` from host `name`'s `eth0` (it must be there).
+    pub fn remove_address(&self, name: &str, addr: Ipv4Addr, prefix: u8) {
+        ip(&[
+            "-n",
+            &self.ns(name),
+            "addr",
+            "del",
+            &format!("{addr}/{prefix}"),
+            "dev",
+            "eth0",
+        ]);
+    }
+
     /// Host `name`'s `eth0` MAC address.
     pub fn mac(&self, name: &str) -> String {
         let out = run(

@@ -136,7 +136,12 @@ fn peers_accept_only_peers() {
                 ("a worker", &worker),
                 ("admin", admin),
             ] {
-                for path in ["/raft/append", "/raft/vote", "/raft/snapshot"] {
+                for path in [
+                    "/raft/append",
+                    "/raft/vote",
+                    "/raft/snapshot",
+                    "/raft/takeover",
+                ] {
                     let r = client
                         .post(format!("{t}{path}"))
                         .header("content-type", "application/msgpack")
