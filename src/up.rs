@@ -5,7 +5,6 @@
 //! same binary. A child that exits is reported, never restarted (failover must stay
 //! observable). SIGINT/SIGTERM stop every child: SIGTERM, then SIGKILL after a grace.
 
-use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -70,9 +69,32 @@ async fn run_async(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let lock = lock_dir(&dir)?;
+    let config_path = dir.join("ballast.toml");
+    let config = load_or_write_config(&args, &config_path)?;
+    check_addresses_free(&config)?;
+    write_pki_and_kubeconfig(&dir, &config_path, &config)?;
 
-    // One running cluster per DIR.
-    let lock_path = dir.join("ballast.lock");
+    let exe = std::env::current_exe().context("cannot find the ballast binary")?;
+    let mut nodes = nodes_of(&config, &config_path.display().to_string());
+    for node in &mut nodes {
+        node.child = Some(spawn(node, &exe, &dir, log_format)?);
+    }
+    print_summary(&dir, &config);
+    supervise(&dir, &mut nodes).await?;
+    stop_all(&dir, &mut nodes, Duration::from_secs(args.grace)).await;
+    drop(lock);
+    remove_if_there(&dir.join(LOCK_FILE));
+    eprintln!("cluster stopped");
+    Ok(())
+}
+
+const LOCK_FILE: &str = "ballast.lock";
+
+/// One running cluster per DIR: an exclusive lock on `DIR/ballast.lock`, which names
+/// the `ballast up` holding it.
+fn lock_dir(dir: &Path) -> anyhow::Result<Flock<fs::File>> {
+    let lock_path = dir.join(LOCK_FILE);
     let lock_file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -93,10 +115,14 @@ async fn run_async(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
     };
     lock.set_len(0)?;
     writeln!(&mut *lock, "{}", std::process::id())?;
+    Ok(lock)
+}
 
-    let config_path = dir.join("ballast.toml");
-    let config = if config_path.exists() {
-        let loaded = ballast_config::load(&config_path)?;
+/// The config DIR already has (the sizing flags then do nothing, and say so), or a new
+/// one of the asked size, validated exactly as a child will read it, then written.
+fn load_or_write_config(args: &UpArgs, config_path: &Path) -> anyhow::Result<ClusterConfig> {
+    if config_path.exists() {
+        let loaded = ballast_config::load(config_path)?;
         if args.masters != 3
             || args.workers != 2
             || args.proxies != 1
@@ -107,37 +133,40 @@ async fn run_async(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
                 config_path.display()
             );
         }
-        loaded.config
-    } else {
-        if args.masters == 0 {
-            bail!("--masters must be at least 1");
-        }
-        if args.masters > 254 || args.workers > 254 || args.proxies > 254 {
-            bail!("at most 254 masters, 254 workers and 254 proxies fit in an address block");
-        }
-        if args.proxies == 0 {
-            bail!("--proxies must be at least 1");
-        }
-        let plan = args
-            .address_block
-            .map(AddressPlan::block)
-            .unwrap_or_default();
-        let mut c = local_cluster(args.masters, args.workers, plan);
-        if args.proxies > 1 {
-            with_proxies(&mut c, args.proxies, plan);
-        }
-        let text = to_toml(&c);
-        // Validate what we write, exactly as a child will read it.
-        ballast_config::parse_str(&config_path, &text)?;
-        fs::write(&config_path, text)
-            .with_context(|| format!("cannot write {}", config_path.display()))?;
-        c
-    };
+        return Ok(loaded.config);
+    }
+    if args.masters == 0 {
+        bail!("--masters must be at least 1");
+    }
+    if args.masters > 254 || args.workers > 254 || args.proxies > 254 {
+        bail!("at most 254 masters, 254 workers and 254 proxies fit in an address block");
+    }
+    if args.proxies == 0 {
+        bail!("--proxies must be at least 1");
+    }
+    let plan = args
+        .address_block
+        .map(AddressPlan::block)
+        .unwrap_or_default();
+    let mut c = local_cluster(args.masters, args.workers, plan);
+    if args.proxies > 1 {
+        with_proxies(&mut c, args.proxies, plan);
+    }
+    let text = to_toml(&c);
+    ballast_config::parse_str(config_path, &text)?;
+    fs::write(config_path, text)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    Ok(c)
+}
 
-    check_addresses_free(&config)?;
-    // The PKI and the kubeconfig: made once, kept by later runs (new nodes get theirs).
-    let pki_dir = ballast_config::load(&config_path)?.pki_dir();
-    let report = ballast_config::pki::init(&pki_dir, &config)?;
+/// The PKI and the kubeconfig: made once, kept by later runs (new nodes get theirs).
+fn write_pki_and_kubeconfig(
+    dir: &Path,
+    config_path: &Path,
+    config: &ClusterConfig,
+) -> anyhow::Result<()> {
+    let pki_dir = ballast_config::load(config_path)?.pki_dir();
+    let report = ballast_config::pki::init(&pki_dir, config)?;
     if !report.issued.is_empty() {
         eprintln!(
             "{}: certificates for {}",
@@ -148,122 +177,105 @@ async fn run_async(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
     let server = format!("https://{}", config.proxy.api);
     let text = ballast_config::pki::kubeconfig(&pki_dir, "admin", &config.cluster.name, &server)?;
     ballast_config::pki::write_kubeconfig(&dir.join("kubeconfig"), &text)?;
+    Ok(())
+}
 
-    let exe = std::env::current_exe().context("cannot find the ballast binary")?;
-    let cfg = config_path.display().to_string();
+/// Every node of the config, in start order: masters, proxies, workers.
+fn nodes_of(config: &ClusterConfig, cfg: &str) -> Vec<Node> {
+    let node = |role: &str, id: &str, with_id: bool| {
+        let mut args = vec![role.to_string(), "--config".into(), cfg.to_string()];
+        if with_id {
+            args.extend(["--id".to_string(), id.to_string()]);
+        }
+        Node {
+            id: id.to_string(),
+            args,
+            child: None,
+        }
+    };
+    let mut nodes: Vec<Node> = Vec::new();
+    nodes.extend(config.masters.iter().map(|m| node("master", &m.id, true)));
+    if config.proxies.is_empty() {
+        nodes.push(node("proxy", "proxy", false));
+    }
+    nodes.extend(config.proxies.iter().map(|p| node("proxy", &p.id, true)));
+    nodes.extend(config.workers.iter().map(|w| node("worker", &w.id, true)));
+    nodes
+}
+
+/// Start one node with its output appended to `DIR/logs/<id>.log` and its pid in
+/// `DIR/<id>.pid`.
+fn spawn(node: &Node, exe: &Path, dir: &Path, log_format: LogFormat) -> anyhow::Result<Child> {
+    let log_path = dir.join("logs").join(format!("{}.log", node.id));
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
     let fmt = match log_format {
         LogFormat::Text => "text",
         LogFormat::Json => "json",
     };
-    let mut nodes: Vec<Node> = Vec::new();
-    for m in &config.masters {
-        nodes.push(Node {
-            id: m.id.clone(),
-            args: vec![
-                "master".into(),
-                "--config".into(),
-                cfg.clone(),
-                "--id".into(),
-                m.id.clone(),
-            ],
-            child: None,
-        });
+    let mut cmd = Command::new(exe);
+    cmd.args(&node.args)
+        .arg("--log-format")
+        .arg(fmt)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Own process group: a terminal's Ctrl-C reaches only `up`, which then stops
+        // the children in order.
+        .process_group(0)
+        .kill_on_drop(true);
+    die_with_parent(&mut cmd);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", node.id))?;
+    if let Some(pid) = child.id() {
+        fs::write(pidfile(dir, &node.id), format!("{pid}\n"))?;
     }
-    if config.proxies.is_empty() {
-        nodes.push(Node {
-            id: "proxy".into(),
-            args: vec!["proxy".into(), "--config".into(), cfg.clone()],
-            child: None,
-        });
-    }
-    for p in &config.proxies {
-        nodes.push(Node {
-            id: p.id.clone(),
-            args: vec![
-                "proxy".into(),
-                "--config".into(),
-                cfg.clone(),
-                "--id".into(),
-                p.id.clone(),
-            ],
-            child: None,
-        });
-    }
-    for w in &config.workers {
-        nodes.push(Node {
-            id: w.id.clone(),
-            args: vec![
-                "worker".into(),
-                "--config".into(),
-                cfg.clone(),
-                "--id".into(),
-                w.id.clone(),
-            ],
-            child: None,
-        });
-    }
-    for node in &mut nodes {
-        let log_path = dir.join("logs").join(format!("{}.log", node.id));
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("cannot open {}", log_path.display()))?;
-        let mut cmd = Command::new(&exe);
-        cmd.args(&node.args)
-            .arg("--log-format")
-            .arg(fmt)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Own process group: a terminal's Ctrl-C reaches only `up`, which then stops
-            // the children in order.
-            .process_group(0)
-            .kill_on_drop(true);
-        die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", node.id))?;
-        if let Some(pid) = child.id() {
-            fs::write(dir.join(format!("{}.pid", node.id)), format!("{pid}\n"))?;
+    Ok(child)
+}
+
+fn pidfile(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.pid"))
+}
+
+/// Remove a file `up` wrote; one already gone is fine, any other failure is reported.
+fn remove_if_there(path: &Path) {
+    if let Err(e) = fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("cannot remove {}: {e}", path.display());
         }
-        node.child = Some(child);
     }
+}
 
-    print_summary(&dir, &config);
-
+/// Report children that exit (never restarting them) until SIGTERM or SIGINT.
+async fn supervise(dir: &Path, nodes: &mut [Node]) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut exited: BTreeMap<String, String> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
-            _ = term.recv() => { eprintln!("SIGTERM: stopping the cluster"); break; }
-            _ = int.recv() => { eprintln!("interrupt: stopping the cluster"); break; }
+            _ = term.recv() => { eprintln!("SIGTERM: stopping the cluster"); return Ok(()); }
+            _ = int.recv() => { eprintln!("interrupt: stopping the cluster"); return Ok(()); }
             _ = tick.tick() => {
-                for node in &mut nodes {
+                for node in nodes.iter_mut() {
                     let Some(child) = node.child.as_mut() else { continue };
                     if let Ok(Some(status)) = child.try_wait() {
-                        let msg = format!("{status}");
                         eprintln!(
-                            "{} exited ({msg}); see {}/logs/{}.log. Not restarted: restart it with `ballast {}`",
+                            "{} exited ({status}); see {}/logs/{}.log. Not restarted: restart it with `ballast {}`",
                             node.id, dir.display(), node.id, node.args.join(" ")
                         );
-                        let _ = fs::remove_file(dir.join(format!("{}.pid", node.id)));
-                        exited.insert(node.id.clone(), msg);
+                        remove_if_there(&pidfile(dir, &node.id));
                         node.child = None;
                     }
                 }
             }
         }
     }
-    stop_all(&dir, &mut nodes, Duration::from_secs(args.grace)).await;
-    drop(lock);
-    let _ = fs::remove_file(&lock_path);
-    eprintln!("cluster stopped");
-    Ok(())
 }
 
 /// Ask every child to stop, then kill those still running after `grace`.
@@ -272,7 +284,10 @@ async fn stop_all(dir: &Path, nodes: &mut [Node], grace: Duration) {
     // proxy, then the masters.
     for node in nodes.iter().rev() {
         if let Some(pid) = node.child.as_ref().and_then(Child::id) {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            // A child that has just exited by itself is reaped below.
+            if let Err(e) = kill(Pid::from_raw(pid as i32), Signal::SIGTERM) {
+                eprintln!("cannot signal {} (pid {pid}): {e}", node.id);
+            }
         }
     }
     let deadline = tokio::time::Instant::now() + grace;
@@ -280,14 +295,16 @@ async fn stop_all(dir: &Path, nodes: &mut [Node], grace: Duration) {
         let Some(mut child) = node.child.take() else {
             continue;
         };
-        match tokio::time::timeout_at(deadline, child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                eprintln!("{} did not stop within {grace:?}: killing it", node.id);
-                let _ = child.kill().await;
+        if tokio::time::timeout_at(deadline, child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("{} did not stop within {grace:?}: killing it", node.id);
+            if let Err(e) = child.kill().await {
+                eprintln!("cannot kill {}: {e}", node.id);
             }
         }
-        let _ = fs::remove_file(dir.join(format!("{}.pid", node.id)));
+        remove_if_there(&pidfile(dir, &node.id));
     }
 }
 

@@ -1,6 +1,6 @@
 //! Semantic validation of a parsed [`ClusterConfig`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -75,56 +75,97 @@ fn is_dns_label(s: &str) -> bool {
 /// Check a parsed config; returns warnings when it is usable.
 pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
     let mut warnings = Vec::new();
-    if c.masters.is_empty() {
-        return Err(err(vec![key("masters")], ValidationErrorKind::NoMasters));
+    let mut claims = Claims::default();
+    check_masters(c, &mut claims, &mut warnings)?;
+    check_limits(c)?;
+    check_raft(&c.raft)?;
+    check_proxies(c, &mut claims, &mut warnings)?;
+    if let Some(v) = &c.vip {
+        check_vip(c, v)?;
     }
-    if c.limits.max_connections == 0 {
-        let path = vec![key("limits"), key("max_connections")];
-        return Err(invalid(path, "must be at least 1"));
+    for (i, w) in c.workers.iter().enumerate() {
+        check_worker(i, w, &mut claims)?;
     }
-    if c.limits.max_requests_in_flight_per_user == 0 {
-        let path = vec![key("limits"), key("max_requests_in_flight_per_user")];
-        return Err(invalid(path, "must be at least 1"));
+    Ok(warnings)
+}
+
+/// The ids and addresses the nodes seen so far took: no two may share either.
+#[derive(Default)]
+struct Claims<'c> {
+    ids: HashSet<&'c str>,
+    /// Address → who took it, for the error.
+    addrs: HashMap<SocketAddr, String>,
+}
+
+impl<'c> Claims<'c> {
+    /// A node's id: a DNS label no other node has.
+    fn id(&mut self, id: &'c str, path: Vec<PathSeg>) -> Result<(), ValidationError> {
+        if !is_dns_label(id) {
+            return Err(err(path, ValidationErrorKind::BadId(id.into())));
+        }
+        if !self.ids.insert(id) {
+            return Err(err(path, ValidationErrorKind::DuplicateId(id.into())));
+        }
+        Ok(())
     }
-    if c.limits.header_read_timeout.is_zero() {
-        let path = vec![key("limits"), key("header_read_timeout")];
-        return Err(invalid(path, "must be longer than 0s"));
-    }
-    let mut ids: HashMap<&str, ()> = HashMap::new();
-    let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
-    let mut claim = |addr: SocketAddr, who: String, path: Vec<PathSeg>| {
-        // Port 0 means "any free port": never a conflict.
+
+    /// An address a node listens on. Port 0 means "any free port": never a conflict.
+    fn addr(
+        &mut self,
+        addr: SocketAddr,
+        who: String,
+        path: Vec<PathSeg>,
+    ) -> Result<(), ValidationError> {
         if addr.port() == 0 {
             return Ok(());
         }
-        if let Some(other) = addrs.get(&addr) {
+        if let Some(other) = self.addrs.get(&addr) {
+            let other = other.clone();
             return Err(err(
                 path,
-                ValidationErrorKind::DuplicateAddress {
-                    addr,
-                    other: other.clone(),
-                },
+                ValidationErrorKind::DuplicateAddress { addr, other },
             ));
         }
-        addrs.insert(addr, who);
+        self.addrs.insert(addr, who);
         Ok(())
-    };
-    let mut raft_ids = HashMap::new();
+    }
+}
+
+fn check_limits(c: &ClusterConfig) -> Result<(), ValidationError> {
+    let lp = |k: &str| vec![key("limits"), key(k)];
+    if c.limits.max_connections == 0 {
+        return Err(invalid(lp("max_connections"), "must be at least 1"));
+    }
+    if c.limits.max_requests_in_flight_per_user == 0 {
+        let path = lp("max_requests_in_flight_per_user");
+        return Err(invalid(path, "must be at least 1"));
+    }
+    if c.limits.header_read_timeout.is_zero() {
+        let path = lp("header_read_timeout");
+        return Err(invalid(path, "must be longer than 0s"));
+    }
+    Ok(())
+}
+
+fn check_masters<'c>(
+    c: &'c ClusterConfig,
+    claims: &mut Claims<'c>,
+    warnings: &mut Vec<Warning>,
+) -> Result<(), ValidationError> {
+    if c.masters.is_empty() {
+        return Err(err(vec![key("masters")], ValidationErrorKind::NoMasters));
+    }
+    let mut raft_ids = HashSet::new();
     for (i, m) in c.masters.iter().enumerate() {
         let p = |k: &str| vec![key("masters"), PathSeg::Index(i), key(k)];
-        if !is_dns_label(&m.id) {
-            return Err(err(p("id"), ValidationErrorKind::BadId(m.id.clone())));
-        }
-        if ids.insert(&m.id, ()).is_some() {
-            return Err(err(p("id"), ValidationErrorKind::DuplicateId(m.id.clone())));
-        }
-        claim(m.api, format!("master {} (api)", m.id), p("api"))?;
-        claim(m.peer, format!("master {} (peer)", m.id), p("peer"))?;
+        claims.id(&m.id, p("id"))?;
+        claims.addr(m.api, format!("master {} (api)", m.id), p("api"))?;
+        claims.addr(m.peer, format!("master {} (peer)", m.id), p("peer"))?;
         let rid = m.raft_id.unwrap_or(i as u64 + 1);
         if rid == 0 {
             return Err(invalid(p("raft_id"), "raft_id must be at least 1"));
         }
-        if raft_ids.insert(rid, ()).is_some() {
+        if !raft_ids.insert(rid) {
             return Err(err(p("raft_id"), ValidationErrorKind::DuplicateRaftId(rid)));
         }
     }
@@ -141,122 +182,55 @@ pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
             ),
         });
     }
-    let r = &c.raft;
+    Ok(())
+}
+
+fn check_raft(r: &RaftConfig) -> Result<(), ValidationError> {
+    let rp = |k: &str| vec![key("raft"), key(k)];
     if r.heartbeat_interval.is_zero() {
         return Err(invalid(
-            vec![key("raft"), key("heartbeat_interval")],
+            rp("heartbeat_interval"),
             "must be greater than zero",
         ));
     }
     if r.election_timeout_min <= r.heartbeat_interval * 2 {
-        return Err(invalid(
-            vec![key("raft"), key("election_timeout_min")],
-            "must be more than twice heartbeat_interval",
-        ));
+        let msg = "must be more than twice heartbeat_interval";
+        return Err(invalid(rp("election_timeout_min"), msg));
     }
     if r.election_timeout_max <= r.election_timeout_min {
-        return Err(invalid(
-            vec![key("raft"), key("election_timeout_max")],
-            "must be greater than election_timeout_min",
-        ));
+        let msg = "must be greater than election_timeout_min";
+        return Err(invalid(rp("election_timeout_max"), msg));
     }
     if r.snapshot_after_logs == 0 {
-        return Err(invalid(
-            vec![key("raft"), key("snapshot_after_logs")],
-            "must be at least 1",
-        ));
+        return Err(invalid(rp("snapshot_after_logs"), "must be at least 1"));
     }
+    Ok(())
+}
+
+/// `[proxy]` (its addresses, DNS zone, health checks and hold queue) and `[[proxies]]`.
+fn check_proxies<'c>(
+    c: &'c ClusterConfig,
+    claims: &mut Claims<'c>,
+    warnings: &mut Vec<Warning>,
+) -> Result<(), ValidationError> {
     let px = &c.proxy;
     let pp = |k: &str| vec![key("proxy"), key(k)];
-    if !is_dns_label(&px.id) {
-        return Err(err(pp("id"), ValidationErrorKind::BadId(px.id.clone())));
-    }
-    if ids.insert(&px.id, ()).is_some() {
-        return Err(err(
-            pp("id"),
-            ValidationErrorKind::DuplicateId(px.id.clone()),
-        ));
-    }
-    claim(px.api, "proxy (api)".into(), pp("api"))?;
-    claim(px.admin, "proxy (admin)".into(), pp("admin"))?;
+    claims.id(&px.id, pp("id"))?;
+    claims.addr(px.api, "proxy (api)".into(), pp("api"))?;
+    claims.addr(px.admin, "proxy (admin)".into(), pp("admin"))?;
     // DNS is UDP+TCP; a TCP API on the same address would still clash on TCP.
-    claim(px.dns, "proxy (dns)".into(), pp("dns"))?;
-    if px.dns_zone.trim_matches('.').is_empty()
-        || !px
-            .dns_zone
-            .trim_end_matches('.')
-            .split('.')
-            .all(is_dns_label)
-    {
-        return Err(invalid(
-            pp("dns_zone"),
-            "must be a DNS name like `ballast.local`",
-        ));
+    claims.addr(px.dns, "proxy (dns)".into(), pp("dns"))?;
+    let zone = px.dns_zone.trim_end_matches('.');
+    if px.dns_zone.trim_matches('.').is_empty() || !zone.split('.').all(is_dns_label) {
+        let msg = "must be a DNS name like `ballast.local`";
+        return Err(invalid(pp("dns_zone"), msg));
     }
     for (i, pn) in c.proxies.iter().enumerate() {
         let p = |k: &str| vec![key("proxies"), PathSeg::Index(i), key(k)];
-        if !is_dns_label(&pn.id) {
-            return Err(err(p("id"), ValidationErrorKind::BadId(pn.id.clone())));
-        }
-        if ids.insert(&pn.id, ()).is_some() {
-            return Err(err(
-                p("id"),
-                ValidationErrorKind::DuplicateId(pn.id.clone()),
-            ));
-        }
-        claim(pn.api, format!("proxy {} (api)", pn.id), p("api"))?;
-        claim(pn.admin, format!("proxy {} (admin)", pn.id), p("admin"))?;
-        claim(pn.dns, format!("proxy {} (dns)", pn.id), p("dns"))?;
-    }
-    if let Some(v) = &c.vip {
-        let vp = |k: &str| vec![key("vip"), key(k)];
-        if c.proxies.is_empty() {
-            return Err(invalid(
-                vec![key("vip")],
-                "a VIP needs several proxies: add [[proxies]]",
-            ));
-        }
-        for (k, addr) in [("api", px.api), ("dns", px.dns), ("admin", px.admin)] {
-            if addr.ip() != v.address {
-                return Err(invalid(
-                    pp(k),
-                    format!(
-                        "with a [vip], [proxy] addresses are the ones served on the VIP: use {}",
-                        v.address
-                    ),
-                ));
-            }
-        }
-        if let Some(name) = &v.interface {
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                return Err(invalid(
-                    vp("interface"),
-                    "must be an interface name (1–15 characters, no `/` or space)",
-                ));
-            }
-            if v.address.is_ipv6() {
-                return Err(invalid(
-                    vp("address"),
-                    "an IPv6 VIP on an interface is not supported yet (it needs unsolicited neighbour advertisements): use an IPv4 VIP",
-                ));
-            }
-            let max = if v.address.is_ipv4() { 32 } else { 128 };
-            if v.prefix() == 0 || v.prefix() > max {
-                return Err(invalid(vp("prefix"), format!("must be 1..={max}")));
-            }
-            if v.lease() < crate::schema::MIN_INTERFACE_VIP_LEASE {
-                return Err(invalid(
-                    vp("lease"),
-                    "with an interface, must be at least 2500ms: the kernel removes a dead or paused holder's address only 1–2 s after its last renewal (address lifetimes are whole seconds), and no other proxy may add it before then; the default is 3s",
-                ));
-            }
-        }
-        if v.renew.is_zero() || v.lease() < v.renew * 3 {
-            return Err(invalid(
-                vp("lease"),
-                "must be at least three times vip.renew (and renew more than zero)",
-            ));
-        }
+        claims.id(&pn.id, p("id"))?;
+        claims.addr(pn.api, format!("proxy {} (api)", pn.id), p("api"))?;
+        claims.addr(pn.admin, format!("proxy {} (admin)", pn.id), p("admin"))?;
+        claims.addr(pn.dns, format!("proxy {} (dns)", pn.id), p("dns"))?;
     }
     let hp = |k: &str| vec![key("proxy"), key("health"), key(k)];
     if px.health.interval.is_zero() {
@@ -277,71 +251,113 @@ pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
             message: "0 disables holding: requests fail at once while no master is active".into(),
         });
     }
-    for (i, w) in c.workers.iter().enumerate() {
-        let p = |k: &str| vec![key("workers"), PathSeg::Index(i), key(k)];
-        if !is_dns_label(&w.id) {
-            return Err(err(p("id"), ValidationErrorKind::BadId(w.id.clone())));
-        }
-        if ids.insert(&w.id, ()).is_some() {
-            return Err(err(p("id"), ValidationErrorKind::DuplicateId(w.id.clone())));
-        }
-        claim(w.address, format!("worker {}", w.id), p("address"))?;
-        match (&w.api_url, &w.api_dns) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    p("api_dns"),
-                    "set either api_url or api_dns, not both",
-                ))
-            }
-            (None, None) => return Err(invalid(
-                vec![key("workers"), PathSeg::Index(i)],
-                "missing route to the API: set api_url (e.g. the proxy) or api_dns + dns_server",
-            )),
-            (Some(url), None) => {
-                if !url.starts_with("https://") {
-                    return Err(invalid(
-                        p("api_url"),
-                        "must be an https:// URL (every Ballast listener speaks TLS)",
-                    ));
-                }
-            }
-            (None, Some(_)) => match (w.dns_server, w.dns_servers.is_empty()) {
-                (None, true) => {
-                    return Err(invalid(
-                        p("api_dns"),
-                        "api_dns needs dns_server (or dns_servers)",
-                    ))
-                }
-                (Some(_), false) => {
-                    return Err(invalid(
-                        p("dns_servers"),
-                        "set either dns_server or dns_servers, not both",
-                    ))
-                }
-                _ => {}
-            },
-        }
-        if w.capacity.pods == 0 {
+    Ok(())
+}
+
+fn check_vip(c: &ClusterConfig, v: &VipConfig) -> Result<(), ValidationError> {
+    let vp = |k: &str| vec![key("vip"), key(k)];
+    if c.proxies.is_empty() {
+        let msg = "a VIP needs several proxies: add [[proxies]]";
+        return Err(invalid(vec![key("vip")], msg));
+    }
+    let px = &c.proxy;
+    for (k, addr) in [("api", px.api), ("dns", px.dns), ("admin", px.admin)] {
+        if addr.ip() != v.address {
             return Err(invalid(
-                vec![
-                    key("workers"),
-                    PathSeg::Index(i),
-                    key("capacity"),
-                    key("pods"),
-                ],
-                "must be at least 1",
+                vec![key("proxy"), key(k)],
+                format!(
+                    "with a [vip], [proxy] addresses are the ones served on the VIP: use {}",
+                    v.address
+                ),
             ));
         }
-        for (k, v) in [("cpu", &w.capacity.cpu), ("memory", &w.capacity.memory)] {
-            if parse_quantity(v).is_none() {
-                return Err(invalid(
-                    vec![key("workers"), PathSeg::Index(i), key("capacity"), key(k)],
-                    format!("`{v}` is not a Kubernetes quantity (e.g. \"2\", \"500m\", \"8Gi\")"),
-                ));
-            }
+    }
+    if let Some(name) = &v.interface {
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            return Err(invalid(
+                vp("interface"),
+                "must be an interface name (1–15 characters, no `/` or space)",
+            ));
+        }
+        if v.address.is_ipv6() {
+            return Err(invalid(
+                vp("address"),
+                "an IPv6 VIP on an interface is not supported yet (it needs unsolicited neighbour advertisements): use an IPv4 VIP",
+            ));
+        }
+        let max = if v.address.is_ipv4() { 32 } else { 128 };
+        if v.prefix() == 0 || v.prefix() > max {
+            return Err(invalid(vp("prefix"), format!("must be 1..={max}")));
+        }
+        if v.lease() < crate::schema::MIN_INTERFACE_VIP_LEASE {
+            return Err(invalid(
+                vp("lease"),
+                "with an interface, must be at least 2500ms: the kernel removes a dead or paused holder's address only 1–2 s after its last renewal (address lifetimes are whole seconds), and no other proxy may add it before then; the default is 3s",
+            ));
         }
     }
-    Ok(warnings)
+    if v.renew.is_zero() || v.lease() < v.renew * 3 {
+        return Err(invalid(
+            vp("lease"),
+            "must be at least three times vip.renew (and renew more than zero)",
+        ));
+    }
+    Ok(())
+}
+
+fn check_worker<'c>(
+    i: usize,
+    w: &'c WorkerConfig,
+    claims: &mut Claims<'c>,
+) -> Result<(), ValidationError> {
+    let p = |k: &str| vec![key("workers"), PathSeg::Index(i), key(k)];
+    claims.id(&w.id, p("id"))?;
+    claims.addr(w.address, format!("worker {}", w.id), p("address"))?;
+    match (&w.api_url, &w.api_dns) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                p("api_dns"),
+                "set either api_url or api_dns, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(invalid(
+                vec![key("workers"), PathSeg::Index(i)],
+                "missing route to the API: set api_url (e.g. the proxy) or api_dns + dns_server",
+            ))
+        }
+        (Some(url), None) if !url.starts_with("https://") => {
+            return Err(invalid(
+                p("api_url"),
+                "must be an https:// URL (every Ballast listener speaks TLS)",
+            ));
+        }
+        (Some(_), None) => {}
+        (None, Some(_)) => match (w.dns_server, w.dns_servers.is_empty()) {
+            (None, true) => {
+                let msg = "api_dns needs dns_server (or dns_servers)";
+                return Err(invalid(p("api_dns"), msg));
+            }
+            (Some(_), false) => {
+                let msg = "set either dns_server or dns_servers, not both";
+                return Err(invalid(p("dns_servers"), msg));
+            }
+            _ => {}
+        },
+    }
+    let cp = |k: &str| vec![key("workers"), PathSeg::Index(i), key("capacity"), key(k)];
+    if w.capacity.pods == 0 {
+        return Err(invalid(cp("pods"), "must be at least 1"));
+    }
+    for (k, v) in [("cpu", &w.capacity.cpu), ("memory", &w.capacity.memory)] {
+        if parse_quantity(v).is_none() {
+            return Err(invalid(
+                cp(k),
+                format!("`{v}` is not a Kubernetes quantity (e.g. \"2\", \"500m\", \"8Gi\")"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parse a Kubernetes quantity into its value in base units (cpu cores or bytes), as f64.

@@ -157,7 +157,9 @@ impl MasterMetrics {
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let enc = TextEncoder::new();
-        let _ = enc.encode(&self.registry.gather(), &mut buf);
+        if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode the metrics");
+        }
         String::from_utf8(buf).unwrap_or_default()
     }
 

@@ -83,7 +83,10 @@ impl StateFile {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "corrupt worker state; setting it aside");
-                    let _ = std::fs::rename(&path, path.with_extension("corrupt"));
+                    let aside = path.with_extension("corrupt");
+                    if let Err(e) = std::fs::rename(&path, &aside) {
+                        tracing::error!(path = %aside.display(), error = %e, "cannot set the corrupt state aside");
+                    }
                     NodeState::default()
                 }
             },
@@ -142,9 +145,8 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     }
     std::fs::rename(&tmp, path)?;
     if let Some(d) = path.parent() {
-        if let Ok(dir) = std::fs::File::open(d) {
-            let _ = dir.sync_all();
-        }
+        // The rename is durable only once its directory is synced.
+        std::fs::File::open(d)?.sync_all()?;
     }
     Ok(())
 }

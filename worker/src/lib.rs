@@ -162,13 +162,19 @@ pub async fn run(
     tracing::info!("stopping the pods' processes");
     manager.wait_all().await;
     if !statuses.is_empty() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), statuses.send_all(&api)).await;
+        match tokio::time::timeout(Duration::from_secs(1), statuses.send_all(&api)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot upload the last pod statuses"),
+            Err(_) => tracing::warn!("pod statuses not all uploaded within 1 s of stopping"),
+        }
     }
     bg.cancel();
     // In-flight API calls are not worth waiting for.
     node_task.abort();
     sync_task.abort();
-    let _ = rotate_task.await;
+    if let Err(e) = rotate_task.await {
+        tracing::error!(error = %e, "the log rotation task ended abnormally");
+    }
     match tokio::time::timeout(Duration::from_secs(1), server).await {
         Ok(Ok(Err(e))) => return Err(WorkerError::Serve(e)),
         Ok(_) => {}

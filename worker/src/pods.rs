@@ -169,7 +169,9 @@ impl Manager {
     /// Wait for every pod task (after `ctx.stopping`).
     pub(crate) async fn wait_all(mut self) {
         for (_, h) in self.pods.drain() {
-            let _ = h.task.await;
+            if let Err(e) = h.task.await {
+                tracing::error!(error = %e, "a pod task ended abnormally");
+            }
         }
     }
 }
@@ -502,7 +504,11 @@ impl Runner {
             l.remove(&key);
         }
         drop(l);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove the pod's directory");
+            }
+        }
     }
 
     /// One round: notice exits, act on liveness, start what should run.
@@ -808,7 +814,10 @@ impl Runner {
             .filter(|d| !d.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| self.dir.clone());
-        let _ = std::fs::create_dir_all(&self.dir);
+        if let Err(e) = std::fs::create_dir_all(&self.dir) {
+            // Spawning below fails on it too, with the error the pod's status shows.
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot create the pod's directory");
+        }
         let ps = ProcSpec {
             argv,
             env,

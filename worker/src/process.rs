@@ -32,6 +32,12 @@ pub(crate) enum SpawnError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot remove the previous exit file {path}: {source}")]
+    StaleExitFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot start {command:?}: {source}")]
     Spawn {
         command: String,
@@ -105,7 +111,15 @@ pub(crate) fn spawn(spec: &ProcSpec) -> Result<Started, SpawnError> {
         path: spec.log.clone(),
         source,
     })?;
-    let _ = std::fs::remove_file(&spec.exit_file);
+    if let Err(e) = std::fs::remove_file(&spec.exit_file) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            // A stale exit file would report the previous run's exit as this one's.
+            return Err(SpawnError::StaleExitFile {
+                path: spec.exit_file.clone(),
+                source: e,
+            });
+        }
+    }
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c")
         .arg(WRAPPER)
@@ -170,10 +184,16 @@ pub(crate) fn alive(pid: u32, ticks: u64) -> bool {
     ticks != 0 && start_ticks(pid) == Some(ticks)
 }
 
-/// Signal a container's whole process group (best effort).
+/// Signal a container's whole process group. A group already gone (ESRCH) is what
+/// stopping wants; anything else is logged.
 pub(crate) fn signal_group(pid: u32, sig: Signal) {
     if pid > 1 {
-        let _ = kill(Pid::from_raw(-(pid as i32)), sig);
+        match kill(Pid::from_raw(-(pid as i32)), sig) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => {
+                tracing::warn!(pid, signal = %sig, error = %e, "cannot signal the process group")
+            }
+        }
     }
 }
 

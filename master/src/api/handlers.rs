@@ -488,7 +488,38 @@ async fn check_rbac_write(
         })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One resource request, with what every handler reads of it.
+struct Call<'a> {
+    st: &'a ApiState,
+    user: &'a Identity,
+    method: &'a Method,
+    headers: &'a HeaderMap,
+    q: &'a HashMap<String, String>,
+    body: &'a Bytes,
+    out: Output,
+    include: IncludeObject,
+    dry_run: bool,
+}
+
+impl Call<'_> {
+    fn object_response(&self, code: StatusCode, def: &ResourceDef, o: &Value) -> Response {
+        json_response(code, &render_object(def, o, self.out, self.include))
+    }
+}
+
+fn is_rbac(def: &ResourceDef) -> bool {
+    def.group == resources::CLUSTERROLES.group
+}
+
+/// `PUT`/`PATCH` of `status` changes the status only.
+fn subresource_of(sub: Option<&str>) -> Subresource {
+    if sub.is_some() {
+        Subresource::Status
+    } else {
+        Subresource::Main
+    }
+}
+
 async fn serve(
     st: &ApiState,
     user: &Identity,
@@ -498,11 +529,17 @@ async fn serve(
     q: &HashMap<String, String>,
     body: &Bytes,
 ) -> Result<Response, ApiError> {
-    let reg = &st.registry;
-    let out = output_of(headers);
-    let include = IncludeObject::parse(q.get("includeObject").map(String::as_str));
-    let dry_run = q.contains_key("dryRun");
-    let is_rbac = |def: &ResourceDef| def.group == resources::CLUSTERROLES.group;
+    let call = Call {
+        st,
+        user,
+        method,
+        headers,
+        q,
+        body,
+        out: output_of(headers),
+        include: IncludeObject::parse(q.get("includeObject").map(String::as_str)),
+        dry_run: q.contains_key("dryRun"),
+    };
     if let Target::Collection { def, .. } | Target::Item { def, .. } = &target {
         if let Some(kind) = Review::of(def) {
             if *method != Method::POST || !matches!(target, Target::Collection { .. }) {
@@ -515,177 +552,192 @@ async fn serve(
     }
     match target {
         Target::ResourceList => Err(ApiError::NoRoute),
-        Target::Collection { def, ns } => match *method {
-            Method::GET if q_bool(q, "watch") => {
-                watch(reg, def, ns.as_deref(), q, out, include).await
-            }
-            Method::GET => {
-                let opts = list_options(q)?;
-                if out == Output::Json {
-                    if let Some(raw) = reg.list_json(def, ns.as_deref(), &opts).await? {
-                        return Ok(raw_list_response(def, raw));
-                    }
-                }
-                let r = reg.list(def, ns.as_deref(), &opts).await?;
-                let rv = r.revision.to_string();
-                let v = match out {
-                    Output::Table => table::table(
-                        def.kind,
-                        &r.items,
-                        &rv,
-                        r.continue_token.as_deref(),
-                        include,
-                    ),
-                    _ => {
-                        let mut meta = json!({"resourceVersion": rv});
-                        if let Some(c) = &r.continue_token {
-                            meta["continue"] = json!(c);
-                        }
-                        let (kind, api_version, items) = if out == Output::Metadata {
-                            (
-                                "PartialObjectMetadataList".to_string(),
-                                "meta.k8s.io/v1".to_string(),
-                                r.items.iter().map(to_metadata).collect::<Vec<_>>(),
-                            )
-                        } else {
-                            (def.list_kind(), def.api_version(), r.items)
-                        };
-                        json!({"kind": kind, "apiVersion": api_version, "metadata": meta, "items": items})
-                    }
-                };
-                Ok(json_response(StatusCode::OK, &v))
-            }
-            Method::POST => {
-                let obj = decode_body(headers, body)?;
-                if is_rbac(def) {
-                    let dry = reg.create(def, ns.as_deref(), obj.clone(), true).await;
-                    check_rbac_write(st, user, def, ns.as_deref(), dry).await?;
-                }
-                let created = reg.create(def, ns.as_deref(), obj, dry_run).await?;
-                Ok(json_response(
-                    StatusCode::CREATED,
-                    &render_object(def, &created, out, include),
-                ))
-            }
-            Method::DELETE => {
-                let lopts = list_options(q)?;
-                let dopts = delete_options(q, headers, body)?;
-                let items = reg
-                    .delete_collection(def, ns.as_deref(), &lopts, &dopts)
-                    .await?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &json!({"kind": def.list_kind(), "apiVersion": def.api_version(),
-                        "metadata": {"resourceVersion": reg.store().revision().to_string()}, "items": items}),
-                ))
-            }
-            _ => Err(ApiError::MethodNotAllowed),
-        },
+        Target::Collection { def, ns } => serve_collection(&call, def, ns.as_deref()).await,
         Target::Item { def, ns, name, sub } => {
-            let ns = ns.as_deref();
-            match (sub.as_deref(), method.clone()) {
-                (None | Some("status"), Method::GET) => {
-                    let o = reg.get(def, ns, &name).await?;
-                    Ok(json_response(
-                        StatusCode::OK,
-                        &render_object(def, &o, out, include),
-                    ))
-                }
-                (None | Some("status"), Method::PUT) => {
-                    let s = if sub.is_some() {
-                        Subresource::Status
-                    } else {
-                        Subresource::Main
-                    };
-                    let obj = decode_body(headers, body)?;
-                    if is_rbac(def) {
-                        let dry = reg.update_opts(def, ns, &name, obj.clone(), s, true).await;
-                        check_rbac_write(st, user, def, ns, dry).await?;
-                    }
-                    let o = reg.update_opts(def, ns, &name, obj, s, dry_run).await?;
-                    Ok(json_response(
-                        StatusCode::OK,
-                        &render_object(def, &o, out, include),
-                    ))
-                }
-                (None | Some("status"), Method::PATCH) => {
-                    let s = if sub.is_some() {
-                        Subresource::Status
-                    } else {
-                        Subresource::Main
-                    };
-                    let ct = content_type(headers);
-                    let kind = PatchType::from_content_type(&ct).ok_or_else(|| {
-                        ApiError::UnsupportedMediaType(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct})"))
-                    })?;
-                    let patch: Value = serde_json::from_slice(body)
-                        .map_err(|e| ApiError::BadRequest(format!("invalid patch body: {e}")))?;
-                    let existed = kind != PatchType::Apply || reg.get(def, ns, &name).await.is_ok();
-                    if is_rbac(def) {
-                        let dry = reg.patch_opts(def, ns, &name, kind, &patch, s, true).await;
-                        check_rbac_write(st, user, def, ns, dry).await?;
-                    }
-                    let o = reg
-                        .patch_opts(def, ns, &name, kind, &patch, s, dry_run)
-                        .await?;
-                    let code = if existed {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::CREATED
-                    };
-                    Ok(json_response(code, &render_object(def, &o, out, include)))
-                }
-                (None, Method::DELETE) => {
-                    let opts = delete_options(q, headers, body)?;
-                    let o = reg.delete(def, ns, &name, &opts).await?;
-                    Ok(json_response(StatusCode::OK, &o))
-                }
-                (Some("scale"), Method::GET) => {
-                    let o = reg.get(def, ns, &name).await?;
-                    Ok(json_response(StatusCode::OK, &Registry::scale_of(&o)))
-                }
-                (Some("scale"), Method::PUT | Method::PATCH) => {
-                    let o = reg.get(def, ns, &name).await?;
-                    let cur = Registry::scale_of(&o);
-                    let input = decode_body_or_patch(headers, body, method)?;
-                    let new = match input {
-                        ScaleInput::Full(v) => v,
-                        ScaleInput::Patch(kind, p) => super::patch::apply(&cur, &p, kind)
-                            .map_err(|e| ApiError::BadRequest(e.to_string()))?,
-                    };
-                    let replicas = new
-                        .pointer("/spec/replicas")
-                        .and_then(Value::as_i64)
-                        .ok_or_else(|| {
-                            ApiError::BadRequest("spec.replicas must be an integer".into())
-                        })?;
-                    let want_rev = new
-                        .pointer("/metadata/resourceVersion")
-                        .and_then(Value::as_str)
-                        .filter(|r| {
-                            Some(*r)
-                                != cur
-                                    .pointer("/metadata/resourceVersion")
-                                    .and_then(Value::as_str)
-                        })
-                        .map(|r| r.parse::<u64>().unwrap_or(0));
-                    let s = reg.set_replicas(def, ns, &name, replicas, want_rev).await?;
-                    Ok(json_response(StatusCode::OK, &s))
-                }
-                (Some("binding"), Method::POST) => {
-                    let b = decode_body(headers, body)?;
-                    let node = b
-                        .pointer("/target/name")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
-                    reg.bind(ns.unwrap_or("default"), &name, node).await?;
-                    Ok(json_response(StatusCode::CREATED, &success_status(201)))
-                }
-                (Some("log"), Method::GET) => pod_log(st, ns.unwrap_or("default"), &name, q).await,
-                _ => Err(ApiError::MethodNotAllowed),
-            }
+            serve_item(&call, def, ns.as_deref(), &name, sub.as_deref()).await
         }
     }
+}
+
+async fn serve_collection(
+    c: &Call<'_>,
+    def: &'static ResourceDef,
+    ns: Option<&str>,
+) -> Result<Response, ApiError> {
+    let reg = &c.st.registry;
+    match *c.method {
+        Method::GET if q_bool(c.q, "watch") => watch(reg, def, ns, c.q, c.out, c.include).await,
+        Method::GET => list(c, def, ns).await,
+        Method::POST => {
+            let obj = decode_body(c.headers, c.body)?;
+            if is_rbac(def) {
+                let dry = reg.create(def, ns, obj.clone(), true).await;
+                check_rbac_write(c.st, c.user, def, ns, dry).await?;
+            }
+            let created = reg.create(def, ns, obj, c.dry_run).await?;
+            Ok(c.object_response(StatusCode::CREATED, def, &created))
+        }
+        Method::DELETE => {
+            let lopts = list_options(c.q)?;
+            let dopts = delete_options(c.q, c.headers, c.body)?;
+            let items = reg.delete_collection(def, ns, &lopts, &dopts).await?;
+            let revision = reg.store().revision().to_string();
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"kind": def.list_kind(), "apiVersion": def.api_version(),
+                    "metadata": {"resourceVersion": revision}, "items": items}),
+            ))
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+/// LIST, as JSON straight from the stored bytes where it can, else as a Table or as
+/// partial object metadata when the client asks for those.
+async fn list(c: &Call<'_>, def: &ResourceDef, ns: Option<&str>) -> Result<Response, ApiError> {
+    let reg = &c.st.registry;
+    let opts = list_options(c.q)?;
+    if c.out == Output::Json {
+        if let Some(raw) = reg.list_json(def, ns, &opts).await? {
+            return Ok(raw_list_response(def, raw));
+        }
+    }
+    let r = reg.list(def, ns, &opts).await?;
+    let rv = r.revision.to_string();
+    let continue_token = r.continue_token.as_deref();
+    let v = match c.out {
+        Output::Table => table::table(def.kind, &r.items, &rv, continue_token, c.include),
+        _ => {
+            let mut meta = json!({"resourceVersion": rv});
+            if let Some(t) = continue_token {
+                meta["continue"] = json!(t);
+            }
+            let (kind, api_version, items) = if c.out == Output::Metadata {
+                let items = r.items.iter().map(to_metadata).collect::<Vec<_>>();
+                (
+                    "PartialObjectMetadataList".into(),
+                    "meta.k8s.io/v1".into(),
+                    items,
+                )
+            } else {
+                (def.list_kind(), def.api_version(), r.items)
+            };
+            json!({"kind": kind, "apiVersion": api_version, "metadata": meta, "items": items})
+        }
+    };
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+async fn serve_item(
+    c: &Call<'_>,
+    def: &ResourceDef,
+    ns: Option<&str>,
+    name: &str,
+    sub: Option<&str>,
+) -> Result<Response, ApiError> {
+    let reg = &c.st.registry;
+    match (sub, c.method.clone()) {
+        (None | Some("status"), Method::GET) => {
+            let o = reg.get(def, ns, name).await?;
+            Ok(c.object_response(StatusCode::OK, def, &o))
+        }
+        (None | Some("status"), Method::PUT) => {
+            let s = subresource_of(sub);
+            let obj = decode_body(c.headers, c.body)?;
+            if is_rbac(def) {
+                let dry = reg.update_opts(def, ns, name, obj.clone(), s, true).await;
+                check_rbac_write(c.st, c.user, def, ns, dry).await?;
+            }
+            let o = reg.update_opts(def, ns, name, obj, s, c.dry_run).await?;
+            Ok(c.object_response(StatusCode::OK, def, &o))
+        }
+        (None | Some("status"), Method::PATCH) => patch(c, def, ns, name, sub).await,
+        (None, Method::DELETE) => {
+            let opts = delete_options(c.q, c.headers, c.body)?;
+            let o = reg.delete(def, ns, name, &opts).await?;
+            Ok(json_response(StatusCode::OK, &o))
+        }
+        (Some("scale"), Method::GET) => {
+            let o = reg.get(def, ns, name).await?;
+            Ok(json_response(StatusCode::OK, &Registry::scale_of(&o)))
+        }
+        (Some("scale"), Method::PUT | Method::PATCH) => scale(c, def, ns, name).await,
+        (Some("binding"), Method::POST) => {
+            let b = decode_body(c.headers, c.body)?;
+            let node = b
+                .pointer("/target/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            reg.bind(ns.unwrap_or("default"), name, node).await?;
+            Ok(json_response(StatusCode::CREATED, &success_status(201)))
+        }
+        (Some("log"), Method::GET) => pod_log(c.st, ns.unwrap_or("default"), name, c.q).await,
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+/// PATCH of an object or its status; server-side apply answers 201 when it created it.
+async fn patch(
+    c: &Call<'_>,
+    def: &ResourceDef,
+    ns: Option<&str>,
+    name: &str,
+    sub: Option<&str>,
+) -> Result<Response, ApiError> {
+    let reg = &c.st.registry;
+    let s = subresource_of(sub);
+    let ct = content_type(c.headers);
+    let kind = PatchType::from_content_type(&ct).ok_or_else(|| {
+        ApiError::UnsupportedMediaType(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct})"))
+    })?;
+    let patch: Value = serde_json::from_slice(c.body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid patch body: {e}")))?;
+    let existed = kind != PatchType::Apply || reg.get(def, ns, name).await.is_ok();
+    if is_rbac(def) {
+        let dry = reg.patch_opts(def, ns, name, kind, &patch, s, true).await;
+        check_rbac_write(c.st, c.user, def, ns, dry).await?;
+    }
+    let o = reg
+        .patch_opts(def, ns, name, kind, &patch, s, c.dry_run)
+        .await?;
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(c.object_response(code, def, &o))
+}
+
+/// PUT or PATCH of the `scale` subresource: only `spec.replicas` changes.
+async fn scale(
+    c: &Call<'_>,
+    def: &ResourceDef,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Response, ApiError> {
+    let reg = &c.st.registry;
+    let o = reg.get(def, ns, name).await?;
+    let cur = Registry::scale_of(&o);
+    let new = match decode_body_or_patch(c.headers, c.body, c.method)? {
+        ScaleInput::Full(v) => v,
+        ScaleInput::Patch(kind, p) => {
+            super::patch::apply(&cur, &p, kind).map_err(|e| ApiError::BadRequest(e.to_string()))?
+        }
+    };
+    let replicas = new
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| ApiError::BadRequest("spec.replicas must be an integer".into()))?;
+    let cur_rev = cur
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str);
+    let want_rev = new
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|r| Some(*r) != cur_rev)
+        .map(|r| r.parse::<u64>().unwrap_or(0));
+    let s = reg.set_replicas(def, ns, name, replicas, want_rev).await?;
+    Ok(json_response(StatusCode::OK, &s))
 }
 
 enum ScaleInput {

@@ -33,11 +33,7 @@ pub(crate) struct DeploymentPlan {
 
 /// The template hash that names the ReplicaSet of a template.
 pub(crate) fn template_hash(t: &PodTemplateSpec) -> String {
-    let mut t = t.clone();
-    if let Some(l) = t.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
-        l.remove(TEMPLATE_HASH_LABEL);
-    }
-    let json = serde_json::to_vec(&t).expect("template serializes");
+    let json = serde_json::to_vec(&without_hash(t)).expect("template serializes");
     let h = fnv1a(&json);
     // Kubernetes renders the hash with its safe alphabet; any stable short form works.
     let alphabet = b"bcdfghjklmnpqrstvwxz2456789";
@@ -70,12 +66,17 @@ fn rs_replicas(rs: &ReplicaSet) -> i32 {
     rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0)
 }
 
-fn template_without_hash(rs: &ReplicaSet) -> Option<PodTemplateSpec> {
-    let mut t = rs.spec.as_ref()?.template.clone()?;
+fn rs_name(rs: &ReplicaSet) -> String {
+    rs.metadata.name.clone().unwrap_or_default()
+}
+
+/// A template without the hash label its ReplicaSet adds (what the hash is taken of).
+fn without_hash(t: &PodTemplateSpec) -> PodTemplateSpec {
+    let mut t = t.clone();
     if let Some(l) = t.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
         l.remove(TEMPLATE_HASH_LABEL);
     }
-    Some(t)
+    t
 }
 
 /// Reconcile one Deployment given every ReplicaSet and pod of its namespace.
@@ -89,250 +90,303 @@ pub(crate) fn reconcile(
     if d.metadata.deletion_timestamp.is_some() {
         return plan;
     }
-    let uid = d.metadata.uid.clone().unwrap_or_default();
-    let name = d.metadata.name.clone().unwrap_or_default();
-    let spec = d.spec.clone().unwrap_or_default();
-    let replicas = spec.replicas.unwrap_or(1).max(0);
-    let owned: Vec<&ReplicaSet> = all_rs
-        .iter()
-        .map(Borrow::borrow)
-        .filter(|r| is_owned_by(&r.metadata, &uid) && r.metadata.deletion_timestamp.is_none())
-        .collect();
-    let hash = template_hash(&spec.template);
-    let new_rs = owned
-        .iter()
-        .find(|r| template_without_hash(r).as_ref() == Some(&strip(&spec.template)))
-        .copied();
-    let old: Vec<&ReplicaSet> = owned
-        .iter()
-        .filter(|r| Some(r.metadata.name.as_ref()) != new_rs.map(|n| n.metadata.name.as_ref()))
-        .copied()
-        .collect();
-    let max_revision = owned
-        .iter()
-        .filter_map(|r| {
-            r.metadata
-                .annotations
-                .as_ref()?
-                .get(REVISION_ANNOTATION)?
-                .parse::<i64>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0);
-
-    let recreate = spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
-    let ru = spec
-        .strategy
-        .as_ref()
-        .and_then(|s| s.rolling_update.clone());
-    let mut max_surge = resolve(
-        ru.as_ref().and_then(|r| r.max_surge.as_ref()),
-        replicas,
-        true,
-        25,
-    );
-    let mut max_unavailable = resolve(
-        ru.as_ref().and_then(|r| r.max_unavailable.as_ref()),
-        replicas,
-        false,
-        25,
-    );
-    if max_surge == 0 && max_unavailable == 0 {
-        max_unavailable = 1;
-    }
-    if recreate {
-        max_surge = 0;
-    }
-
-    // Pods per ReplicaSet (by uid).
-    let pods_of = |rs: &ReplicaSet| -> Vec<&Pod> {
-        let ruid = rs.metadata.uid.clone().unwrap_or_default();
-        pods.iter()
-            .map(Borrow::borrow)
-            .filter(|p| is_owned_by(&p.metadata, &ruid) && replicaset::counts(p))
-            .collect()
-    };
-    let available =
-        |rs: &ReplicaSet| pods_of(rs).iter().filter(|p| super::is_ready(p)).count() as i32;
-
-    let old_total: i32 = old.iter().map(|r| rs_replicas(r)).sum();
-    let old_pods: i32 = old.iter().map(|r| pods_of(r).len() as i32).sum();
-
-    match new_rs {
+    let r = Rollout::new(d, all_rs, pods);
+    match r.new_rs {
         None => {
             // First, create the new ReplicaSet (scaled up on a later pass).
-            let initial = if recreate {
-                if old_total > 0 || old_pods > 0 {
-                    0
-                } else {
-                    replicas
-                }
-            } else {
-                let total = old_total;
-                (replicas + max_surge - total).clamp(0, replicas)
-            };
-            plan.create_rs = Some(new_replica_set(
-                d,
-                &name,
-                &uid,
-                &hash,
-                initial,
-                max_revision + 1,
-            ));
+            let uid = d.metadata.uid.clone().unwrap_or_default();
+            let name = d.metadata.name.clone().unwrap_or_default();
+            let hash = template_hash(&r.template);
+            let initial = r.initial_new_replicas();
+            let revision = r.max_revision() + 1;
+            plan.create_rs = Some(new_replica_set(d, &name, &uid, &hash, initial, revision));
         }
         Some(nrs) => {
-            let cur = rs_replicas(nrs);
-            let target = if recreate {
-                if old_total > 0 || old_pods > 0 {
-                    cur
-                } else {
-                    replicas
-                }
-            } else if cur > replicas {
-                replicas
-            } else {
-                let total = old_total + cur;
-                let allowed = replicas + max_surge - total;
-                (cur + allowed.max(0)).min(replicas)
-            };
-            if target != cur {
-                plan.scale
-                    .insert(nrs.metadata.name.clone().unwrap_or_default(), target);
+            let target = r.new_replicas_target(nrs);
+            if target != rs_replicas(nrs) {
+                plan.scale.insert(rs_name(nrs), target);
             }
         }
     }
-
-    // Scale old ReplicaSets down.
-    if recreate {
-        for r in &old {
-            if rs_replicas(r) != 0 {
-                plan.scale
-                    .insert(r.metadata.name.clone().unwrap_or_default(), 0);
-            }
-        }
-    } else {
-        let new_available = new_rs.map(available).unwrap_or(0);
-        let old_available: i32 = old.iter().map(|r| available(r)).sum();
-        let min_available = replicas - max_unavailable;
-        // Old pods that are not available can always go.
-        let mut budget = (old_available + new_available - min_available).max(0);
-        let mut old_sorted = old.clone();
-        old_sorted.sort_by_key(|r| r.metadata.creation_timestamp.as_ref().map(|t| t.0));
-        for r in old_sorted {
-            let cur = rs_replicas(r);
-            if cur == 0 {
-                continue;
-            }
-            let unavailable_here = (cur - available(r)).max(0);
-            let mut down = unavailable_here;
-            let extra = (cur - down).min(budget);
-            down += extra;
-            budget -= extra;
-            if down > 0 {
-                plan.scale
-                    .insert(r.metadata.name.clone().unwrap_or_default(), cur - down);
-            }
-        }
-    }
-
-    // Status.
-    let sum = |f: &dyn Fn(&ReplicaSet) -> i32| owned.iter().map(|r| f(r)).sum::<i32>();
-    let total_pods = sum(&|r| pods_of(r).len() as i32);
-    let ready = sum(&|r| available(r));
-    let updated = new_rs.map(|r| pods_of(r).len() as i32).unwrap_or(0);
-    let new_ready = new_rs.map(available).unwrap_or(0);
-    let complete = new_rs.is_some()
-        && updated == replicas
-        && total_pods == replicas
-        && new_ready == replicas
-        && plan.create_rs.is_none();
-    let prev = d.status.clone().unwrap_or_default();
-    let cond = |type_: &str, status: bool, reason: &str, message: String| {
-        let old = prev
-            .conditions
-            .as_ref()
-            .and_then(|cs| cs.iter().find(|c| c.type_ == type_));
-        let status = if status { "True" } else { "False" };
-        let same = old.is_some_and(|o| o.status == status && o.reason.as_deref() == Some(reason));
-        DeploymentCondition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: Some(reason.into()),
-            message: Some(message),
-            last_update_time: if same {
-                old.and_then(|o| o.last_update_time.clone())
-            } else {
-                Some(now.clone())
-            },
-            last_transition_time: if old.is_some_and(|o| o.status == status) {
-                old.and_then(|o| o.last_transition_time.clone())
-            } else {
-                Some(now.clone())
-            },
-        }
-    };
-    let rs_name = new_rs
-        .and_then(|r| r.metadata.name.clone())
-        .or_else(|| {
-            plan.create_rs
-                .as_ref()
-                .and_then(|r| r.metadata.name.clone())
-        })
-        .unwrap_or_default();
-    let conditions = vec![
-        cond(
-            "Available",
-            ready >= replicas - max_unavailable,
-            if ready >= replicas - max_unavailable {
-                "MinimumReplicasAvailable"
-            } else {
-                "MinimumReplicasUnavailable"
-            },
-            if ready >= replicas - max_unavailable {
-                "Deployment has minimum availability.".into()
-            } else {
-                "Deployment does not have minimum availability.".into()
-            },
-        ),
-        cond(
-            "Progressing",
-            true,
-            if complete {
-                "NewReplicaSetAvailable"
-            } else {
-                "ReplicaSetUpdated"
-            },
-            if complete {
-                format!("ReplicaSet \"{rs_name}\" has successfully progressed.")
-            } else {
-                format!("ReplicaSet \"{rs_name}\" is progressing.")
-            },
-        ),
-    ];
-    let status = DeploymentStatus {
-        observed_generation: d.metadata.generation,
-        replicas: Some(total_pods),
-        updated_replicas: Some(updated),
-        ready_replicas: Some(ready),
-        available_replicas: Some(ready),
-        unavailable_replicas: Some((replicas - ready).max(0)),
-        conditions: Some(conditions),
-        collision_count: None,
-        terminating_replicas: None,
-    };
+    plan.scale.extend(r.old_scaled_down());
+    let status = r.status(d, plan.create_rs.as_ref(), &now);
     if d.status.as_ref() != Some(&status) {
         plan.status = Some(serde_json::to_value(&status).expect("status serializes"));
     }
     plan
 }
 
-fn strip(t: &PodTemplateSpec) -> PodTemplateSpec {
-    let mut t = t.clone();
-    if let Some(l) = t.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
-        l.remove(TEMPLATE_HASH_LABEL);
+/// One Deployment's ReplicaSets and pods, and the bounds its strategy puts on a rollout.
+struct Rollout<'a, P> {
+    template: PodTemplateSpec,
+    /// Desired replicas.
+    replicas: i32,
+    recreate: bool,
+    max_surge: i32,
+    max_unavailable: i32,
+    /// Its ReplicaSets not being deleted.
+    owned: Vec<&'a ReplicaSet>,
+    /// The one of `owned` for the current template.
+    new_rs: Option<&'a ReplicaSet>,
+    /// The rest of `owned`.
+    old: Vec<&'a ReplicaSet>,
+    pods: &'a [P],
+}
+
+impl<'a, P: Borrow<Pod>> Rollout<'a, P> {
+    fn new(d: &Deployment, all_rs: &'a [impl Borrow<ReplicaSet>], pods: &'a [P]) -> Self {
+        let uid = d.metadata.uid.clone().unwrap_or_default();
+        let spec = d.spec.clone().unwrap_or_default();
+        let replicas = spec.replicas.unwrap_or(1).max(0);
+        let owned: Vec<&ReplicaSet> = all_rs
+            .iter()
+            .map(Borrow::borrow)
+            .filter(|r| is_owned_by(&r.metadata, &uid) && r.metadata.deletion_timestamp.is_none())
+            .collect();
+        let template = without_hash(&spec.template);
+        let new_rs = owned
+            .iter()
+            .find(|r| {
+                r.spec
+                    .as_ref()
+                    .and_then(|s| s.template.as_ref())
+                    .map(without_hash)
+                    .as_ref()
+                    == Some(&template)
+            })
+            .copied();
+        let old = owned
+            .iter()
+            .filter(|r| !new_rs.is_some_and(|n| std::ptr::eq(n, **r)))
+            .copied()
+            .collect();
+        let recreate = spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
+        let ru = spec.strategy.and_then(|s| s.rolling_update);
+        let surge = ru.as_ref().and_then(|r| r.max_surge.as_ref());
+        let mut max_surge = resolve(surge, replicas, true, 25);
+        let unavailable = ru.as_ref().and_then(|r| r.max_unavailable.as_ref());
+        let mut max_unavailable = resolve(unavailable, replicas, false, 25);
+        if max_surge == 0 && max_unavailable == 0 {
+            max_unavailable = 1;
+        }
+        if recreate {
+            max_surge = 0;
+        }
+        Rollout {
+            template: spec.template,
+            replicas,
+            recreate,
+            max_surge,
+            max_unavailable,
+            owned,
+            new_rs,
+            old,
+            pods,
+        }
     }
-    t
+
+    /// The live pods of a ReplicaSet.
+    fn pods_of(&self, rs: &ReplicaSet) -> Vec<&Pod> {
+        let ruid = rs.metadata.uid.clone().unwrap_or_default();
+        self.pods
+            .iter()
+            .map(Borrow::borrow)
+            .filter(|p| is_owned_by(&p.metadata, &ruid) && replicaset::counts(p))
+            .collect()
+    }
+
+    fn available(&self, rs: &ReplicaSet) -> i32 {
+        self.pods_of(rs)
+            .iter()
+            .filter(|p| super::is_ready(p))
+            .count() as i32
+    }
+
+    fn max_revision(&self) -> i64 {
+        self.owned
+            .iter()
+            .filter_map(|r| {
+                r.metadata
+                    .annotations
+                    .as_ref()?
+                    .get(REVISION_ANNOTATION)?
+                    .parse::<i64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether old ReplicaSets still want or have pods (`Recreate` waits for none).
+    fn old_remain(&self) -> bool {
+        let old_total: i32 = self.old.iter().map(|r| rs_replicas(r)).sum();
+        let old_pods: usize = self.old.iter().map(|r| self.pods_of(r).len()).sum();
+        old_total > 0 || old_pods > 0
+    }
+
+    /// Replicas of a ReplicaSet created for the template now.
+    fn initial_new_replicas(&self) -> i32 {
+        if self.recreate {
+            return if self.old_remain() { 0 } else { self.replicas };
+        }
+        let old_total: i32 = self.old.iter().map(|r| rs_replicas(r)).sum();
+        (self.replicas + self.max_surge - old_total).clamp(0, self.replicas)
+    }
+
+    /// Replicas of the existing new ReplicaSet: up by as much as the surge allows.
+    fn new_replicas_target(&self, nrs: &ReplicaSet) -> i32 {
+        let cur = rs_replicas(nrs);
+        if self.recreate {
+            return if self.old_remain() {
+                cur
+            } else {
+                self.replicas
+            };
+        }
+        if cur > self.replicas {
+            return self.replicas;
+        }
+        let old_total: i32 = self.old.iter().map(|r| rs_replicas(r)).sum();
+        let allowed = self.replicas + self.max_surge - old_total - cur;
+        (cur + allowed.max(0)).min(self.replicas)
+    }
+
+    /// New replica counts of old ReplicaSets: `Recreate` takes them all to zero; a rolling
+    /// update removes unavailable pods, then available ones, oldest first, as long as
+    /// `replicas - maxUnavailable` stay available.
+    fn old_scaled_down(&self) -> BTreeMap<String, i32> {
+        let mut scale = BTreeMap::new();
+        if self.recreate {
+            for r in self.old.iter().filter(|r| rs_replicas(r) != 0) {
+                scale.insert(rs_name(r), 0);
+            }
+            return scale;
+        }
+        let new_available = self.new_rs.map(|r| self.available(r)).unwrap_or(0);
+        let old_available: i32 = self.old.iter().map(|r| self.available(r)).sum();
+        let min_available = self.replicas - self.max_unavailable;
+        let mut budget = (old_available + new_available - min_available).max(0);
+        let mut old_sorted = self.old.clone();
+        old_sorted.sort_by_key(|r| r.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        for r in old_sorted {
+            let cur = rs_replicas(r);
+            if cur == 0 {
+                continue;
+            }
+            let unavailable_here = (cur - self.available(r)).max(0);
+            let extra = (cur - unavailable_here).min(budget);
+            budget -= extra;
+            let down = unavailable_here + extra;
+            if down > 0 {
+                scale.insert(rs_name(r), cur - down);
+            }
+        }
+        scale
+    }
+
+    /// The status `kubectl rollout status` reads. `created` is the ReplicaSet this pass
+    /// creates, if any.
+    fn status(&self, d: &Deployment, created: Option<&ReplicaSet>, now: &Time) -> DeploymentStatus {
+        let total_pods: i32 = self
+            .owned
+            .iter()
+            .map(|r| self.pods_of(r).len() as i32)
+            .sum();
+        let ready: i32 = self.owned.iter().map(|r| self.available(r)).sum();
+        let updated = self
+            .new_rs
+            .map(|r| self.pods_of(r).len() as i32)
+            .unwrap_or(0);
+        let new_ready = self.new_rs.map(|r| self.available(r)).unwrap_or(0);
+        let replicas = self.replicas;
+        let complete = self.new_rs.is_some()
+            && updated == replicas
+            && total_pods == replicas
+            && new_ready == replicas
+            && created.is_none();
+        let prev = d.status.clone().unwrap_or_default();
+        let cond =
+            |type_, status, reason, message| condition(&prev, now, type_, status, reason, message);
+        let rs_name = self.new_rs.or(created).map(rs_name).unwrap_or_default();
+        let available = ready >= replicas - self.max_unavailable;
+        let conditions = vec![
+            if available {
+                cond(
+                    "Available",
+                    true,
+                    "MinimumReplicasAvailable",
+                    "Deployment has minimum availability.".into(),
+                )
+            } else {
+                cond(
+                    "Available",
+                    false,
+                    "MinimumReplicasUnavailable",
+                    "Deployment does not have minimum availability.".into(),
+                )
+            },
+            if complete {
+                cond(
+                    "Progressing",
+                    true,
+                    "NewReplicaSetAvailable",
+                    format!("ReplicaSet \"{rs_name}\" has successfully progressed."),
+                )
+            } else {
+                cond(
+                    "Progressing",
+                    true,
+                    "ReplicaSetUpdated",
+                    format!("ReplicaSet \"{rs_name}\" is progressing."),
+                )
+            },
+        ];
+        DeploymentStatus {
+            observed_generation: d.metadata.generation,
+            replicas: Some(total_pods),
+            updated_replicas: Some(updated),
+            ready_replicas: Some(ready),
+            available_replicas: Some(ready),
+            unavailable_replicas: Some((replicas - ready).max(0)),
+            conditions: Some(conditions),
+            collision_count: None,
+            terminating_replicas: None,
+        }
+    }
+}
+
+/// A Deployment condition; its times stay those of `prev`'s condition of the same type
+/// while the status (transition time) or status and reason (update time) stay.
+fn condition(
+    prev: &DeploymentStatus,
+    now: &Time,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+) -> DeploymentCondition {
+    let old = prev
+        .conditions
+        .as_ref()
+        .and_then(|cs| cs.iter().find(|c| c.type_ == type_));
+    let status = if status { "True" } else { "False" };
+    let same = old.is_some_and(|o| o.status == status && o.reason.as_deref() == Some(reason));
+    DeploymentCondition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(message),
+        last_update_time: if same {
+            old.and_then(|o| o.last_update_time.clone())
+        } else {
+            Some(now.clone())
+        },
+        last_transition_time: if old.is_some_and(|o| o.status == status) {
+            old.and_then(|o| o.last_transition_time.clone())
+        } else {
+            Some(now.clone())
+        },
+    }
 }
 
 fn new_replica_set(

@@ -12,6 +12,7 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -20,12 +21,8 @@ use crate::api::error::ApiError;
 use crate::api::events::{self, Involved, Severity, Source};
 use crate::api::informer::Informer;
 use crate::api::registry::{DeleteOptions, Registry};
-use crate::api::resources::ResourceDef;
+use crate::api::resources::{ResourceDef, DEPLOYMENTS, NODES, PODS, REPLICASETS};
 use crate::store::Event;
-
-fn def(group: &str, plural: &str) -> &'static ResourceDef {
-    ResourceDef::find(group, plural).expect("built-in resource")
-}
 
 /// Everything the controllers look at, read once per pass.
 struct World {
@@ -174,7 +171,7 @@ pub(crate) async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: Canc
     tracing::info!("controllers and scheduler stopped");
 }
 
-/// One reconcile pass over everything.
+/// One reconcile pass over everything; each step stops early when `cancel` fires.
 async fn pass(
     reg: &Registry,
     control: &ControlConfig,
@@ -183,11 +180,17 @@ async fn pass(
 ) -> Result<(), ApiError> {
     let w = informers.observe(reg).await?;
     let now = crate::api::table::now();
+    sync_deployments(reg, &w, now, cancel).await;
+    sync_replicasets(reg, &w, cancel).await;
+    sync_nodes(reg, &w, control, now, cancel).await;
+    Ok(())
+}
 
-    // Deployments → ReplicaSets.
+/// Deployments → ReplicaSets.
+async fn sync_deployments(reg: &Registry, w: &World, now: Timestamp, cancel: &CancellationToken) {
     for d in &w.deployments {
         if cancel.is_cancelled() {
-            return Ok(());
+            return;
         }
         let ns = ns_of(&d.metadata);
         let name = d.metadata.name.clone().unwrap_or_default();
@@ -200,17 +203,14 @@ async fn pass(
         let plan = deployment::reconcile(d, &rss, &w.pods, Time(now));
         if let Some(rs) = plan.create_rs {
             let v = serde_json::to_value(&rs).expect("rs serializes");
-            match reg
-                .create(def("apps", "replicasets"), Some(&ns), v, false)
-                .await
-            {
+            match reg.create(&REPLICASETS, Some(&ns), v, false).await {
                 Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
                 Err(e) => tracing::warn!(deployment = %name, "cannot create replicaset: {e}"),
             }
         }
         for (rs, replicas) in plan.scale {
             let r = reg
-                .update_with(def("apps", "replicasets"), Some(&ns), &rs, |o| {
+                .update_with(&REPLICASETS, Some(&ns), &rs, |o| {
                     o["spec"]["replicas"] = json!(replicas);
                     Ok(())
                 })
@@ -220,27 +220,29 @@ async fn pass(
             }
         }
         if let Some(st) = plan.status {
-            set_status(reg, def("apps", "deployments"), &ns, &name, st).await;
+            set_status(reg, &DEPLOYMENTS, &ns, &name, st).await;
         }
     }
+}
 
-    // ReplicaSets → Pods.
+/// ReplicaSets → Pods.
+async fn sync_replicasets(reg: &Registry, w: &World, cancel: &CancellationToken) {
     for rs in &w.replicasets {
         if cancel.is_cancelled() {
-            return Ok(());
+            return;
         }
         let ns = ns_of(&rs.metadata);
         let name = rs.metadata.name.clone().unwrap_or_default();
         let plan = replicaset::reconcile(rs, &w.pods, random_name);
         for p in plan.create_pods {
             let v = serde_json::to_value(&p).expect("pod serializes");
-            if let Err(e) = reg.create(def("", "pods"), Some(&ns), v, false).await {
+            if let Err(e) = reg.create(&PODS, Some(&ns), v, false).await {
                 tracing::warn!(replicaset = %name, "cannot create pod: {e}");
             }
         }
         for p in plan.delete_pods {
             match reg
-                .delete(def("", "pods"), Some(&ns), &p, &DeleteOptions::default())
+                .delete(&PODS, Some(&ns), &p, &DeleteOptions::default())
                 .await
             {
                 // Gone already: what the plan wanted.
@@ -250,11 +252,20 @@ async fn pass(
             }
         }
         if let Some(st) = plan.status {
-            set_status(reg, def("apps", "replicasets"), &ns, &name, st).await;
+            set_status(reg, &REPLICASETS, &ns, &name, st).await;
         }
     }
+}
 
-    // Node lifecycle.
+/// Node lifecycle: conditions and taints of nodes whose lease expired, and eviction of
+/// their pods after the eviction timeout.
+async fn sync_nodes(
+    reg: &Registry,
+    w: &World,
+    control: &ControlConfig,
+    now: Timestamp,
+    cancel: &CancellationToken,
+) {
     let np = nodes::reconcile(
         &w.nodes,
         &w.leases,
@@ -265,14 +276,14 @@ async fn pass(
     );
     for n in np.update_nodes {
         if cancel.is_cancelled() {
-            return Ok(());
+            return;
         }
         let name = n.metadata.name.clone().unwrap_or_default();
         let status = serde_json::to_value(&n.status).unwrap_or(Value::Null);
         let taints = serde_json::to_value(n.spec.as_ref().and_then(|s| s.taints.clone()))
             .unwrap_or(Value::Null);
         let r = reg
-            .update_with(def("", "nodes"), None, &name, |o| {
+            .update_with(&NODES, None, &name, |o| {
                 o["spec"]["taints"] = taints.clone();
                 Ok(())
             })
@@ -281,42 +292,38 @@ async fn pass(
             // Retried by the next pass (node lifecycle runs every second).
             tracing::warn!(node = %name, "cannot update taints: {e}");
         }
-        set_status(reg, def("", "nodes"), "", &name, status).await;
+        set_status(reg, &NODES, "", &name, status).await;
         tracing::info!(node = %name, "node lifecycle: updated condition/taints");
     }
     for (ns, pod) in np.evict_pods {
-        tracing::info!(pod = %pod, namespace = %ns, "evicting pod from unreachable node");
-        let opts = DeleteOptions {
-            grace_period_seconds: Some(0),
-            ..DeleteOptions::default()
-        };
-        match reg.delete(def("", "pods"), Some(&ns), &pod, &opts).await {
-            Ok(_) => {}
-            Err(ApiError::NotFound { .. }) => continue,
-            Err(e) => {
-                tracing::warn!(pod = %pod, namespace = %ns, "cannot evict pod: {e}");
-                continue;
-            }
-        }
-        let about = Involved {
-            kind: "Pod",
-            namespace: &ns,
-            name: &pod,
-            uid: None,
-        };
-        let (sev, src) = (Severity::Normal, Source::ControllerManager);
-        events::record(
-            reg,
-            src,
-            about,
-            sev,
-            "TaintManagerEviction",
-            "Marking for deletion Pod",
-        )
-        .await;
+        evict(reg, &ns, &pod).await;
     }
+}
 
-    Ok(())
+/// Delete a pod of an unreachable node at once and record why.
+async fn evict(reg: &Registry, ns: &str, pod: &str) {
+    tracing::info!(pod = %pod, namespace = %ns, "evicting pod from unreachable node");
+    let opts = DeleteOptions {
+        grace_period_seconds: Some(0),
+        ..DeleteOptions::default()
+    };
+    match reg.delete(&PODS, Some(ns), pod, &opts).await {
+        Ok(_) => {}
+        Err(ApiError::NotFound { .. }) => return,
+        Err(e) => {
+            tracing::warn!(pod = %pod, namespace = %ns, "cannot evict pod: {e}");
+            return;
+        }
+    }
+    let about = Involved {
+        kind: "Pod",
+        namespace: ns,
+        name: pod,
+        uid: None,
+    };
+    let (sev, src) = (Severity::Normal, Source::ControllerManager);
+    let message = "Marking for deletion Pod";
+    events::record(reg, src, about, sev, "TaintManagerEviction", message).await;
 }
 
 async fn set_status(reg: &Registry, d: &'static ResourceDef, ns: &str, name: &str, status: Value) {

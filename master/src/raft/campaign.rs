@@ -29,8 +29,8 @@ use openraft::storage::RaftLogStorage;
 use openraft::{Raft, ServerState};
 use tokio_util::sync::CancellationToken;
 
+use super::durable_log::LogStore;
 use super::leadership::{Fence, LeaderContact};
-use super::log_store::LogStore;
 use super::network::{peer_status, PeerStatus};
 use super::{NodeId, TypeConfig};
 
@@ -197,7 +197,9 @@ pub(crate) async fn run(
                     && raft.metrics().borrow().state == ServerState::Follower
                     && !fence.retired()
                 {
-                    let _ = raft.trigger().elect().await;
+                    if let Err(e) = raft.trigger().elect().await {
+                        tracing::debug!(error = %e, "cannot start an election");
+                    }
                 }
             }
             Decision::Defer { .. } => {

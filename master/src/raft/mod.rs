@@ -1,30 +1,33 @@
 //! The masters' Raft group (openraft 0.9): durable log in redb, the key-value state
 //! machine with file snapshots, HTTP peer RPC, and the active-master fencing.
 //!
-//! - [`log_store`]: log + vote (redb, fsync before acknowledging; purges in the background).
+//! - [`durable_log`]: log + vote (redb, fsync before acknowledging; purges in the background).
 //! - [`state_machine`]: [`crate::store::Applied`] driven by committed entries; snapshots.
 //! - [`network`]: peer RPC client and server (peer address only).
 //! - [`leadership`]: the definition of *active*, its lease/fencing argument, and
 //!   [`LeaderToken`]s.
-//! - [`store`]: [`RaftStore`], the [`crate::store::Store`] the API uses.
+//! - [`replicated`]: [`RaftStore`], the [`crate::store::Store`] the API uses, replicated
+//!   through the group (group commit; reads only while active).
 //! - [`campaign`]: after the leader is lost, the survivors nominate one candidate (no
 //!   split votes); a restarted master does not depose a working leader.
+//! - [`handover`]: a planned stop of the active master hands the leadership to the most
+//!   up-to-date follower first.
 //! - [`node`]: starting a master's Raft node from the cluster config.
 
 pub(crate) mod campaign;
+pub(crate) mod durable_log;
 #[cfg(test)]
 mod group_tests;
 pub(crate) mod handover;
 pub(crate) mod leadership;
-pub(crate) mod log_store;
 pub(crate) mod network;
 pub(crate) mod node;
+pub(crate) mod replicated;
 pub(crate) mod state_machine;
-pub(crate) mod store;
 
 pub(crate) use leadership::Leadership;
 pub(crate) use node::{RaftNode, RaftStartError};
-pub(crate) use store::RaftStore;
+pub(crate) use replicated::RaftStore;
 
 use crate::store::{Command, CommandResult};
 
@@ -55,7 +58,7 @@ mod suite_tests {
     use openraft::testing::{StoreBuilder, Suite};
     use openraft::StorageError;
 
-    use super::log_store::LogStore;
+    use super::durable_log::LogStore;
     use super::state_machine::StateMachine;
     use super::{NodeId, TypeConfig};
     use crate::store::Applied;

@@ -309,7 +309,7 @@ pub(crate) struct PeerState {
     pub raft: Raft<TypeConfig>,
     pub fence: Arc<Fence>,
     /// For the last log id in refused votes.
-    pub log: super::log_store::LogStore,
+    pub log: super::durable_log::LogStore,
     /// When a leader's `AppendEntries` was last accepted here.
     pub contact: Arc<LeaderContact>,
     /// Certificate user (`master:mI`) → Raft id of every configured master.

@@ -14,8 +14,8 @@ use openraft::{Config, Raft, SnapshotPolicy};
 use tokio_util::sync::CancellationToken;
 
 use super::campaign::{self, CampaignConfig};
+use super::durable_log::LogStore;
 use super::leadership::{Fence, LeaderContact, Leadership};
-use super::log_store::LogStore;
 use super::network::{peer_router, Network, PeerState};
 use super::state_machine::StateMachine;
 use super::{Node, NodeId, TypeConfig};
@@ -97,7 +97,7 @@ pub(crate) fn timings(rc: &RaftConfig) -> Result<Timings, RaftStartError> {
         snapshot_max_chunk_size: 1024 * 1024,
         // openraft 0.9 gives every AppendEntries one heartbeat interval to complete:
         // keep batches small enough to be sent, fsynced and answered in that time. An
-        // entry can be a batch of writes (up to `super::store::MAX_BATCH_BYTES`): at most
+        // entry can be a batch of writes (up to `super::replicated::MAX_BATCH_BYTES`): at most
         // ~1 MiB per AppendEntries.
         max_payload_entries: 16,
         ..Default::default()

@@ -42,6 +42,17 @@ pub(crate) const DEFAULT_NAMESPACES: &[&str] =
 const UNDELETABLE_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
 
 /// Which part of an object a write targets.
+/// How many times [`Registry::read_modify_write`] reads again after losing a race.
+const CAS_ATTEMPTS: usize = 8;
+
+/// What a read-modify-write decided for the object it read.
+enum Step {
+    /// Store this over the revision read (nothing is written when it equals the object).
+    Write(Value),
+    /// Answer this and write nothing (a dry run).
+    Answer(Value),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Subresource {
     Main,
@@ -624,6 +635,37 @@ impl Registry {
         Ok(new)
     }
 
+    /// The compare-and-swap loop every change of an existing object goes through: read
+    /// the object and its revision, let `decide` say what to do with it, and store the
+    /// result only over the revision read. A write that lost the race to another one
+    /// reads again and decides again, at most [`CAS_ATTEMPTS`] times, then answers 409
+    /// (a client may retry). An error from `decide` (a failed precondition, an invalid
+    /// object) ends the loop at once: reading again would not change it.
+    async fn read_modify_write<F>(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        name: &str,
+        mut decide: F,
+    ) -> Result<Value, ApiError>
+    where
+        F: FnMut(&Value, u64) -> Result<Step, ApiError> + Send,
+    {
+        for _ in 0..CAS_ATTEMPTS {
+            let (cur, rev) = self.get_kv(def, ns, name).await?;
+            let new = match decide(&cur, rev)? {
+                Step::Write(new) if same_stored(&new, &cur) => return Ok(cur),
+                Step::Write(new) => new,
+                Step::Answer(v) => return Ok(v),
+            };
+            match self.put_cas(def, ns, name, rev, new).await {
+                Err(ApiError::Conflict { .. }) => continue,
+                r => return r,
+            }
+        }
+        Err(Self::conflict(def, name))
+    }
+
     /// PUT: replace an object (or its status). A `metadata.resourceVersion` in `body`
     /// must match the stored one (409 `Conflict` otherwise). With `dry_run` the result
     /// is computed but not stored.
@@ -642,21 +684,18 @@ impl Registry {
                     .map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {r:?}")))
             })
             .transpose()?;
-        for _ in 0..8 {
-            let (cur, rev) = self.get_kv(def, ns, name).await?;
+        self.read_modify_write(def, ns, name, |cur, rev| {
             if want_rev.is_some_and(|w| w != rev) {
                 return Err(Self::conflict(def, name));
             }
-            let new = Self::prepare_update(def, ns, name, &cur, body.clone(), sub)?;
-            if dry_run {
-                return Ok(new);
-            }
-            match self.put_cas(def, ns, name, rev, new).await {
-                Err(ApiError::Conflict { .. }) if want_rev.is_none() => continue,
-                r => return r,
-            }
-        }
-        Err(Self::conflict(def, name))
+            let new = Self::prepare_update(def, ns, name, cur, body.clone(), sub)?;
+            Ok(if dry_run {
+                Step::Answer(new)
+            } else {
+                Step::Write(new)
+            })
+        })
+        .await
     }
 
     /// PATCH with any [`PatchType`]. Server-side apply (`Apply`) creates a missing object.
@@ -672,53 +711,62 @@ impl Registry {
         sub: Subresource,
         dry_run: bool,
     ) -> Result<Value, ApiError> {
-        for _ in 0..8 {
-            let (cur, rev) = match self.get_kv(def, ns, name).await {
-                Ok(x) => x,
-                Err(e) if e.is_not_found() && kind == PatchType::Apply => {
-                    let mut o = patch::strip_directives(patch_body);
-                    meta_mut(&mut o).insert("name".into(), json!(name));
-                    return self.create(def, ns, o, dry_run).await;
-                }
-                Err(e) => return Err(e),
-            };
-            let mut base = cur.clone();
-            if kind == PatchType::Apply {
-                // The applied config is the whole intent: its resourceVersion (if any) counts.
-                meta_mut(&mut base).remove("resourceVersion");
+        let patched = self
+            .read_modify_write(def, ns, name, |cur, rev| {
+                let new = Self::patched(def, ns, name, cur, rev, kind, patch_body, sub)?;
+                Ok(if dry_run && !same_stored(&new, cur) {
+                    Step::Answer(new)
+                } else {
+                    Step::Write(new)
+                })
+            })
+            .await;
+        match patched {
+            Err(e) if e.is_not_found() && kind == PatchType::Apply => {
+                let mut o = patch::strip_directives(patch_body);
+                meta_mut(&mut o).insert("name".into(), json!(name));
+                self.create(def, ns, o, dry_run).await
             }
-            let patched = patch::apply(&base, patch_body, kind).map_err(|e| match e {
-                patch::PatchError::TestFailed(_) => ApiError::Invalid {
-                    group: def.group.into(),
-                    kind: def.qualified_kind(),
-                    name: name.into(),
-                    causes: vec![Cause::invalid("", "", &e.to_string())],
-                },
-                patch::PatchError::TooLarge { .. }
-                | patch::PatchError::TooManyOperations { .. } => {
-                    ApiError::TooLarge(format!("{} {name:?}: {e}", def.qualified()))
-                }
-                e => ApiError::BadRequest(e.to_string()),
-            })?;
-            let explicit_rev = meta_str(&patched, "resourceVersion")
-                .map(String::from)
-                .filter(|r| *r != rev.to_string());
-            if explicit_rev.is_some() && kind != PatchType::Apply {
-                return Err(Self::conflict(def, name));
-            }
-            let new = Self::prepare_update(def, ns, name, &cur, patched, sub)?;
-            if new == strip_rv(&cur) {
-                return Ok(cur);
-            }
-            if dry_run {
-                return Ok(new);
-            }
-            match self.put_cas(def, ns, name, rev, new).await {
-                Err(ApiError::Conflict { .. }) => continue,
-                r => return r,
-            }
+            r => r,
         }
-        Err(Self::conflict(def, name))
+    }
+
+    /// What a PATCH makes of the object `cur` read at revision `rev`.
+    #[allow(clippy::too_many_arguments)]
+    fn patched(
+        def: &ResourceDef,
+        ns: Option<&str>,
+        name: &str,
+        cur: &Value,
+        rev: u64,
+        kind: PatchType,
+        patch_body: &Value,
+        sub: Subresource,
+    ) -> Result<Value, ApiError> {
+        let mut base = cur.clone();
+        if kind == PatchType::Apply {
+            // The applied config is the whole intent: its resourceVersion (if any) counts.
+            meta_mut(&mut base).remove("resourceVersion");
+        }
+        let patched = patch::apply(&base, patch_body, kind).map_err(|e| match e {
+            patch::PatchError::TestFailed(_) => ApiError::Invalid {
+                group: def.group.into(),
+                kind: def.qualified_kind(),
+                name: name.into(),
+                causes: vec![Cause::invalid("", "", &e.to_string())],
+            },
+            patch::PatchError::TooLarge { .. } | patch::PatchError::TooManyOperations { .. } => {
+                ApiError::TooLarge(format!("{} {name:?}: {e}", def.qualified()))
+            }
+            e => ApiError::BadRequest(e.to_string()),
+        })?;
+        let explicit_rev = meta_str(&patched, "resourceVersion")
+            .map(String::from)
+            .filter(|r| *r != rev.to_string());
+        if explicit_rev.is_some() && kind != PatchType::Apply {
+            return Err(Self::conflict(def, name));
+        }
+        Self::prepare_update(def, ns, name, cur, patched, sub)
     }
 
     /// Read-modify-write with retries on conflicts, for server-internal changes (no
@@ -733,20 +781,13 @@ impl Registry {
     where
         F: FnMut(&mut Value) -> Result<(), ApiError> + Send,
     {
-        for _ in 0..8 {
-            let (cur, rev) = self.get_kv(def, ns, name).await?;
+        self.read_modify_write(def, ns, name, |cur, _| {
             let mut new = cur.clone();
             f(&mut new)?;
-            if new == cur {
-                return Ok(cur);
-            }
-            Self::bump_generation(&cur, &mut new);
-            match self.put_cas(def, ns, name, rev, new).await {
-                Err(ApiError::Conflict { .. }) => continue,
-                r => return r,
-            }
-        }
-        Err(Self::conflict(def, name))
+            Self::bump_generation(cur, &mut new);
+            Ok(Step::Write(new))
+        })
+        .await
     }
 
     /// DELETE. Returns the last state of the object: removed at once, or marked with
@@ -764,6 +805,7 @@ impl Registry {
         self.delete_object(def, ns, name, opts).await
     }
 
+    /// DELETE of anything but a namespace (whose deletion deletes objects).
     async fn delete_object(
         &self,
         def: &ResourceDef,
@@ -771,103 +813,128 @@ impl Registry {
         name: &str,
         opts: &DeleteOptions,
     ) -> Result<Value, ApiError> {
-        for _ in 0..8 {
-            let (cur, rev) = self.get_kv(def, ns, name).await?;
-            if let Some(p) = &opts.preconditions {
-                if p.uid
-                    .as_deref()
-                    .is_some_and(|u| Some(u) != meta_str(&cur, "uid"))
-                {
-                    return Err(ApiError::Conflict {
-                        group: def.group.into(),
-                        resource: def.qualified(),
-                        name: name.into(),
-                        message: format!(
-                            "Precondition failed: UID in precondition: {}, UID in object meta: {}",
-                            p.uid.as_deref().unwrap_or_default(),
-                            meta_str(&cur, "uid").unwrap_or_default()
-                        ),
-                    });
-                }
-                if p.resource_version
-                    .as_deref()
-                    .is_some_and(|r| r != rev.to_string())
-                {
-                    return Err(Self::conflict(def, name));
-                }
-            }
-            let mut new = cur.clone();
-            let policy = opts.propagation_policy.as_deref().unwrap_or(
-                if opts.orphan_dependents == Some(true) {
+        self.read_modify_write(def, ns, name, |cur, rev| {
+            let new = Self::marked_for_deletion(def, name, cur, rev, opts)?;
+            Ok(if opts.dry_run.is_empty() {
+                Step::Write(new)
+            } else {
+                Step::Answer(new)
+            })
+        })
+        .await
+    }
+
+    /// `cur` (read at revision `rev`) marked deleted as `opts` ask: the GC finalizer of
+    /// the propagation policy added, and `deletionTimestamp` set after the pod's grace
+    /// period (at once for everything else, or for a pod that never ran).
+    fn marked_for_deletion(
+        def: &ResourceDef,
+        name: &str,
+        cur: &Value,
+        rev: u64,
+        opts: &DeleteOptions,
+    ) -> Result<Value, ApiError> {
+        Self::check_preconditions(def, name, cur, rev, opts)?;
+        let policy =
+            opts.propagation_policy
+                .as_deref()
+                .unwrap_or(if opts.orphan_dependents == Some(true) {
                     "Orphan"
                 } else {
                     "Background"
-                },
-            );
-            let gc_finalizer = match policy {
-                "Foreground" => Some("foregroundDeletion"),
-                "Orphan" => Some("orphan"),
-                "Background" => None,
-                other => {
-                    return Err(ApiError::BadRequest(format!(
-                        "unsupported propagationPolicy {other:?}"
-                    )))
-                }
-            };
-            // Only kinds that own others get the GC finalizers.
-            let gc_finalizer = gc_finalizer.filter(|_| [DEPLOYMENTS, REPLICASETS].contains(def));
-            let grace = if *def == PODS {
-                let bound = cur
-                    .pointer("/spec/nodeName")
-                    .and_then(Value::as_str)
-                    .is_some_and(|n| !n.is_empty());
-                let terminal = matches!(
-                    cur.pointer("/status/phase").and_then(Value::as_str),
-                    Some("Succeeded" | "Failed")
-                );
-                if bound && !terminal {
-                    opts.grace_period_seconds
-                        .or_else(|| {
-                            cur.pointer("/spec/terminationGracePeriodSeconds")
-                                .and_then(Value::as_i64)
-                        })
-                        .unwrap_or(30)
-                        .max(0)
-                } else {
-                    0
-                }
-            } else {
-                0
-            };
-            let already = cur.pointer("/metadata/deletionTimestamp").is_some();
-            {
-                let m = meta_mut(&mut new);
-                if let Some(f) = gc_finalizer {
-                    let list = m.entry("finalizers").or_insert(json!([]));
-                    if let Some(a) = list.as_array_mut() {
-                        if !a.iter().any(|x| x == f) {
-                            a.push(json!(f));
-                        }
-                    }
-                }
-                let cur_grace = m.get("deletionGracePeriodSeconds").and_then(Value::as_i64);
-                if !already || cur_grace.is_some_and(|g| grace < g) {
-                    m.insert("deletionTimestamp".into(), json!(rfc3339_after(grace)));
-                    m.insert("deletionGracePeriodSeconds".into(), json!(grace));
-                }
+                });
+        let gc_finalizer = match policy {
+            "Foreground" => Some("foregroundDeletion"),
+            "Orphan" => Some("orphan"),
+            "Background" => None,
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unsupported propagationPolicy {other:?}"
+                )))
             }
-            if !opts.dry_run.is_empty() {
-                return Ok(new);
-            }
-            if new == cur {
-                return Ok(cur);
-            }
-            match self.put_cas(def, ns, name, rev, new).await {
-                Err(ApiError::Conflict { .. }) => continue,
-                r => return r,
+        };
+        // Only kinds that own others get the GC finalizers.
+        let gc_finalizer = gc_finalizer.filter(|_| [DEPLOYMENTS, REPLICASETS].contains(def));
+        let grace = if *def == PODS {
+            Self::pod_grace_seconds(cur, opts)
+        } else {
+            0
+        };
+        let already = cur.pointer("/metadata/deletionTimestamp").is_some();
+        let mut new = cur.clone();
+        let m = meta_mut(&mut new);
+        if let Some(f) = gc_finalizer {
+            let list = m.entry("finalizers").or_insert(json!([]));
+            if let Some(a) = list.as_array_mut() {
+                if !a.iter().any(|x| x == f) {
+                    a.push(json!(f));
+                }
             }
         }
-        Err(Self::conflict(def, name))
+        let cur_grace = m.get("deletionGracePeriodSeconds").and_then(Value::as_i64);
+        if !already || cur_grace.is_some_and(|g| grace < g) {
+            m.insert("deletionTimestamp".into(), json!(rfc3339_after(grace)));
+            m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+        }
+        Ok(new)
+    }
+
+    /// The DELETE's preconditions (uid, resourceVersion) against `cur` read at `rev`.
+    fn check_preconditions(
+        def: &ResourceDef,
+        name: &str,
+        cur: &Value,
+        rev: u64,
+        opts: &DeleteOptions,
+    ) -> Result<(), ApiError> {
+        let Some(p) = &opts.preconditions else {
+            return Ok(());
+        };
+        if p.uid
+            .as_deref()
+            .is_some_and(|u| Some(u) != meta_str(cur, "uid"))
+        {
+            return Err(ApiError::Conflict {
+                group: def.group.into(),
+                resource: def.qualified(),
+                name: name.into(),
+                message: format!(
+                    "Precondition failed: UID in precondition: {}, UID in object meta: {}",
+                    p.uid.as_deref().unwrap_or_default(),
+                    meta_str(cur, "uid").unwrap_or_default()
+                ),
+            });
+        }
+        if p.resource_version
+            .as_deref()
+            .is_some_and(|r| r != rev.to_string())
+        {
+            return Err(Self::conflict(def, name));
+        }
+        Ok(())
+    }
+
+    /// A pod's grace period: the request's, else the pod's own, else 30 s; none for a
+    /// pod never bound to a node or already finished (nothing runs to stop).
+    fn pod_grace_seconds(pod: &Value, opts: &DeleteOptions) -> i64 {
+        let bound = pod
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
+        let terminal = matches!(
+            pod.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
+        if !bound || terminal {
+            return 0;
+        }
+        opts.grace_period_seconds
+            .or_else(|| {
+                pod.pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+            })
+            .unwrap_or(30)
+            .max(0)
     }
 
     /// Delete every object of a collection matching `list` (DeleteCollection).
@@ -893,11 +960,28 @@ impl Registry {
     }
 }
 
-/// `o` without its resourceVersion (what is stored).
-fn strip_rv(o: &Value) -> Value {
-    let mut o = o.clone();
-    meta_mut(&mut o).remove("resourceVersion");
-    o
+/// Whether `a` and `b` store the same: equal but for `metadata.resourceVersion`,
+/// which is the key's revision rather than part of the stored value.
+fn same_stored(a: &Value, b: &Value) -> bool {
+    let (Some(oa), Some(ob)) = (a.as_object(), b.as_object()) else {
+        return a == b;
+    };
+    let fields_equal = oa.len() == ob.len()
+        && oa
+            .iter()
+            .all(|(k, v)| k == "metadata" || ob.get(k) == Some(v));
+    let (ma, mb) = match (oa.get("metadata"), ob.get("metadata")) {
+        (Some(Value::Object(ma)), Some(Value::Object(mb))) => (ma, mb),
+        (ma, mb) => return fields_equal && ma == mb,
+    };
+    let len = |m: &serde_json::Map<String, Value>| {
+        m.len() - usize::from(m.contains_key("resourceVersion"))
+    };
+    fields_equal
+        && len(ma) == len(mb)
+        && ma
+            .iter()
+            .all(|(k, v)| k == "resourceVersion" || mb.get(k) == Some(v))
 }
 
 /// A stored object as the API returns it, encoded directly: what [`Registry::decode`]
@@ -944,4 +1028,29 @@ pub(crate) fn raw_item(def: &ResourceDef, kv: &KeyValue) -> Result<Vec<u8>, ApiE
     }
     out.push(b'}');
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_stored;
+    use serde_json::json;
+
+    #[test]
+    fn same_stored_ignores_the_resource_version_only() {
+        let a = json!({"metadata": {"name": "a", "resourceVersion": "7"}, "spec": {"x": 1}});
+        let b = json!({"metadata": {"name": "a"}, "spec": {"x": 1}});
+        assert!(same_stored(&a, &b) && same_stored(&b, &a));
+        let renamed = json!({"metadata": {"name": "b", "resourceVersion": "7"}, "spec": {"x": 1}});
+        assert!(!same_stored(&a, &renamed));
+        let respec = json!({"metadata": {"name": "a", "resourceVersion": "7"}, "spec": {"x": 2}});
+        assert!(!same_stored(&a, &respec));
+        let more = json!({"metadata": {"name": "a"}, "spec": {"x": 1}, "status": {}});
+        assert!(!same_stored(&b, &more) && !same_stored(&more, &b));
+        let labelled = json!({"metadata": {"name": "a", "labels": {}}, "spec": {"x": 1}});
+        assert!(!same_stored(&a, &labelled) && !same_stored(&labelled, &a));
+        assert!(!same_stored(
+            &json!({"spec": 1}),
+            &json!({"metadata": {}, "spec": 1})
+        ));
+    }
 }
