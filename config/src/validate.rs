@@ -74,27 +74,28 @@ fn is_dns_label(s: &str) -> bool {
 
 /// Check a parsed config; returns warnings when it is usable.
 pub fn validate(c: &ClusterConfig) -> Result<Vec<Warning>, ValidationError> {
-    let mut warnings = Vec::new();
     let mut claims = Claims::default();
-    check_masters(c, &mut claims, &mut warnings)?;
+    claims.masters(c)?;
     check_limits(c)?;
     check_raft(&c.raft)?;
-    check_proxies(c, &mut claims, &mut warnings)?;
+    claims.proxies(c)?;
     if let Some(v) = &c.vip {
         check_vip(c, v)?;
     }
     for (i, w) in c.workers.iter().enumerate() {
-        check_worker(i, w, &mut claims)?;
+        claims.worker(i, w)?;
     }
-    Ok(warnings)
+    Ok(claims.warnings)
 }
 
-/// The ids and addresses the nodes seen so far took: no two may share either.
+/// The ids and addresses the nodes checked so far took (no two may share either), and
+/// the warnings so far.
 #[derive(Default)]
 struct Claims<'c> {
     ids: HashSet<&'c str>,
     /// Address → who took it, for the error.
     addrs: HashMap<SocketAddr, String>,
+    warnings: Vec<Warning>,
 }
 
 impl<'c> Claims<'c> {
@@ -129,6 +130,133 @@ impl<'c> Claims<'c> {
         self.addrs.insert(addr, who);
         Ok(())
     }
+
+    fn masters(&mut self, c: &'c ClusterConfig) -> Result<(), ValidationError> {
+        if c.masters.is_empty() {
+            return Err(err(vec![key("masters")], ValidationErrorKind::NoMasters));
+        }
+        let mut raft_ids = HashSet::new();
+        for (i, m) in c.masters.iter().enumerate() {
+            let p = |k: &str| vec![key("masters"), PathSeg::Index(i), key(k)];
+            self.id(&m.id, p("id"))?;
+            self.addr(m.api, format!("master {} (api)", m.id), p("api"))?;
+            self.addr(m.peer, format!("master {} (peer)", m.id), p("peer"))?;
+            let rid = m.raft_id.unwrap_or(i as u64 + 1);
+            if rid == 0 {
+                return Err(invalid(p("raft_id"), "raft_id must be at least 1"));
+            }
+            if !raft_ids.insert(rid) {
+                return Err(err(p("raft_id"), ValidationErrorKind::DuplicateRaftId(rid)));
+            }
+        }
+        if c.masters.len() % 2 == 0 {
+            let n = c.masters.len();
+            let quorum = n / 2 + 1;
+            self.warnings.push(Warning {
+            path: vec![key("masters")],
+            message: format!(
+                "{n} masters (an even number): a quorum is {quorum}, so the cluster tolerates the loss of {} master(s), \
+                 the same as {} masters; use an odd number",
+                n - quorum,
+                n - 1
+            ),
+        });
+        }
+        Ok(())
+    }
+
+    /// `[proxy]` (its addresses, DNS zone, health checks and hold queue) and `[[proxies]]`.
+    fn proxies(&mut self, c: &'c ClusterConfig) -> Result<(), ValidationError> {
+        let px = &c.proxy;
+        let pp = |k: &str| vec![key("proxy"), key(k)];
+        self.id(&px.id, pp("id"))?;
+        self.addr(px.api, "proxy (api)".into(), pp("api"))?;
+        self.addr(px.admin, "proxy (admin)".into(), pp("admin"))?;
+        // DNS is UDP+TCP; a TCP API on the same address would still clash on TCP.
+        self.addr(px.dns, "proxy (dns)".into(), pp("dns"))?;
+        let zone = px.dns_zone.trim_end_matches('.');
+        if px.dns_zone.trim_matches('.').is_empty() || !zone.split('.').all(is_dns_label) {
+            let msg = "must be a DNS name like `ballast.local`";
+            return Err(invalid(pp("dns_zone"), msg));
+        }
+        for (i, pn) in c.proxies.iter().enumerate() {
+            let p = |k: &str| vec![key("proxies"), PathSeg::Index(i), key(k)];
+            self.id(&pn.id, p("id"))?;
+            self.addr(pn.api, format!("proxy {} (api)", pn.id), p("api"))?;
+            self.addr(pn.admin, format!("proxy {} (admin)", pn.id), p("admin"))?;
+            self.addr(pn.dns, format!("proxy {} (dns)", pn.id), p("dns"))?;
+        }
+        let hp = |k: &str| vec![key("proxy"), key("health"), key(k)];
+        if px.health.interval.is_zero() {
+            return Err(invalid(hp("interval"), "must be greater than zero"));
+        }
+        if px.health.timeout.is_zero() {
+            return Err(invalid(hp("timeout"), "must be greater than zero"));
+        }
+        if px.health.rise == 0 {
+            return Err(invalid(hp("rise"), "must be at least 1"));
+        }
+        if px.health.fall == 0 {
+            return Err(invalid(hp("fall"), "must be at least 1"));
+        }
+        if px.hold.max_requests == 0 {
+            self.warnings.push(Warning {
+                path: vec![key("proxy"), key("hold"), key("max_requests")],
+                message: "0 disables holding: requests fail at once while no master is active"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn worker(&mut self, i: usize, w: &'c WorkerConfig) -> Result<(), ValidationError> {
+        let p = |k: &str| vec![key("workers"), PathSeg::Index(i), key(k)];
+        self.id(&w.id, p("id"))?;
+        self.addr(w.address, format!("worker {}", w.id), p("address"))?;
+        match (&w.api_url, &w.api_dns) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    p("api_dns"),
+                    "set either api_url or api_dns, not both",
+                ))
+            }
+            (None, None) => return Err(invalid(
+                vec![key("workers"), PathSeg::Index(i)],
+                "missing route to the API: set api_url (e.g. the proxy) or api_dns + dns_server",
+            )),
+            (Some(url), None) if !url.starts_with("https://") => {
+                return Err(invalid(
+                    p("api_url"),
+                    "must be an https:// URL (every Ballast listener speaks TLS)",
+                ));
+            }
+            (Some(_), None) => {}
+            (None, Some(_)) => match (w.dns_server, w.dns_servers.is_empty()) {
+                (None, true) => {
+                    let msg = "api_dns needs dns_server (or dns_servers)";
+                    return Err(invalid(p("api_dns"), msg));
+                }
+                (Some(_), false) => {
+                    let msg = "set either dns_server or dns_servers, not both";
+                    return Err(invalid(p("dns_servers"), msg));
+                }
+                _ => {}
+            },
+        }
+        let cp = |k: &str| vec![key("workers"), PathSeg::Index(i), key("capacity"), key(k)];
+        if w.capacity.pods == 0 {
+            return Err(invalid(cp("pods"), "must be at least 1"));
+        }
+        for (k, v) in [("cpu", &w.capacity.cpu), ("memory", &w.capacity.memory)] {
+            if parse_quantity(v).is_none() {
+                return Err(invalid(
+                    cp(k),
+                    format!("`{v}` is not a Kubernetes quantity (e.g. \"2\", \"500m\", \"8Gi\")"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn check_limits(c: &ClusterConfig) -> Result<(), ValidationError> {
@@ -143,44 +271,6 @@ fn check_limits(c: &ClusterConfig) -> Result<(), ValidationError> {
     if c.limits.header_read_timeout.is_zero() {
         let path = lp("header_read_timeout");
         return Err(invalid(path, "must be longer than 0s"));
-    }
-    Ok(())
-}
-
-fn check_masters<'c>(
-    c: &'c ClusterConfig,
-    claims: &mut Claims<'c>,
-    warnings: &mut Vec<Warning>,
-) -> Result<(), ValidationError> {
-    if c.masters.is_empty() {
-        return Err(err(vec![key("masters")], ValidationErrorKind::NoMasters));
-    }
-    let mut raft_ids = HashSet::new();
-    for (i, m) in c.masters.iter().enumerate() {
-        let p = |k: &str| vec![key("masters"), PathSeg::Index(i), key(k)];
-        claims.id(&m.id, p("id"))?;
-        claims.addr(m.api, format!("master {} (api)", m.id), p("api"))?;
-        claims.addr(m.peer, format!("master {} (peer)", m.id), p("peer"))?;
-        let rid = m.raft_id.unwrap_or(i as u64 + 1);
-        if rid == 0 {
-            return Err(invalid(p("raft_id"), "raft_id must be at least 1"));
-        }
-        if !raft_ids.insert(rid) {
-            return Err(err(p("raft_id"), ValidationErrorKind::DuplicateRaftId(rid)));
-        }
-    }
-    if c.masters.len() % 2 == 0 {
-        let n = c.masters.len();
-        let quorum = n / 2 + 1;
-        warnings.push(Warning {
-            path: vec![key("masters")],
-            message: format!(
-                "{n} masters (an even number): a quorum is {quorum}, so the cluster tolerates the loss of {} master(s), \
-                 the same as {} masters; use an odd number",
-                n - quorum,
-                n - 1
-            ),
-        });
     }
     Ok(())
 }
@@ -203,53 +293,6 @@ fn check_raft(r: &RaftConfig) -> Result<(), ValidationError> {
     }
     if r.snapshot_after_logs == 0 {
         return Err(invalid(rp("snapshot_after_logs"), "must be at least 1"));
-    }
-    Ok(())
-}
-
-/// `[proxy]` (its addresses, DNS zone, health checks and hold queue) and `[[proxies]]`.
-fn check_proxies<'c>(
-    c: &'c ClusterConfig,
-    claims: &mut Claims<'c>,
-    warnings: &mut Vec<Warning>,
-) -> Result<(), ValidationError> {
-    let px = &c.proxy;
-    let pp = |k: &str| vec![key("proxy"), key(k)];
-    claims.id(&px.id, pp("id"))?;
-    claims.addr(px.api, "proxy (api)".into(), pp("api"))?;
-    claims.addr(px.admin, "proxy (admin)".into(), pp("admin"))?;
-    // DNS is UDP+TCP; a TCP API on the same address would still clash on TCP.
-    claims.addr(px.dns, "proxy (dns)".into(), pp("dns"))?;
-    let zone = px.dns_zone.trim_end_matches('.');
-    if px.dns_zone.trim_matches('.').is_empty() || !zone.split('.').all(is_dns_label) {
-        let msg = "must be a DNS name like `ballast.local`";
-        return Err(invalid(pp("dns_zone"), msg));
-    }
-    for (i, pn) in c.proxies.iter().enumerate() {
-        let p = |k: &str| vec![key("proxies"), PathSeg::Index(i), key(k)];
-        claims.id(&pn.id, p("id"))?;
-        claims.addr(pn.api, format!("proxy {} (api)", pn.id), p("api"))?;
-        claims.addr(pn.admin, format!("proxy {} (admin)", pn.id), p("admin"))?;
-        claims.addr(pn.dns, format!("proxy {} (dns)", pn.id), p("dns"))?;
-    }
-    let hp = |k: &str| vec![key("proxy"), key("health"), key(k)];
-    if px.health.interval.is_zero() {
-        return Err(invalid(hp("interval"), "must be greater than zero"));
-    }
-    if px.health.timeout.is_zero() {
-        return Err(invalid(hp("timeout"), "must be greater than zero"));
-    }
-    if px.health.rise == 0 {
-        return Err(invalid(hp("rise"), "must be at least 1"));
-    }
-    if px.health.fall == 0 {
-        return Err(invalid(hp("fall"), "must be at least 1"));
-    }
-    if px.hold.max_requests == 0 {
-        warnings.push(Warning {
-            path: vec![key("proxy"), key("hold"), key("max_requests")],
-            message: "0 disables holding: requests fail at once while no master is active".into(),
-        });
     }
     Ok(())
 }
@@ -301,61 +344,6 @@ fn check_vip(c: &ClusterConfig, v: &VipConfig) -> Result<(), ValidationError> {
             vp("lease"),
             "must be at least three times vip.renew (and renew more than zero)",
         ));
-    }
-    Ok(())
-}
-
-fn check_worker<'c>(
-    i: usize,
-    w: &'c WorkerConfig,
-    claims: &mut Claims<'c>,
-) -> Result<(), ValidationError> {
-    let p = |k: &str| vec![key("workers"), PathSeg::Index(i), key(k)];
-    claims.id(&w.id, p("id"))?;
-    claims.addr(w.address, format!("worker {}", w.id), p("address"))?;
-    match (&w.api_url, &w.api_dns) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                p("api_dns"),
-                "set either api_url or api_dns, not both",
-            ))
-        }
-        (None, None) => {
-            return Err(invalid(
-                vec![key("workers"), PathSeg::Index(i)],
-                "missing route to the API: set api_url (e.g. the proxy) or api_dns + dns_server",
-            ))
-        }
-        (Some(url), None) if !url.starts_with("https://") => {
-            return Err(invalid(
-                p("api_url"),
-                "must be an https:// URL (every Ballast listener speaks TLS)",
-            ));
-        }
-        (Some(_), None) => {}
-        (None, Some(_)) => match (w.dns_server, w.dns_servers.is_empty()) {
-            (None, true) => {
-                let msg = "api_dns needs dns_server (or dns_servers)";
-                return Err(invalid(p("api_dns"), msg));
-            }
-            (Some(_), false) => {
-                let msg = "set either dns_server or dns_servers, not both";
-                return Err(invalid(p("dns_servers"), msg));
-            }
-            _ => {}
-        },
-    }
-    let cp = |k: &str| vec![key("workers"), PathSeg::Index(i), key("capacity"), key(k)];
-    if w.capacity.pods == 0 {
-        return Err(invalid(cp("pods"), "must be at least 1"));
-    }
-    for (k, v) in [("cpu", &w.capacity.cpu), ("memory", &w.capacity.memory)] {
-        if parse_quantity(v).is_none() {
-            return Err(invalid(
-                cp(k),
-                format!("`{v}` is not a Kubernetes quantity (e.g. \"2\", \"500m\", \"8Gi\")"),
-            ));
-        }
     }
     Ok(())
 }

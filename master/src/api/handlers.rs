@@ -554,7 +554,9 @@ async fn serve(
         Target::ResourceList => Err(ApiError::NoRoute),
         Target::Collection { def, ns } => serve_collection(&call, def, ns.as_deref()).await,
         Target::Item { def, ns, name, sub } => {
-            serve_item(&call, def, ns.as_deref(), &name, sub.as_deref()).await
+            let name = &name;
+            let (ns, sub) = (ns.as_deref(), sub.as_deref());
+            serve_item(&call, Item { def, ns, name, sub }).await
         }
     }
 }
@@ -628,13 +630,17 @@ async fn list(c: &Call<'_>, def: &ResourceDef, ns: Option<&str>) -> Result<Respo
     Ok(json_response(StatusCode::OK, &v))
 }
 
-async fn serve_item(
-    c: &Call<'_>,
-    def: &ResourceDef,
-    ns: Option<&str>,
-    name: &str,
-    sub: Option<&str>,
-) -> Result<Response, ApiError> {
+/// The object a request names, and the subresource.
+#[derive(Clone, Copy)]
+struct Item<'a> {
+    def: &'static ResourceDef,
+    ns: Option<&'a str>,
+    name: &'a str,
+    sub: Option<&'a str>,
+}
+
+async fn serve_item(c: &Call<'_>, item: Item<'_>) -> Result<Response, ApiError> {
+    let Item { def, ns, name, sub } = item;
     let reg = &c.st.registry;
     match (sub, c.method.clone()) {
         (None | Some("status"), Method::GET) => {
@@ -651,7 +657,7 @@ async fn serve_item(
             let o = reg.update_opts(def, ns, name, obj, s, c.dry_run).await?;
             Ok(c.object_response(StatusCode::OK, def, &o))
         }
-        (None | Some("status"), Method::PATCH) => patch(c, def, ns, name, sub).await,
+        (None | Some("status"), Method::PATCH) => patch(c, item).await,
         (None, Method::DELETE) => {
             let opts = delete_options(c.q, c.headers, c.body)?;
             let o = reg.delete(def, ns, name, &opts).await?;
@@ -661,7 +667,7 @@ async fn serve_item(
             let o = reg.get(def, ns, name).await?;
             Ok(json_response(StatusCode::OK, &Registry::scale_of(&o)))
         }
-        (Some("scale"), Method::PUT | Method::PATCH) => scale(c, def, ns, name).await,
+        (Some("scale"), Method::PUT | Method::PATCH) => scale(c, item).await,
         (Some("binding"), Method::POST) => {
             let b = decode_body(c.headers, c.body)?;
             let node = b
@@ -677,13 +683,8 @@ async fn serve_item(
 }
 
 /// PATCH of an object or its status; server-side apply answers 201 when it created it.
-async fn patch(
-    c: &Call<'_>,
-    def: &ResourceDef,
-    ns: Option<&str>,
-    name: &str,
-    sub: Option<&str>,
-) -> Result<Response, ApiError> {
+async fn patch(c: &Call<'_>, item: Item<'_>) -> Result<Response, ApiError> {
+    let Item { def, ns, name, sub } = item;
     let reg = &c.st.registry;
     let s = subresource_of(sub);
     let ct = content_type(c.headers);
@@ -709,12 +710,8 @@ async fn patch(
 }
 
 /// PUT or PATCH of the `scale` subresource: only `spec.replicas` changes.
-async fn scale(
-    c: &Call<'_>,
-    def: &ResourceDef,
-    ns: Option<&str>,
-    name: &str,
-) -> Result<Response, ApiError> {
+async fn scale(c: &Call<'_>, item: Item<'_>) -> Result<Response, ApiError> {
+    let Item { def, ns, name, .. } = item;
     let reg = &c.st.registry;
     let o = reg.get(def, ns, name).await?;
     let cur = Registry::scale_of(&o);
