@@ -17,7 +17,7 @@ use ballast_config::listener::{serve, PeerInfo, TlsListener};
 use ballast_config::tls::{ClientAuth, NodeTls};
 
 use crate::checker::HttpActiveCheck;
-use crate::state::Settings;
+use crate::settings::Settings;
 use crate::Running;
 
 /// Certificates for fake masters `m1`..`m3` and the proxy, all on 127.0.0.1, and `admin`

@@ -24,9 +24,11 @@ pub mod fuzzing;
 mod health;
 mod lease;
 mod listeners;
+mod liveness;
 mod metrics;
 mod peers;
 mod proxy;
+mod settings;
 mod state;
 mod tcp;
 mod vip;
@@ -45,8 +47,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::checker::{ActiveCheck, HttpActiveCheck};
-use crate::listeners::{Addrs, Listeners, Serving};
-use crate::state::{Settings, Shared};
+use crate::listeners::{Listeners, Serving};
+use crate::settings::{Addrs, Settings};
+use crate::state::Shared;
 
 /// Errors that end (or refuse to start) the proxy. None of them goes away by retrying
 /// at once, except a bind error whose address is released by another process.
@@ -75,7 +78,7 @@ pub enum ProxyError {
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
     #[error(transparent)]
-    UnknownProxy(#[from] state::UnknownProxy),
+    UnknownProxy(#[from] settings::UnknownProxy),
 }
 
 impl ProxyError {

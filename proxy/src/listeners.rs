@@ -21,16 +21,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::checker::ActiveCheck;
+use crate::settings::Addrs;
 use crate::state::Shared;
 use crate::{admin, dns, proxy, tcp, ProxyError};
-
-/// The addresses of one set of listeners.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Addrs {
-    pub api: SocketAddr,
-    pub dns: SocketAddr,
-    pub admin: SocketAddr,
-}
 
 /// What every set of listeners serves with.
 #[derive(Clone)]

@@ -9,80 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use ballast_config::{ClusterConfig, ProxyConfig};
 use tokio::sync::{watch, Notify};
 
 use crate::health::{ActiveMaster, ActiveReport, HealthTable, Routing, Transition};
 use crate::metrics::Metrics;
-
-/// The part of the cluster config the proxy uses.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    /// `[proxy]`, with this proxy's own id and addresses.
-    pub proxy: ProxyConfig,
-    /// `(id, api address)` of every master, in config order.
-    pub masters: Vec<(String, SocketAddr)>,
-    /// The VIP this proxy competes for, when the config has one.
-    pub vip: Option<crate::vip::VipSettings>,
-    /// Every proxy of `[[proxies]]` (this one included); empty with one `[proxy]`.
-    pub proxies: Vec<crate::peers::ProxyPeer>,
-}
-
-/// The config names no proxy `id`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown proxy id `{0}` (not in the config's [[proxies]])")]
-pub struct UnknownProxy(pub String);
-
-impl Settings {
-    /// The settings of proxy `id`: one of `[[proxies]]`, or the one `[proxy]` (`id`
-    /// `None`, or its id).
-    pub fn from_cluster(c: &ClusterConfig, id: Option<&str>) -> Result<Self, UnknownProxy> {
-        let mut proxy = c.proxy.clone();
-        let mine = match id {
-            Some(id) => c.proxies.iter().find(|p| p.id == id),
-            None => c.proxies.first().filter(|_| c.proxies.len() == 1),
-        };
-        match (mine, id) {
-            (Some(p), _) => {
-                proxy.id = p.id.clone();
-                proxy.api = p.api;
-                proxy.dns = p.dns;
-                proxy.admin = p.admin;
-                proxy.tls = p.tls.clone();
-            }
-            (None, Some(id)) if id != c.proxy.id => return Err(UnknownProxy(id.to_string())),
-            (None, None) if !c.proxies.is_empty() => {
-                return Err(UnknownProxy("(none given: use --id)".into()))
-            }
-            (None, _) => {}
-        }
-        let vip = c.vip.as_ref().map(|v| crate::vip::VipSettings {
-            me: proxy.id.clone(),
-            address: v.address,
-            timings: crate::lease::Timings::new(v.lease(), v.renew),
-            interface: v.interface.clone().map(|name| (name, v.prefix())),
-            addrs: crate::listeners::Addrs {
-                api: c.proxy.api,
-                dns: c.proxy.dns,
-                admin: c.proxy.admin,
-            },
-        });
-        Ok(Self {
-            proxy,
-            masters: c.masters.iter().map(|m| (m.id.clone(), m.api)).collect(),
-            vip,
-            proxies: c
-                .proxies
-                .iter()
-                .map(|p| crate::peers::ProxyPeer {
-                    id: p.id.clone(),
-                    api: p.api,
-                    admin: p.admin,
-                })
-                .collect(),
-        })
-    }
-}
+use crate::settings::Settings;
 
 /// Why a held request was not sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -112,7 +43,7 @@ pub struct Shared {
     pub reconfigured: Notify,
     pub conns: ConnRegistry,
     /// Which of the other proxies are alive (for DNS).
-    pub(crate) peers: crate::peers::Peers,
+    pub(crate) peers: crate::liveness::Peers,
 }
 
 struct TableState {
@@ -140,7 +71,7 @@ impl Shared {
             recheck: Notify::new(),
             reconfigured: Notify::new(),
             conns: ConnRegistry::default(),
-            peers: crate::peers::Peers::default(),
+            peers: crate::liveness::Peers::default(),
         });
         shared.publish_with(|_| ());
         shared
@@ -412,6 +343,7 @@ fn sockaddr_to_std(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ballast_config::ProxyConfig;
     use std::time::Duration;
 
     fn settings(max: usize, hold: Duration) -> Settings {

@@ -16,27 +16,14 @@ use ballast_config::pki;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::lease::{Lease, Observed, Step, Timings};
-use crate::listeners::{Addrs, Listeners, Serving};
+use crate::lease::{Lease, Observed, Step};
+use crate::listeners::{Listeners, Serving};
+use crate::settings::VipSettings;
 use crate::vip_address::{InterfaceVip, ANNOUNCE_AT, KERNEL_FENCE, LIFETIME_SECS};
 
 /// Where the VIP lease lives.
 pub(crate) const LEASE_NAMESPACE: &str = "kube-system";
 pub(crate) const LEASE_NAME: &str = "ballast-vip";
-
-/// What the VIP loop needs to know.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VipSettings {
-    /// This proxy's id (the lease's holder identity).
-    pub me: String,
-    pub address: IpAddr,
-    pub timings: Timings,
-    /// The VIP's API, DNS and admin addresses.
-    pub addrs: Addrs,
-    /// The interface (and prefix length) the holder adds the VIP to; `None`: the VIP is
-    /// an address every proxy host already has, and holding it means serving on it.
-    pub interface: Option<(String, u8)>,
-}
 
 /// A lease call that failed. All are transient: the next tick tries again.
 #[derive(Debug, thiserror::Error)]
