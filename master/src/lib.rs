@@ -15,6 +15,7 @@
 
 mod api;
 mod auth;
+mod clock;
 mod controllers;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -50,7 +50,7 @@ pub(crate) async fn record(
     reason: &str,
     message: &str,
 ) {
-    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(super::table::now());
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(crate::clock::now());
     let ns = about.namespace;
     let v = json!({
         "metadata": {"name": random_name(&format!("{}.", about.name)), "namespace": ns},

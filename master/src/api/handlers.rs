@@ -230,7 +230,7 @@ fn render_object(def: &ResourceDef, o: &Value, out: Output, include: IncludeObje
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
-            table::table(def.kind, std::slice::from_ref(o), &rv, None, include)
+            table::table(def, std::slice::from_ref(o), &rv, None, include)
         }
     }
 }
@@ -608,7 +608,7 @@ async fn list(c: &Call<'_>, def: &ResourceDef, ns: Option<&str>) -> Result<Respo
     let rv = r.revision.to_string();
     let continue_token = r.continue_token.as_deref();
     let v = match c.out {
-        Output::Table => table::table(def.kind, &r.items, &rv, continue_token, c.include),
+        Output::Table => table::table(def, &r.items, &rv, continue_token, c.include),
         _ => {
             let mut meta = json!({"resourceVersion": rv});
             if let Some(t) = continue_token {
@@ -848,7 +848,6 @@ async fn watch(
         bookmark_interval: None,
     };
     let rx = reg.watch(def, ns, opts).await?;
-    let kind = def.kind;
     let stream = futures::stream::unfold((rx, true), move |(mut rx, first)| async move {
         let ev = rx.recv().await?;
         let object = match (out, ev.kind) {
@@ -864,8 +863,7 @@ async fn watch(
                     .and_then(Value::as_str)
                     .unwrap_or_default()
                     .to_string();
-                let mut t =
-                    table::table(kind, std::slice::from_ref(&ev.object), &rv, None, include);
+                let mut t = table::table(def, std::slice::from_ref(&ev.object), &rv, None, include);
                 if !first {
                     t["columnDefinitions"] = json!([]);
                 }

@@ -3,6 +3,10 @@
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
 
+use super::resources::{
+    ResourceDef, CONFIGMAPS, DEPLOYMENTS, EVENTS, LEASES, NAMESPACES, NODES, PODS, REPLICASETS,
+    SECRETS, SERVICES,
+};
 use super::selector::LabelSelector;
 
 /// What each row carries as `object` (`includeObject` query parameter).
@@ -22,14 +26,6 @@ impl IncludeObject {
             _ => IncludeObject::Metadata,
         }
     }
-}
-
-/// The current time, whole seconds (Kubernetes timestamps have second precision).
-pub(crate) fn now() -> Timestamp {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Timestamp::from_second(i64::try_from(secs).unwrap_or(0)).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 /// Kubernetes' short human duration (`5s`, `3m20s`, `5h`, `2d3h`, `3y`).
@@ -124,9 +120,9 @@ fn int(v: Option<&Value>) -> i64 {
 /// (name, type, priority, description)
 type Col = (&'static str, &'static str, u8);
 
-fn columns(kind: &str) -> Vec<Col> {
-    match kind {
-        "Pod" => vec![
+fn columns(def: &ResourceDef) -> Vec<Col> {
+    match *def {
+        PODS => vec![
             ("Name", "string", 0),
             ("Ready", "string", 0),
             ("Status", "string", 0),
@@ -137,7 +133,7 @@ fn columns(kind: &str) -> Vec<Col> {
             ("Nominated Node", "string", 1),
             ("Readiness Gates", "string", 1),
         ],
-        "Node" => vec![
+        NODES => vec![
             ("Name", "string", 0),
             ("Status", "string", 0),
             ("Roles", "string", 0),
@@ -149,7 +145,7 @@ fn columns(kind: &str) -> Vec<Col> {
             ("Kernel-Version", "string", 1),
             ("Container-Runtime", "string", 1),
         ],
-        "Deployment" => vec![
+        DEPLOYMENTS => vec![
             ("Name", "string", 0),
             ("Ready", "string", 0),
             ("Up-to-date", "integer", 0),
@@ -159,7 +155,7 @@ fn columns(kind: &str) -> Vec<Col> {
             ("Images", "string", 1),
             ("Selector", "string", 1),
         ],
-        "ReplicaSet" => vec![
+        REPLICASETS => vec![
             ("Name", "string", 0),
             ("Desired", "integer", 0),
             ("Current", "integer", 0),
@@ -169,12 +165,12 @@ fn columns(kind: &str) -> Vec<Col> {
             ("Images", "string", 1),
             ("Selector", "string", 1),
         ],
-        "Namespace" => vec![
+        NAMESPACES => vec![
             ("Name", "string", 0),
             ("Status", "string", 0),
             ("Age", "string", 0),
         ],
-        "Event" => vec![
+        EVENTS => vec![
             ("Last Seen", "string", 0),
             ("Type", "string", 0),
             ("Reason", "string", 0),
@@ -186,23 +182,23 @@ fn columns(kind: &str) -> Vec<Col> {
             ("Count", "string", 1),
             ("Name", "string", 1),
         ],
-        "Lease" => vec![
+        LEASES => vec![
             ("Name", "string", 0),
             ("Holder", "string", 0),
             ("Age", "string", 0),
         ],
-        "ConfigMap" => vec![
+        CONFIGMAPS => vec![
             ("Name", "string", 0),
             ("Data", "string", 0),
             ("Age", "string", 0),
         ],
-        "Secret" => vec![
+        SECRETS => vec![
             ("Name", "string", 0),
             ("Type", "string", 0),
             ("Data", "string", 0),
             ("Age", "string", 0),
         ],
-        "Service" => vec![
+        SERVICES => vec![
             ("Name", "string", 0),
             ("Type", "string", 0),
             ("Cluster-IP", "string", 0),
@@ -216,9 +212,9 @@ fn columns(kind: &str) -> Vec<Col> {
 }
 
 /// The `columnDefinitions` of `kind`.
-pub(crate) fn column_definitions(kind: &str) -> Value {
+pub(crate) fn column_definitions(def: &ResourceDef) -> Value {
     Value::Array(
-        columns(kind)
+        columns(def)
             .into_iter()
             .map(|(name, ty, priority)| {
                 let mut c = json!({"name": name, "type": ty, "format": "", "description": name, "priority": priority});
@@ -544,13 +540,13 @@ fn service_cells(svc: &Value, now: Timestamp) -> Vec<Value> {
 }
 
 /// The cells of one object's row.
-pub(crate) fn cells(kind: &str, o: &Value, now: Timestamp) -> Vec<Value> {
+pub(crate) fn cells(def: &ResourceDef, o: &Value, now: Timestamp) -> Vec<Value> {
     let name = json!(s(o.pointer("/metadata/name")));
     let created = json!(age(o.pointer("/metadata/creationTimestamp"), now));
-    match kind {
-        "Pod" => pod_cells(o, now),
-        "Node" => node_cells(o, now),
-        "Deployment" => {
+    match *def {
+        PODS => pod_cells(o, now),
+        NODES => node_cells(o, now),
+        DEPLOYMENTS => {
             let (c, i, sel) = containers_images_selector(o);
             let desired = o
                 .pointer("/spec/replicas")
@@ -570,7 +566,7 @@ pub(crate) fn cells(kind: &str, o: &Value, now: Timestamp) -> Vec<Value> {
                 json!(sel),
             ]
         }
-        "ReplicaSet" => {
+        REPLICASETS => {
             let (c, i, sel) = containers_images_selector(o);
             vec![
                 name,
@@ -586,14 +582,14 @@ pub(crate) fn cells(kind: &str, o: &Value, now: Timestamp) -> Vec<Value> {
                 json!(sel),
             ]
         }
-        "Namespace" => vec![name, json!(s(o.pointer("/status/phase"))), created],
-        "Event" => event_cells(o, now),
-        "Lease" => vec![name, json!(s(o.pointer("/spec/holderIdentity"))), created],
-        "ConfigMap" => {
+        NAMESPACES => vec![name, json!(s(o.pointer("/status/phase"))), created],
+        EVENTS => event_cells(o, now),
+        LEASES => vec![name, json!(s(o.pointer("/spec/holderIdentity"))), created],
+        CONFIGMAPS => {
             let n = |k: &str| o.get(k).and_then(Value::as_object).map_or(0, |m| m.len());
             vec![name, json!(n("data") + n("binaryData")), created]
         }
-        "Secret" => {
+        SECRETS => {
             let n = o
                 .get("data")
                 .and_then(Value::as_object)
@@ -601,14 +597,14 @@ pub(crate) fn cells(kind: &str, o: &Value, now: Timestamp) -> Vec<Value> {
             let ty = o.get("type").and_then(Value::as_str).unwrap_or("Opaque");
             vec![name, json!(ty), json!(n), created]
         }
-        "Service" => service_cells(o, now),
+        SERVICES => service_cells(o, now),
         _ => vec![name, created],
     }
 }
 
 /// One table row for `o`.
-pub(crate) fn row(kind: &str, o: &Value, include: IncludeObject, now: Timestamp) -> Value {
-    let mut r = json!({"cells": cells(kind, o, now)});
+pub(crate) fn row(def: &ResourceDef, o: &Value, include: IncludeObject, now: Timestamp) -> Value {
+    let mut r = json!({"cells": cells(def, o, now)});
     match include {
         IncludeObject::None => {}
         IncludeObject::Object => r["object"] = o.clone(),
@@ -623,15 +619,15 @@ pub(crate) fn row(kind: &str, o: &Value, include: IncludeObject, now: Timestamp)
     r
 }
 
-/// A `Table` of `items` (all of `kind`).
+/// A `Table` of `items` (all of the kind of `def`).
 pub(crate) fn table(
-    kind: &str,
+    def: &ResourceDef,
     items: &[Value],
     resource_version: &str,
     cont: Option<&str>,
     include: IncludeObject,
 ) -> Value {
-    let now = now();
+    let now = crate::clock::now();
     let mut meta = json!({"resourceVersion": resource_version});
     if let Some(c) = cont {
         meta["continue"] = json!(c);
@@ -640,8 +636,8 @@ pub(crate) fn table(
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
         "metadata": meta,
-        "columnDefinitions": column_definitions(kind),
-        "rows": items.iter().map(|o| row(kind, o, include, now)).collect::<Vec<_>>(),
+        "columnDefinitions": column_definitions(def),
+        "rows": items.iter().map(|o| row(def, o, include, now)).collect::<Vec<_>>(),
     })
 }
 
@@ -670,7 +666,7 @@ mod tests {
             {"name": "a", "ready": true, "restartCount": 0, "state": {"running": {}}},
             {"name": "b", "ready": false, "restartCount": 2, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}
         ]}});
-        let c = cells("Pod", &p, now);
+        let c = cells(&PODS, &p, now);
         assert_eq!(c[0], "p");
         assert_eq!(c[1], "1/2");
         assert_eq!(c[2], "CrashLoopBackOff");
@@ -680,9 +676,9 @@ mod tests {
         assert_eq!(c[6], "w1");
         let mut t = p.clone();
         t["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:11:00Z");
-        assert_eq!(cells("Pod", &t, now)[2], "Terminating");
+        assert_eq!(cells(&PODS, &t, now)[2], "Terminating");
         let pending = json!({"metadata": {"name": "q"}, "spec": {"containers": [{"name": "a"}]}});
-        let c = cells("Pod", &pending, now);
+        let c = cells(&PODS, &pending, now);
         assert_eq!(
             (c[1].as_str(), c[2].as_str(), c[6].as_str()),
             (Some("0/1"), Some("Pending"), Some("<none>"))
@@ -691,13 +687,13 @@ mod tests {
 
     #[test]
     fn node_deploy_event_rows() {
-        let now = now();
+        let now = crate::clock::now();
         let n = json!({"metadata": {"name": "w1", "labels": {"node-role.kubernetes.io/worker": ""}},
             "spec": {"unschedulable": true},
             "status": {"conditions": [{"type": "Ready", "status": "True"}],
                 "nodeInfo": {"kubeletVersion": "v1.33.0-ballast"},
                 "addresses": [{"type": "InternalIP", "address": "127.0.2.1"}]}});
-        let c = cells("Node", &n, now);
+        let c = cells(&NODES, &n, now);
         assert_eq!(c[1], "Ready,SchedulingDisabled");
         assert_eq!(c[2], "worker");
         assert_eq!(c[4], "v1.33.0-ballast");
@@ -706,17 +702,17 @@ mod tests {
             "selector": {"matchLabels": {"app": "d"}},
             "template": {"spec": {"containers": [{"name": "c", "image": "busybox"}]}}},
             "status": {"readyReplicas": 2, "updatedReplicas": 3, "availableReplicas": 2}});
-        let c = cells("Deployment", &d, now);
+        let c = cells(&DEPLOYMENTS, &d, now);
         assert_eq!(c[1], "2/3");
         assert_eq!(c[2], 3);
         assert_eq!(c[7], "app=d");
         let e = json!({"metadata": {"name": "e1"}, "type": "Normal", "reason": "Scheduled",
             "involvedObject": {"kind": "Pod", "name": "p"}, "message": "ok "});
-        let c = cells("Event", &e, now);
+        let c = cells(&EVENTS, &e, now);
         assert_eq!(c[3], "pod/p");
         assert_eq!(c[6], "ok");
         let t = table(
-            "Lease",
+            &LEASES,
             &[json!({"metadata": {"name": "w1"}, "spec": {"holderIdentity": "w1"}})],
             "7",
             None,
@@ -726,19 +722,22 @@ mod tests {
         assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");
         assert_eq!(
             t["columnDefinitions"].as_array().unwrap().len(),
-            columns("Lease").len()
+            columns(&LEASES).len()
         );
         for k in [
-            "Pod",
-            "Node",
-            "Deployment",
-            "ReplicaSet",
-            "Namespace",
-            "Event",
-            "Lease",
-            "Service",
+            PODS,
+            NODES,
+            DEPLOYMENTS,
+            REPLICASETS,
+            NAMESPACES,
+            EVENTS,
+            LEASES,
+            SERVICES,
+            CONFIGMAPS,
+            SECRETS,
         ] {
-            assert_eq!(cells(k, &json!({}), now).len(), columns(k).len(), "{k}");
+            let (cells, columns) = (cells(&k, &json!({}), now), columns(&k));
+            assert_eq!(cells.len(), columns.len(), "{}", k.kind);
         }
     }
 }

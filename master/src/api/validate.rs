@@ -9,7 +9,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::error::{ApiError, Cause};
-use super::resources::ResourceDef;
+use super::resources::{
+    ResourceDef, CLUSTERROLEBINDINGS, CLUSTERROLES, CONFIGMAPS, DEPLOYMENTS, EVENTS, LEASES,
+    NAMESPACES, NODES, PODS, REPLICASETS, ROLEBINDINGS, ROLES, SECRETS, SERVICES,
+};
 use super::selector::{labels_of, LabelSelector};
 
 const SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
@@ -96,21 +99,21 @@ pub(crate) fn normalize(def: &ResourceDef, mut obj: Value) -> Result<Value, ApiE
     coerce_quantities(&mut obj);
     obj["kind"] = Value::String(def.kind.into());
     obj["apiVersion"] = Value::String(def.api_version());
-    let r = match def.kind {
-        "Pod" => roundtrip::<Pod>(obj),
-        "Node" => roundtrip::<Node>(obj),
-        "Namespace" => roundtrip::<Namespace>(obj),
-        "Event" => roundtrip::<Event>(obj),
-        "Service" => roundtrip::<Service>(obj),
-        "Lease" => roundtrip::<Lease>(obj),
-        "ConfigMap" => roundtrip::<ConfigMap>(obj),
-        "Secret" => roundtrip::<Secret>(secret_string_data(obj)),
-        "Deployment" => roundtrip::<Deployment>(obj),
-        "ReplicaSet" => roundtrip::<ReplicaSet>(obj),
-        "Role" => roundtrip::<Role>(obj),
-        "ClusterRole" => roundtrip::<ClusterRole>(obj),
-        "RoleBinding" => roundtrip::<RoleBinding>(obj),
-        "ClusterRoleBinding" => roundtrip::<ClusterRoleBinding>(obj),
+    let r = match *def {
+        PODS => roundtrip::<Pod>(obj),
+        NODES => roundtrip::<Node>(obj),
+        NAMESPACES => roundtrip::<Namespace>(obj),
+        EVENTS => roundtrip::<Event>(obj),
+        SERVICES => roundtrip::<Service>(obj),
+        LEASES => roundtrip::<Lease>(obj),
+        CONFIGMAPS => roundtrip::<ConfigMap>(obj),
+        SECRETS => roundtrip::<Secret>(secret_string_data(obj)),
+        DEPLOYMENTS => roundtrip::<Deployment>(obj),
+        REPLICASETS => roundtrip::<ReplicaSet>(obj),
+        ROLES => roundtrip::<Role>(obj),
+        CLUSTERROLES => roundtrip::<ClusterRole>(obj),
+        ROLEBINDINGS => roundtrip::<RoleBinding>(obj),
+        CLUSTERROLEBINDINGS => roundtrip::<ClusterRoleBinding>(obj),
         _ => Ok(obj),
     };
     r.map_err(|e| ApiError::BadRequest(format!("error decoding {}: {e}", def.kind)))
@@ -145,11 +148,11 @@ pub(crate) fn validate(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
     if name.is_empty() {
         causes.push(Cause::required("metadata.name"));
     } else {
-        let (ok, msg) = match def.kind {
-            "Namespace" => (is_dns_label(name), LABEL_MSG),
-            "Service" => (is_dns1035_label(name), DNS1035_MSG),
+        let (ok, msg) = match *def {
+            NAMESPACES => (is_dns_label(name), LABEL_MSG),
+            SERVICES => (is_dns1035_label(name), DNS1035_MSG),
             // RBAC names are path segments (`system:node`, `cluster-admin`)
-            "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => (
+            ROLES | CLUSTERROLES | ROLEBINDINGS | CLUSTERROLEBINDINGS => (
                 !matches!(name, "." | "..") && !name.contains(['/', '%']),
                 PATH_SEGMENT_MSG,
             ),
@@ -165,12 +168,12 @@ pub(crate) fn validate(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
         "metadata.labels",
         &mut causes,
     );
-    match def.kind {
-        "Pod" => match obj.get("spec") {
+    match *def {
+        PODS => match obj.get("spec") {
             Some(spec) => validate_pod_spec(spec, "spec", false, &mut causes),
             None => causes.push(Cause::required("spec")),
         },
-        "Deployment" | "ReplicaSet" => validate_workload(obj, &mut causes),
+        DEPLOYMENTS | REPLICASETS => validate_workload(obj, &mut causes),
         _ => {}
     }
     if causes.is_empty() {

@@ -179,7 +179,7 @@ async fn pass(
     informers: &mut Informers,
 ) -> Result<(), ApiError> {
     let w = informers.observe(reg).await?;
-    let now = crate::api::table::now();
+    let now = crate::clock::now();
     sync_deployments(reg, &w, now, cancel).await;
     sync_replicasets(reg, &w, cancel).await;
     sync_nodes(reg, &w, control, now, cancel).await;
@@ -316,7 +316,7 @@ async fn evict(reg: &Registry, ns: &str, pod: &str) {
         }
     }
     let about = Involved {
-        kind: "Pod",
+        kind: PODS.kind,
         namespace: ns,
         name: pod,
         uid: None,

@@ -123,7 +123,7 @@ async fn write(reg: &Registry, pod: PodRef, mark: Mark) {
         "reason": "Unschedulable",
         "message": mark.message,
         "lastTransitionTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            crate::api::table::now()
+            crate::clock::now()
         ),
     });
     let mut changed = false;

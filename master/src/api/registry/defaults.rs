@@ -2,6 +2,7 @@
 //! does for the served kinds), and which pod spec fields an update may change.
 
 use super::*;
+use crate::api::resources::{EVENTS, SERVICES};
 
 pub(super) fn random_suffix(n: usize) -> String {
     // Kubernetes' alphabet for generated names (no vowels, no confusable digits).
@@ -61,13 +62,13 @@ pub(crate) fn default_pod_spec(spec: &mut Value) {
 
 /// Spec defaults (applied on create and on every main-resource update, as Kubernetes does).
 pub(super) fn apply_spec_defaults(def: &ResourceDef, o: &mut Value) {
-    match def.kind {
-        "Pod" => {
+    match *def {
+        PODS => {
             if let Some(spec) = o.get_mut("spec") {
                 default_pod_spec(spec);
             }
         }
-        "Deployment" | "ReplicaSet" => {
+        DEPLOYMENTS | REPLICASETS => {
             if let Some(spec) = o.get_mut("spec").and_then(Value::as_object_mut) {
                 spec.entry("replicas").or_insert(json!(1));
                 spec.entry("revisionHistoryLimit").or_insert(json!(10));
@@ -89,7 +90,7 @@ pub(super) fn apply_spec_defaults(def: &ResourceDef, o: &mut Value) {
                 }
             }
         }
-        "Service" => {
+        SERVICES => {
             if let Some(spec) = o.get_mut("spec").and_then(Value::as_object_mut) {
                 spec.entry("type").or_insert(json!("ClusterIP"));
                 spec.entry("sessionAffinity").or_insert(json!("None"));
@@ -110,10 +111,10 @@ pub(super) fn apply_spec_defaults(def: &ResourceDef, o: &mut Value) {
 /// Defaults applied on create, per kind (spec defaults plus the initial status).
 pub(super) fn apply_create_defaults(def: &ResourceDef, o: &mut Value) {
     apply_spec_defaults(def, o);
-    match def.kind {
-        "Pod" => o["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"}),
-        "Deployment" | "ReplicaSet" => o["status"] = json!({}),
-        "Namespace" => {
+    match *def {
+        PODS => o["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"}),
+        DEPLOYMENTS | REPLICASETS => o["status"] = json!({}),
+        NAMESPACES => {
             let name = o.pointer("/metadata/name").cloned().unwrap_or(Value::Null);
             if let Some(m) = o.pointer_mut("/metadata").and_then(Value::as_object_mut) {
                 let labels = m.entry("labels").or_insert(json!({}));
@@ -124,7 +125,7 @@ pub(super) fn apply_create_defaults(def: &ResourceDef, o: &mut Value) {
             o["spec"] = json!({"finalizers": ["kubernetes"]});
             o["status"] = json!({"phase": "Active"});
         }
-        "Event" => {
+        EVENTS => {
             if let Some(m) = o.as_object_mut() {
                 m.entry("count").or_insert(json!(1));
                 if !m.contains_key("eventTime") {

@@ -18,8 +18,8 @@ use super::error::{ApiError, Cause};
 use super::patch::{self, PatchType};
 use super::resources::{self, ResourceDef, DEPLOYMENTS, NAMESPACES, PODS, REPLICASETS};
 use super::selector::{FieldSelector, LabelSelector};
-use super::table;
 use super::validate::{normalize, validate};
+use crate::clock::{now_rfc3339, rfc3339_after};
 use crate::store::{Command, CommandResult, Event, KeyValue, Precondition, Store, StoreError};
 
 pub(crate) mod continue_token;
@@ -152,18 +152,6 @@ pub(crate) struct WatchEvent {
 #[derive(Clone)]
 pub(crate) struct Registry {
     store: Arc<dyn Store>,
-}
-
-/// Current time as Kubernetes formats it (RFC 3339, seconds, `Z`).
-pub(crate) fn now_rfc3339() -> String {
-    table::now().to_string()
-}
-
-fn rfc3339_after(secs: i64) -> String {
-    let t = table::now();
-    k8s_openapi::jiff::Timestamp::from_second(t.as_second().saturating_add(secs))
-        .unwrap_or(t)
-        .to_string()
 }
 
 fn meta_str<'a>(o: &'a Value, field: &str) -> Option<&'a str> {
@@ -622,7 +610,7 @@ impl Registry {
             if old_spec != pod_spec_mutable_view(&new["spec"]) {
                 return Err(ApiError::Invalid {
                     group: String::new(),
-                    kind: "Pod".into(),
+                    kind: PODS.kind.into(),
                     name: name.into(),
                     causes: vec![Cause::forbidden(
                         "spec",
