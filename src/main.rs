@@ -61,6 +61,16 @@ enum Cmd {
         /// `[proxy]`.
         #[arg(long)]
         id: Option<String>,
+        /// Replace the proxy of this id running on this host without dropping a
+        /// connection: take its listening sockets, serve, then let it drain and exit
+        /// (a restart or a binary upgrade).
+        #[arg(long)]
+        upgrade: bool,
+        /// The Unix socket over which a running proxy hands its sockets to the next
+        /// [default: proxy-ID.upgrade.sock in $RUNTIME_DIRECTORY, else in the working
+        /// directory].
+        #[arg(long, value_name = "PATH")]
+        upgrade_socket: Option<PathBuf>,
     },
     /// Run one worker node.
     Worker {
@@ -140,10 +150,22 @@ fn run(cmd: Cmd, log_format: LogFormat) -> anyhow::Result<()> {
     match cmd {
         Cmd::Up(args) => up::run(args, log_format),
         Cmd::Pki(cmd) => pki::run(cmd),
-        Cmd::Proxy { config, id } => {
+        Cmd::Proxy {
+            config,
+            id,
+            upgrade,
+            upgrade_socket,
+        } => {
             no_transparent_huge_pages();
+            let socket = upgrade_socket.unwrap_or_else(|| {
+                ballast_proxy::upgrade::default_socket(id.as_deref().unwrap_or("proxy"))
+            });
+            let succession = ballast_proxy::Succession {
+                socket,
+                take_over: upgrade,
+            };
             // The proxy owns its runtimes and signal handling (pingora).
-            ballast_proxy::run(&config, id.as_deref()).context("proxy failed")
+            ballast_proxy::run(&config, id.as_deref(), &succession).context("proxy failed")
         }
         Cmd::Master { config, id } => {
             no_transparent_huge_pages();

@@ -31,6 +31,7 @@ mod proxy;
 mod settings;
 mod state;
 mod tcp;
+pub mod upgrade;
 mod vip;
 mod vip_address;
 
@@ -79,6 +80,20 @@ pub enum ProxyError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     UnknownProxy(#[from] settings::UnknownProxy),
+    #[error("cannot serve on the {what} socket handed over: {source}")]
+    Adopt {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Upgrade(#[from] upgrade::UpgradeError),
+    #[error("cannot listen for upgrades on {}: {source}", .path.display())]
+    UpgradeSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ProxyError {
@@ -91,10 +106,25 @@ impl ProxyError {
     }
 }
 
+/// After an upgrade, how long the old proxy keeps answering on its open connections
+/// (each answer closing its connection) before it stops.
+const HAND_OVER_WINDOW: Duration = Duration::from_secs(1);
+
+/// How a proxy process starts with respect to one already running ([`upgrade`]).
+#[derive(Debug, Clone)]
+pub struct Succession {
+    /// Where this proxy listens for its successor (and, with `take_over`, where the
+    /// running proxy it replaces listens).
+    pub socket: PathBuf,
+    /// Take the listening sockets of the proxy serving at `socket` instead of binding,
+    /// and stop it once this one serves.
+    pub take_over: bool,
+}
+
 /// Run proxy `id` (one of `[[proxies]]`; `None`: the one `[proxy]`) from the config at
-/// `path` until SIGTERM/SIGINT. Blocking: the proxy owns its runtime and signal handling.
-/// SIGHUP reloads the config.
-pub fn run(path: &Path, id: Option<&str>) -> Result<(), ProxyError> {
+/// `path` until SIGTERM/SIGINT, or until a successor took its sockets over. Blocking:
+/// the proxy owns its runtime and signal handling. SIGHUP reloads the config.
+pub fn run(path: &Path, id: Option<&str>, succession: &Succession) -> Result<(), ProxyError> {
     let loaded = ballast_config::load(path)?;
     for w in &loaded.warnings {
         tracing::warn!(config = %path.display(), "{w}");
@@ -111,8 +141,44 @@ pub fn run(path: &Path, id: Option<&str>) -> Result<(), ProxyError> {
         let grace = settings.proxy.shutdown_grace;
         let tls = loaded.node_tls(&settings.proxy.id)?;
         let check = Arc::new(HttpActiveCheck::new(&tls)?);
-        let running = Running::start(settings, check, tls).await?;
-        signal_loop(&running, &path, id).await?;
+        let (inherited, predecessor) = if succession.take_over {
+            let (path, mode) = (succession.socket.clone(), settings.proxy.mode);
+            let want = settings.own_addrs();
+            let received =
+                tokio::task::spawn_blocking(move || upgrade::receive(&path, &want, mode))
+                    .await
+                    .map_err(|e| ProxyError::Runtime(std::io::Error::other(e)))??;
+            (Some(received.0), Some(received.1))
+        } else {
+            (None, None)
+        };
+        let running = Running::start_with(settings, check, tls, inherited).await?;
+        if let Some(stream) = predecessor {
+            // The predecessor stops accepting once told; until then both accept.
+            upgrade::confirm(stream).map_err(|source| ProxyError::UpgradeSocket {
+                path: succession.socket.clone(),
+                source,
+            })?;
+            tracing::info!("took the listening sockets over from the previous proxy");
+        }
+        let (upgraded_tx, upgraded) = tokio::sync::oneshot::channel();
+        let stop_serving_upgrades = CancellationToken::new();
+        let outgoing = running.listeners.outgoing();
+        let upgrades = upgrade::serve(
+            succession.socket.clone(),
+            move || outgoing.clone(),
+            upgraded_tx,
+            stop_serving_upgrades.clone(),
+        )
+        .map_err(|source| ProxyError::UpgradeSocket {
+            path: succession.socket.clone(),
+            source,
+        })?;
+        signal_loop(&running, &path, id, upgraded).await?;
+        stop_serving_upgrades.cancel();
+        if let Err(e) = upgrades.await {
+            tracing::debug!(error = %e, "upgrade listener task");
+        }
         running.shutdown(grace).await;
         Ok(())
     });
@@ -121,7 +187,12 @@ pub fn run(path: &Path, id: Option<&str>) -> Result<(), ProxyError> {
     result
 }
 
-async fn signal_loop(running: &Running, path: &Path, id: Option<&str>) -> Result<(), ProxyError> {
+async fn signal_loop(
+    running: &Running,
+    path: &Path,
+    id: Option<&str>,
+    mut upgraded: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), ProxyError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(ProxyError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ProxyError::Signal)?;
@@ -131,6 +202,15 @@ async fn signal_loop(running: &Running, path: &Path, id: Option<&str>) -> Result
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()) }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()) }
             _ = hup.recv() => { running.reload(path, id); }
+            Ok(()) = &mut upgraded => {
+                tracing::info!("a new proxy took the sockets over: closing kept-alive connections, then shutting down");
+                running.shared.hand_over();
+                // Clients that keep a connection open send their next request within
+                // this window, get `Connection: close` with the answer and reconnect to
+                // the new proxy; only connections idle the whole window are cut.
+                tokio::time::sleep(HAND_OVER_WINDOW).await;
+                return Ok(());
+            }
         }
     }
 }
@@ -156,6 +236,16 @@ impl Running {
         check: Arc<dyn ActiveCheck>,
         tls: NodeTls,
     ) -> Result<Self, ProxyError> {
+        Self::start_with(settings, check, tls, None).await
+    }
+
+    /// [`Running::start`], on the sockets a previous proxy handed over when given.
+    pub(crate) async fn start_with(
+        settings: Settings,
+        check: Arc<dyn ActiveCheck>,
+        tls: NodeTls,
+        inherited: Option<upgrade::Inherited>,
+    ) -> Result<Self, ProxyError> {
         let px = settings.proxy.clone();
         dns::zone_name(&px.dns_zone).map_err(|e| ProxyError::Zone {
             zone: px.dns_zone.clone(),
@@ -175,7 +265,7 @@ impl Running {
             dns: px.dns,
             admin: px.admin,
         };
-        let listeners = Listeners::start("own", addrs, &serving).await?;
+        let listeners = Listeners::start("own", addrs, &serving, inherited).await?;
         // Health checkers and the stream closer.
         let tasks = vec![
             tokio::spawn(checker::run_checkers(

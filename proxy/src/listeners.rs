@@ -5,16 +5,19 @@
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_config::tls::{ClientAuth, Identity, NodeTls, TlsError};
 use ballast_config::ProxyMode;
+use nix::sys::socket::SockaddrStorage;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{ListenerConfig, TlsAccept};
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::protocols::tls::TlsRef;
 use pingora::server::configuration::ServerConf;
+use pingora::server::{Fds, ListenFds};
 use pingora::services::Service as _;
 use pingora::utils::tls::CertKey;
 use tokio::task::JoinHandle;
@@ -23,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checker::ActiveCheck;
 use crate::settings::Addrs;
 use crate::state::Shared;
+use crate::upgrade::{Header, Inherited, Outgoing};
 use crate::{admin, dns, proxy, tcp, ProxyError};
 
 /// What every set of listeners serves with.
@@ -38,6 +42,8 @@ pub(crate) struct Serving {
 pub(crate) struct Listeners {
     /// Where each one really is (port 0 resolved).
     pub addrs: Addrs,
+    /// Their sockets, for an upgrade.
+    handed: Outgoing,
     pingora_shutdown: tokio::sync::watch::Sender<bool>,
     dns_shutdown: CancellationToken,
     /// Stops the admin endpoint, the L4 forwarder and the API threads.
@@ -57,35 +63,142 @@ impl Drop for Listeners {
     }
 }
 
+/// Bound (or inherited) listening sockets, not yet served.
+struct Sockets {
+    admin: tokio::net::TcpListener,
+    dns_udp: tokio::net::UdpSocket,
+    dns_tcp: tokio::net::TcpListener,
+    /// One per API accept thread (HTTP mode), or the one L4 listener.
+    api: Vec<OwnedFd>,
+}
+
+impl Sockets {
+    /// Bind all three (an address in use is an error, nothing is left bound).
+    async fn bind(addrs: Addrs, mode: ProxyMode) -> Result<Self, ProxyError> {
+        let admin = tokio::net::TcpListener::bind(addrs.admin)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                what: "admin",
+                addr: addrs.admin,
+                source,
+            })?;
+        let (dns_udp, dns_tcp, _) = bind_dns(addrs.dns).await?;
+        let bind_err = |source| ProxyError::Bind {
+            what: "API",
+            addr: addrs.api,
+            source,
+        };
+        // Without SO_REUSEPORT first: the API sockets below share their address with
+        // each other, and must not with any other process.
+        let api_addr = {
+            let probe = std::net::TcpListener::bind(addrs.api).map_err(bind_err)?;
+            probe.local_addr().unwrap_or(addrs.api)
+        };
+        let count = match mode {
+            ProxyMode::Http => api_threads(),
+            ProxyMode::Tcp => 1,
+        };
+        let api = (0..count)
+            .map(|_| api_socket(api_addr, mode == ProxyMode::Http))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(bind_err)?;
+        Ok(Self {
+            admin,
+            dns_udp,
+            dns_tcp,
+            api,
+        })
+    }
+
+    /// The sockets a previous proxy handed over.
+    fn adopt(i: Inherited) -> Result<Self, ProxyError> {
+        let err = |what| move |source| ProxyError::Adopt { what, source };
+        let tcp = |fd: OwnedFd, what| {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true).map_err(err(what))?;
+            tokio::net::TcpListener::from_std(l).map_err(err(what))
+        };
+        let udp = std::net::UdpSocket::from(i.dns_udp);
+        udp.set_nonblocking(true).map_err(err("DNS (UDP)"))?;
+        Ok(Self {
+            admin: tcp(i.admin, "admin")?,
+            dns_udp: tokio::net::UdpSocket::from_std(udp).map_err(err("DNS (UDP)"))?,
+            dns_tcp: tcp(i.dns_tcp, "DNS (TCP)")?,
+            api: i.api,
+        })
+    }
+}
+
+/// An API listening socket on `addr`, non-blocking; with `reuseport`, one of several.
+fn api_socket(addr: SocketAddr, reuseport: bool) -> std::io::Result<OwnedFd> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(reuseport)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(LISTEN_BACKLOG)?.into_std()?;
+    listener.set_nonblocking(true)?;
+    Ok(OwnedFd::from(listener))
+}
+
+/// The API's accept queue per socket (pingora's own default).
+const LISTEN_BACKLOG: u32 = 65535;
+
+/// One API accept thread per core, at most 8.
+fn api_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8))
+}
+
 impl Listeners {
-    /// Bind all three (an address in use is an error, nothing is left bound) and serve
-    /// on the current tokio runtime (the API on threads of its own).
+    /// Serve on the current tokio runtime (the API on threads of its own): on `addrs`,
+    /// or on the sockets a previous proxy handed over (`inherited`, see
+    /// [`crate::upgrade`]).
     pub(crate) async fn start(
         what: &'static str,
         addrs: Addrs,
         s: &Serving,
+        inherited: Option<Inherited>,
     ) -> Result<Self, ProxyError> {
-        let admin_listener =
-            tokio::net::TcpListener::bind(addrs.admin)
-                .await
-                .map_err(|source| ProxyError::Bind {
-                    what: "admin",
-                    addr: addrs.admin,
-                    source,
-                })?;
-        let admin_addr = admin_listener.local_addr().unwrap_or(addrs.admin);
-        let (udp, tcp_dns, dns_addr) = bind_dns(addrs.dns).await?;
-        // make sure the API address is free before pingora binds it (pingora panics in
-        // its own task instead of returning an error)
-        let api_addr = {
-            let probe =
-                std::net::TcpListener::bind(addrs.api).map_err(|source| ProxyError::Bind {
-                    what: "API",
-                    addr: addrs.api,
-                    source,
-                })?;
-            probe.local_addr().unwrap_or(addrs.api)
+        let sockets = match inherited {
+            Some(i) => Sockets::adopt(i)?,
+            None => Sockets::bind(addrs, s.mode).await?,
         };
+        let admin_addr = sockets.admin.local_addr().unwrap_or(addrs.admin);
+        let dns_addr = sockets.dns_udp.local_addr().unwrap_or(addrs.dns);
+        let api_addr = sockets
+            .api
+            .first()
+            .and_then(|fd| nix::sys::socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()).ok())
+            .and_then(|a| crate::state::sockaddr_to_std(&a))
+            .unwrap_or(addrs.api);
+        let handed = Outgoing {
+            header: Header {
+                addrs: Addrs {
+                    api: api_addr,
+                    dns: dns_addr,
+                    admin: admin_addr,
+                },
+                mode: s.mode,
+                api_sockets: sockets.api.len(),
+            },
+            fds: [
+                sockets.admin.as_raw_fd(),
+                sockets.dns_udp.as_raw_fd(),
+                sockets.dns_tcp.as_raw_fd(),
+            ]
+            .into_iter()
+            .chain(sockets.api.iter().map(AsRawFd::as_raw_fd))
+            .collect(),
+        };
+        let Sockets {
+            admin: admin_listener,
+            dns_udp: udp,
+            dns_tcp: tcp_dns,
+            api,
+        } = sockets;
 
         let mut tasks = Vec::new();
         let stop = CancellationToken::new();
@@ -114,15 +227,15 @@ impl Listeners {
 
         let (pingora_shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let io_threads = match s.mode {
-            ProxyMode::Http => spawn_io_threads(s, api_addr, shutdown_rx, stop.clone())?,
+            ProxyMode::Http => spawn_io_threads(s, api_addr, api, shutdown_rx, stop.clone())?,
             ProxyMode::Tcp => {
-                let listener = tokio::net::TcpListener::bind(api_addr)
-                    .await
-                    .map_err(|source| ProxyError::Bind {
+                let fd = api.into_iter().next().expect("one L4 listener");
+                let listener = tokio::net::TcpListener::from_std(fd.into()).map_err(|source| {
+                    ProxyError::Adopt {
                         what: "API",
-                        addr: api_addr,
                         source,
-                    })?;
+                    }
+                })?;
                 tasks.push(tokio::spawn(tcp::serve(
                     listener,
                     s.shared.clone(),
@@ -132,11 +245,8 @@ impl Listeners {
             }
         };
         let me = Self {
-            addrs: Addrs {
-                api: api_addr,
-                dns: dns_addr,
-                admin: admin_addr,
-            },
+            addrs: handed.header.addrs,
+            handed,
             pingora_shutdown,
             dns_shutdown,
             stop,
@@ -152,6 +262,14 @@ impl Listeners {
         tracing::info!(listeners = what, api = %api_addr, dns = %dns_addr, admin = %admin_addr,
             mode = ?s.mode, "serving");
         Ok(me)
+    }
+
+    /// What an upgrade hands over: these listeners' sockets (valid while they serve).
+    pub(crate) fn outgoing(&self) -> Outgoing {
+        Outgoing {
+            header: self.handed.header.clone(),
+            fds: self.handed.fds.clone(),
+        }
     }
 
     /// Stop accepting new connections and DNS queries; what is open goes on.
@@ -200,6 +318,7 @@ impl Listeners {
 fn spawn_io_threads(
     s: &Serving,
     api: SocketAddr,
+    sockets: Vec<OwnedFd>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     stop: CancellationToken,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, ProxyError> {
@@ -226,9 +345,8 @@ fn spawn_io_threads(
         t.set_client_cert_verifier(verifier.clone());
         Ok(t)
     };
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
-    let mut handles = Vec::with_capacity(threads);
-    for i in 0..threads {
+    let mut handles = Vec::with_capacity(sockets.len());
+    for (i, socket) in sockets.into_iter().enumerate() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -242,14 +360,15 @@ fn spawn_io_threads(
             },
             "ballast-proxy",
         );
-        let mut sock = pingora::listeners::TcpSocketOptions::default();
-        sock.so_reuseport = Some(true);
+        // pingora serves on the socket bound (or inherited) for this thread: it takes it
+        // from the table by address instead of binding.
+        let fds: ListenFds = Arc::new(parking_lot::Mutex::new(Fds::new()));
+        fds.lock().add(api.to_string(), socket.into_raw_fd());
         // No L4 read buffer on client connections: pingora's default (64 KiB each) sat
         // allocated under every idle watch — 1 000 hollow nodes' streams held 205 MB of
         // proxy RSS, 133 MB without — and requests are read into pingora's own header
         // and body buffers anyway (one copy less; throughput unchanged or better).
         let endpoint = ListenerConfig::tcp(api.to_string())
-            .tcp_socket_options(sock)
             .tls(tls_settings()?)
             .l4_buffer(L4BufferSettings::default().read(0));
         service.add_listener(endpoint);
@@ -259,7 +378,7 @@ fn spawn_io_threads(
             .name(format!("ballast-api-{i}"))
             .spawn(move || {
                 rt.block_on(async move {
-                    service.start_service(None, shutdown, 1).await;
+                    service.start_service(Some(fds), shutdown, 1).await;
                     // keep serving the requests already accepted until the grace is over
                     stop.cancelled().await;
                 });

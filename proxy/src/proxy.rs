@@ -156,6 +156,11 @@ impl ProxyHttp for BallastProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if self.shared.handing_over() {
+            // answered with `Connection: close`: the client's next request opens a
+            // connection to the proxy that took over
+            session.set_keepalive(None);
+        }
         ctx.client = client_identity(session);
         let req = session.req_header();
         ctx.stream = is_stream(req.uri.query());

@@ -26,6 +26,15 @@ pub struct Settings {
 pub struct UnknownProxy(pub String);
 
 impl Settings {
+    /// This proxy's own addresses (not the VIP's).
+    pub(crate) fn own_addrs(&self) -> Addrs {
+        Addrs {
+            api: self.proxy.api,
+            dns: self.proxy.dns,
+            admin: self.proxy.admin,
+        }
+    }
+
     /// The settings of proxy `id`: one of `[[proxies]]`, or the one `[proxy]` (`id`
     /// `None`, or its id).
     pub fn from_cluster(c: &ClusterConfig, id: Option<&str>) -> Result<Self, UnknownProxy> {
@@ -101,7 +110,7 @@ pub struct ProxyPeer {
 }
 
 /// The addresses of one set of listeners.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Addrs {
     pub api: SocketAddr,
     pub dns: SocketAddr,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -44,6 +44,8 @@ pub struct Shared {
     pub conns: ConnRegistry,
     /// Which of the other proxies are alive (for DNS).
     pub(crate) peers: crate::liveness::Peers,
+    /// A successor serves on this proxy's sockets ([`crate::upgrade`]).
+    handing_over: AtomicBool,
 }
 
 struct TableState {
@@ -72,9 +74,19 @@ impl Shared {
             reconfigured: Notify::new(),
             conns: ConnRegistry::default(),
             peers: crate::liveness::Peers::default(),
+            handing_over: AtomicBool::new(false),
         });
         shared.publish_with(|_| ());
         shared
+    }
+
+    /// From now on every response closes its connection (a successor took over).
+    pub(crate) fn hand_over(&self) {
+        self.handing_over.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Relaxed)
     }
 
     pub fn settings(&self) -> Arc<Settings> {
@@ -330,7 +342,7 @@ impl ConnRegistry {
     }
 }
 
-fn sockaddr_to_std(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+pub(crate) fn sockaddr_to_std(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = a.as_sockaddr_in() {
         return Some(SocketAddr::from((v4.ip(), v4.port())));
     }

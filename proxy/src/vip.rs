@@ -301,7 +301,7 @@ pub(crate) async fn run(serving: Serving, vip: VipSettings, cancel: Cancellation
             (None, true) => {
                 // said before the listeners answer, so whoever answers on the VIP says so
                 metrics.vip_holder.set(1);
-                match Listeners::start("vip", vip.addrs, &serving).await {
+                match Listeners::start("vip", vip.addrs, &serving, None).await {
                     Ok(l) => {
                         tracing::info!(vip = %vip.address, "holding the VIP");
                         metrics.vip_changes.inc();

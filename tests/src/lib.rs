@@ -287,6 +287,18 @@ impl Cluster {
         self.procs.insert(id.to_string(), Proc { child });
     }
 
+    /// Start a second process for node `id` with `extra` arguments (e.g. the proxy's
+    /// `--upgrade`) while the first runs, and manage the new one from now on. Returns
+    /// the first, for the caller to watch it stop.
+    pub fn start_successor(&mut self, id: &str, extra: &[&str]) -> Child {
+        let old = self.procs.remove(id).expect("the node runs");
+        let mut cmd = self.node_command(id, extra);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().expect("spawn ballast");
+        self.procs.insert(id.to_string(), Proc { child });
+        old.child
+    }
+
     /// The command that runs node `id` (plus `extra` arguments, e.g. `--hollow N`) in the
     /// cluster's directory, its output appended to `logs/<id>.log`. For processes a
     /// caller manages itself; [`Cluster::start_node`] uses it too.
