@@ -2,6 +2,7 @@
 //! library crates (`ballast-master`, `ballast-proxy`, `ballast-worker`) and runs
 //! `ballast up`, a whole local HA cluster as child processes.
 
+mod detach;
 mod pki;
 mod up;
 
@@ -71,6 +72,11 @@ enum Cmd {
         /// directory].
         #[arg(long, value_name = "PATH")]
         upgrade_socket: Option<PathBuf>,
+        /// With --upgrade: return once the new proxy serves and leave it running in the
+        /// background (for systemd's `ExecReload=`; it reports itself as the service's
+        /// main process).
+        #[arg(long, requires = "upgrade")]
+        detach: bool,
     },
     /// Run one worker node.
     Worker {
@@ -150,11 +156,13 @@ fn run(cmd: Cmd, log_format: LogFormat) -> anyhow::Result<()> {
     match cmd {
         Cmd::Up(args) => up::run(args, log_format),
         Cmd::Pki(cmd) => pki::run(cmd),
+        Cmd::Proxy { detach: true, .. } => detach::detach(),
         Cmd::Proxy {
             config,
             id,
             upgrade,
             upgrade_socket,
+            detach: false,
         } => {
             no_transparent_huge_pages();
             let socket = upgrade_socket.unwrap_or_else(|| {
@@ -163,9 +171,10 @@ fn run(cmd: Cmd, log_format: LogFormat) -> anyhow::Result<()> {
             let succession = ballast_proxy::Succession {
                 socket,
                 take_over: upgrade,
+                on_serving: detach::readiness_report(),
             };
             // The proxy owns its runtimes and signal handling (pingora).
-            ballast_proxy::run(&config, id.as_deref(), &succession).context("proxy failed")
+            ballast_proxy::run(&config, id.as_deref(), succession).context("proxy failed")
         }
         Cmd::Master { config, id } => {
             no_transparent_huge_pages();

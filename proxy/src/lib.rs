@@ -111,7 +111,6 @@ impl ProxyError {
 const HAND_OVER_WINDOW: Duration = Duration::from_secs(1);
 
 /// How a proxy process starts with respect to one already running ([`upgrade`]).
-#[derive(Debug, Clone)]
 pub struct Succession {
     /// Where this proxy listens for its successor (and, with `take_over`, where the
     /// running proxy it replaces listens).
@@ -119,12 +118,14 @@ pub struct Succession {
     /// Take the listening sockets of the proxy serving at `socket` instead of binding,
     /// and stop it once this one serves.
     pub take_over: bool,
+    /// Called once this proxy serves (after the predecessor was told to stop).
+    pub on_serving: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Run proxy `id` (one of `[[proxies]]`; `None`: the one `[proxy]`) from the config at
 /// `path` until SIGTERM/SIGINT, or until a successor took its sockets over. Blocking:
 /// the proxy owns its runtime and signal handling. SIGHUP reloads the config.
-pub fn run(path: &Path, id: Option<&str>, succession: &Succession) -> Result<(), ProxyError> {
+pub fn run(path: &Path, id: Option<&str>, mut succession: Succession) -> Result<(), ProxyError> {
     let loaded = ballast_config::load(path)?;
     for w in &loaded.warnings {
         tracing::warn!(config = %path.display(), "{w}");
@@ -160,6 +161,15 @@ pub fn run(path: &Path, id: Option<&str>, succession: &Succession) -> Result<(),
                 source,
             })?;
             tracing::info!("took the listening sockets over from the previous proxy");
+        }
+        // Under systemd (`Type=notify`, `NotifyAccess=all`): this process is the service's
+        // main one now, whichever started it. Without NOTIFY_SOCKET this does nothing.
+        let main_pid = sd_notify::NotifyState::MainPid(std::process::id());
+        if let Err(e) = sd_notify::notify(false, &[main_pid, sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "cannot notify systemd");
+        }
+        if let Some(report) = succession.on_serving.take() {
+            report();
         }
         let (upgraded_tx, upgraded) = tokio::sync::oneshot::channel();
         let stop_serving_upgrades = CancellationToken::new();

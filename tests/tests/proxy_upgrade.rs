@@ -134,6 +134,44 @@ fn an_upgraded_proxy_takes_the_sockets_over_and_no_request_fails() {
     );
     println!("{} requests, none failed", ok.load(Ordering::Relaxed));
 
+    // As systemd's ExecReload= runs it: `--detach` returns once the new proxy serves, and
+    // the new proxy names itself the service's main process on NOTIFY_SOCKET.
+    let notify_path = c.dir().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let old_pid = c.pid("proxy").unwrap();
+    let out = c
+        .node_command("proxy", &["--upgrade", "--detach"])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut buf = [0u8; 512];
+    let n = notify.recv(&mut buf).unwrap();
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let main_pid: i32 = message
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {message:?}"));
+    let _detached = KillOnDrop(main_pid);
+    assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
+    assert_ne!(main_pid, old_pid as i32);
+    wait_until(
+        "the old proxy stops after the detached upgrade",
+        LONG,
+        || (!c.is_running("proxy")).then_some(()),
+    );
+    assert_eq!(status_of(&format!("{proxy}/readyz")), 200);
+    assert!(
+        std::fs::read_to_string(format!("/proc/{main_pid}/cmdline"))
+            .unwrap()
+            .contains("--upgrade"),
+        "MAINPID names the new proxy"
+    );
+
     // The upgrade socket is the proxy's alone (0600), and an upgrade that cannot reach a
     // running proxy fails with a clear error and leaves the running one serving.
     let socket = c.dir().join("proxy-proxy.upgrade.sock");
@@ -156,4 +194,16 @@ fn an_upgraded_proxy_takes_the_sockets_over_and_no_request_fails() {
         "{log}"
     );
     assert_eq!(status_of(&format!("{proxy}/readyz")), 200);
+}
+
+/// A process the harness does not know (the detached proxy), killed at the end.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0);
+        if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
+            eprintln!("cannot kill the detached proxy {}: {e}", self.0);
+        }
+    }
 }
