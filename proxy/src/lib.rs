@@ -28,6 +28,7 @@ mod liveness;
 mod metrics;
 mod peers;
 mod proxy;
+mod resume;
 mod settings;
 mod state;
 mod tcp;
@@ -214,6 +215,7 @@ async fn signal_loop(
             _ = hup.recv() => { running.reload(path, id); }
             Ok(()) = &mut upgraded => {
                 tracing::info!("a new proxy took the sockets over: closing kept-alive connections, then shutting down");
+                running.listeners.leave_sockets();
                 running.shared.hand_over();
                 // Clients that keep a connection open send their next request within
                 // this window, get `Connection: close` with the answer and reconnect to
@@ -385,6 +387,7 @@ impl Running {
         self.shared
             .conns
             .close_except(None, false, &self.shared.metrics.streams_closed);
+        self.shared.streams_end.cancel();
         let deadline = tokio::time::Instant::now() + grace;
         while self.shared.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -5,7 +5,7 @@
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,6 +127,34 @@ impl Sockets {
             api: i.api,
         })
     }
+}
+
+/// Make descriptor `fd` refer to a fresh non-blocking socket on the loopback with an
+/// ephemeral port (listening, for TCP), which no client knows.
+#[allow(unsafe_code)]
+fn replace_with_unreachable(fd: RawFd, udp: bool, v4: bool) -> std::io::Result<()> {
+    let any: SocketAddr = if v4 {
+        ([127, 0, 0, 1], 0).into()
+    } else {
+        (std::net::Ipv6Addr::LOCALHOST, 0).into()
+    };
+    let stand_in: OwnedFd = if udp {
+        let s = std::net::UdpSocket::bind(any)?;
+        s.set_nonblocking(true)?;
+        s.into()
+    } else {
+        let l = std::net::TcpListener::bind(any)?;
+        l.set_nonblocking(true)?;
+        l.into()
+    };
+    // SAFETY: `fd` is open (its listener serves until this process stops) and dup2
+    // atomically makes it refer to `stand_in`'s socket; the listener that owns `fd` keeps
+    // owning it and closes it as before. `stand_in`'s own descriptor closes on drop.
+    let r = unsafe { libc::dup2(stand_in.as_raw_fd(), fd) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// An API listening socket on `addr`, non-blocking; with `reuseport`, one of several.
@@ -264,6 +292,22 @@ impl Listeners {
         Ok(me)
     }
 
+    /// Stop taking new connections and queries after a successor took these sockets
+    /// over, while the connections already accepted go on. Each handed-over descriptor
+    /// is replaced in place (`dup2`) by a socket nobody reaches: this process's accept
+    /// loops then find nothing to accept, and the shared sockets, with their queues,
+    /// belong to the successor alone. (Stopping pingora's accept loop instead would also
+    /// drop every connection that was accepted but whose request has not arrived yet.)
+    pub(crate) fn leave_sockets(&self) {
+        for (i, &fd) in self.handed.fds.iter().enumerate() {
+            // descriptor 1 is the DNS UDP socket (see `start`)
+            let udp = i == 1;
+            if let Err(e) = replace_with_unreachable(fd, udp, self.addrs.api.is_ipv4()) {
+                tracing::warn!(fd, error = %e, "cannot leave a handed-over socket; it stays shared until exit");
+            }
+        }
+    }
+
     /// What an upgrade hands over: these listeners' sockets (valid while they serve).
     pub(crate) fn outgoing(&self) -> Outgoing {
         Outgoing {
@@ -357,6 +401,7 @@ fn spawn_io_threads(
                 shared: s.shared.clone(),
                 check: s.check.clone(),
                 client_cert: client_cert.clone(),
+                watch_client: watch_client(tls)?,
             },
             "ballast-proxy",
         );
@@ -387,6 +432,19 @@ fn spawn_io_threads(
         handles.push(handle);
     }
     Ok(handles)
+}
+
+/// The client of the resumed watches: the proxy's certificate, the cluster CA, and no
+/// pooled connection left idle (a watch holds its connection for its whole life).
+fn watch_client(tls: &NodeTls) -> Result<reqwest::Client, ProxyError> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls.client_config()?)
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| ProxyError::Tls(TlsError::Verifier(format!("watch client: {e}"))))
 }
 
 /// Keeps the identity of a client certificate the handshake verified, for the request

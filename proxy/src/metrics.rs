@@ -23,6 +23,7 @@ pub struct Metrics {
     pub held_requests: IntGauge,
     pub hold_timeouts: IntCounter,
     pub streams_closed: IntCounter,
+    pub watches_resumed: IntCounter,
     pub upstream_retries: IntCounterVec,
     pub config_reloads: IntCounterVec,
     /// L4 mode: client connections by outcome.
@@ -118,6 +119,11 @@ impl Metrics {
             "Open streams and idle upstream connections closed because the active master changed",
         )
         .expect("valid metric");
+        let watches_resumed = IntCounter::new(
+            "ballast_proxy_watches_resumed_total",
+            "Client watches continued at a new active master from their last resourceVersion",
+        )
+        .expect("valid metric");
         let upstream_retries = IntCounterVec::new(
             Opts::new(
                 "ballast_proxy_upstream_retries_total",
@@ -173,6 +179,7 @@ impl Metrics {
             Box::new(held_requests.clone()),
             Box::new(hold_timeouts.clone()),
             Box::new(streams_closed.clone()),
+            Box::new(watches_resumed.clone()),
             Box::new(upstream_retries.clone()),
             Box::new(config_reloads.clone()),
         ] {
@@ -192,6 +199,7 @@ impl Metrics {
             held_requests,
             hold_timeouts,
             streams_closed,
+            watches_resumed,
             upstream_retries,
             config_reloads,
             tcp_connections,

@@ -46,6 +46,46 @@ pub(crate) struct BallastProxy {
     pub check: Arc<dyn ActiveCheck>,
     /// The proxy's own certificate, presented to the masters (mutual TLS).
     pub client_cert: Arc<CertKey>,
+    /// The client for the watches [`crate::resume`] serves (same identity).
+    pub watch_client: reqwest::Client,
+}
+
+impl BallastProxy {
+    /// The headers a watch served by [`crate::resume`] sends to the masters: the
+    /// client's, without hop-by-hop ones and identity headers it sent itself, with the
+    /// verified identity of its certificate (as [`ProxyHttp::upstream_request_filter`]
+    /// does for everything else).
+    fn forwarded_headers(
+        &self,
+        req: &RequestHeader,
+        client: Option<&Identity>,
+    ) -> reqwest::header::HeaderMap {
+        let mut out = reqwest::header::HeaderMap::new();
+        for (k, v) in &req.headers {
+            let name = k.as_str();
+            let hop = matches!(
+                name,
+                "connection" | "keep-alive" | "te" | "transfer-encoding" | "upgrade" | "host"
+            );
+            let identity = name == REMOTE_USER
+                || name == REMOTE_GROUP
+                || name.starts_with(REMOTE_EXTRA_PREFIX);
+            if !hop && !identity {
+                out.append(k.clone(), v.clone());
+            }
+        }
+        if let Some(id) = client {
+            if let Ok(v) = http::HeaderValue::from_str(&id.user) {
+                out.insert(REMOTE_USER, v);
+            }
+            for g in &id.groups {
+                if let Ok(v) = http::HeaderValue::from_str(g) {
+                    out.append(REMOTE_GROUP, v);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Per-request state.
@@ -175,6 +215,28 @@ impl ProxyHttp for BallastProxy {
                 ErrorType::HTTPStatus(413),
                 format!("request body larger than {MAX_REQUEST_BODY} bytes"),
             );
+        }
+        if req.method == http::Method::GET {
+            let accept = req
+                .headers
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            if let Some(rv) = crate::resume::resumable(req.uri.query(), accept) {
+                let path = req.uri.path().to_string();
+                let query = req.uri.query().unwrap_or_default().to_string();
+                let headers = self.forwarded_headers(req, ctx.client.as_ref());
+                crate::resume::serve(
+                    session,
+                    &self.shared,
+                    &self.watch_client,
+                    &path,
+                    &query,
+                    headers,
+                    rv,
+                )
+                .await?;
+                return Ok(true);
+            }
         }
         Ok(false)
     }

@@ -46,6 +46,8 @@ pub struct Shared {
     pub(crate) peers: crate::liveness::Peers,
     /// A successor serves on this proxy's sockets ([`crate::upgrade`]).
     handing_over: AtomicBool,
+    /// Ends the watches [`crate::resume`] serves (the proxy stops).
+    pub(crate) streams_end: tokio_util::sync::CancellationToken,
 }
 
 struct TableState {
@@ -75,6 +77,7 @@ impl Shared {
             conns: ConnRegistry::default(),
             peers: crate::liveness::Peers::default(),
             handing_over: AtomicBool::new(false),
+            streams_end: tokio_util::sync::CancellationToken::new(),
         });
         shared.publish_with(|_| ());
         shared

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ballast_tests::{http_timeout, wait_until, Cluster, ClusterOpts};
+use ballast_tests::{http_timeout, wait_until, Cluster, ClusterOpts, Kubectl};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -455,7 +455,10 @@ fn restarted_follower_rejoins_without_deposing_the_active() {
 /// under a write loop and a read loop through the proxy. The active hands the leadership to
 /// a follower before it stops (named in its log), and no
 /// request fails, not even with a 503 (the proxy holds the few milliseconds without an
-/// active master). Every acknowledged write is there at the end. Block 33.
+/// active master). Every acknowledged write is there at the end, and a kubectl 1.33
+/// `get -w` started before the first stop shows every ConfigMap created during the
+/// restarts, still running at the end (the proxy resumes its watch at each new active
+/// master). Block 33.
 #[test]
 fn a_rolling_restart_hands_the_leadership_over_and_fails_no_request() {
     let mut c = Cluster::start(ClusterOpts::new(33).masters(3).proxy(true), |_| {});
@@ -506,6 +509,34 @@ fn a_rolling_restart_hands_the_leadership_over_and_fails_no_request() {
             n
         })
     };
+    // kubectl get -w follows ConfigMaps created meanwhile through the proxy: its one stream
+    // must outlive every handover (the proxy resumes it at the next active master)
+    let k = Kubectl::new("1.33", &c.proxy_url(), c.dir());
+    let watch_out = c.dir().join("get-w.out");
+    let mut watch = k.spawn(&["get", "configmaps", "-w", "--no-headers"], &watch_out);
+    thread::sleep(Duration::from_millis(500));
+    let created = Arc::new(Mutex::new(Vec::new()));
+    let creator = {
+        let (stop, failed, created) = (stop.clone(), failed.clone(), created.clone());
+        let u = format!("{}/api/v1/namespaces/default/configmaps", c.proxy_url());
+        thread::spawn(move || {
+            for n in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let name = format!("cm-{n}");
+                let body = format!(r#"{{"metadata":{{"name":"{name}"}},"data":{{"n":"{n}"}}}}"#);
+                match http_timeout("POST", &u, Some(&body), Duration::from_secs(10)) {
+                    Ok(r) if r.status == 201 => created.lock().unwrap().push(name),
+                    other => failed.lock().unwrap().push(format!(
+                        "POST {name}: {:?}",
+                        other.map(|r| (r.status, r.body))
+                    )),
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
     thread::sleep(Duration::from_millis(300));
     // the active first, then the others: each active stop is a handover
     let (first, _) = c.wait_one_active(LONG);
@@ -552,7 +583,27 @@ fn a_rolling_restart_hands_the_leadership_over_and_fails_no_request() {
     assert!(handovers >= 1);
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
+    creator.join().unwrap();
     let reads = reader.join().unwrap();
+    let created = created.lock().unwrap();
+    wait_until("get -w shows every ConfigMap created", LONG, || {
+        let seen = std::fs::read_to_string(&watch_out).unwrap_or_default();
+        let names: std::collections::HashSet<&str> = seen
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        created
+            .iter()
+            .all(|n| names.contains(n.as_str()))
+            .then_some(())
+    });
+    assert!(
+        watch.try_wait().unwrap().is_none(),
+        "kubectl get -w ended: {}",
+        std::fs::read_to_string(&watch_out).unwrap_or_default()
+    );
+    assert!(created.len() >= 5, "{} ConfigMaps created", created.len());
+    watch.kill().unwrap();
     let failed = failed.lock().unwrap();
     assert!(failed.is_empty(), "failed requests: {failed:?}");
     let acked = acked.lock().unwrap();

@@ -93,8 +93,9 @@ fn idle_and_half_sent_connections_do_not_starve_masters_or_the_proxy() {
 
     let _idle_master = idle_connections(m1, IDLE);
     let _idle_proxy = idle_connections(c.proxy_api(), IDLE);
-    let mut slow: Vec<Tls> = (0..HALF_SENT).map(|_| half_sent(m1)).collect();
+    // the first half-sent requests' header timers start here, not once all are sent
     let sent = Instant::now();
+    let mut slow: Vec<Tls> = (0..HALF_SENT).map(|_| half_sent(m1)).collect();
     for _ in 0..5 {
         answers(&master_readyz, Duration::from_secs(3));
         answers(&proxy_readyz, Duration::from_secs(3));
