@@ -533,7 +533,7 @@ fn a_rolling_restart_hands_the_leadership_over_and_fails_no_request() {
                         other.map(|r| (r.status, r.body))
                     )),
                 }
-                thread::sleep(Duration::from_millis(50));
+                thread::sleep(Duration::from_millis(100));
             }
         })
     };
