@@ -3,6 +3,7 @@
 //! open connections with `Connection: close`, drains and exits, and no client request
 //! fails, neither on kept-alive connections nor on new ones. Block 34.
 
+use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -180,6 +181,26 @@ fn an_upgraded_proxy_takes_the_sockets_over_and_no_request_fails() {
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
         0o600
     );
+    // Another user cannot connect, even where it can reach the directory: the socket's
+    // mode refuses it (an upgrade socket hands out the proxy's listening sockets).
+    require("python3");
+    let dir_mode = std::fs::metadata(c.dir()).unwrap().permissions();
+    std::fs::set_permissions(c.dir(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    let other_user = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+        ])
+        .arg(&socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    std::fs::set_permissions(c.dir(), dir_mode).unwrap();
+    assert!(!other_user.status.success());
+    let stderr = String::from_utf8_lossy(&other_user.stderr);
+    assert!(stderr.contains("PermissionError"), "{stderr}");
+
     let out = c
         .node_command(
             "proxy",
