@@ -267,7 +267,8 @@ async fn write_header(session: &mut Session, resp: &reqwest::Response) -> pingor
 /// Copy whole event lines from `resp` (served by master `from`) to the client,
 /// remembering where the stream is. A master that is no longer the routed one counts as
 /// broken even while its connection stays open (a partitioned master's would, for a
-/// while); the proxy stopping ends the stream.
+/// while); the proxy stopping ends the stream, and a client that goes away ends it at
+/// once (not at the next event, which for a narrow watch may be an hour away).
 async fn pump(
     session: &mut Session,
     shared: &Shared,
@@ -281,6 +282,8 @@ async fn pump(
     loop {
         let next = tokio::select! {
             c = resp.chunk() => c,
+            // a watch request has no body: the client's side ends only when it goes away
+            _ = session.read_body_or_idle(true) => return Ended::ClientGone,
             _ = routing.wait_for(|r| r.active.as_ref().is_some_and(|a| a.id != from)) => {
                 return Ended::Broken;
             }
