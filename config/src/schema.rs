@@ -563,6 +563,22 @@ pub struct WorkerDefaults {
     /// Longest restart delay (CrashLoopBackOff). Default `5m`.
     #[serde(with = "humantime_serde", default = "d_backoff_max")]
     pub restart_backoff_max: Duration,
+    /// Files a pod's process may have open (`RLIMIT_NOFILE`, soft and hard; never above
+    /// the worker's own hard limit). Default `65536`.
+    #[serde(default = "d_pod_open_files")]
+    pub pod_open_files: u64,
+    /// Processes and threads one container may run at once (cgroup v2 `pids.max`, where
+    /// the worker may use the pids controller), so a fork bomb stays inside its
+    /// container. Default `4096`.
+    #[serde(default = "d_pod_pids")]
+    pub pod_pids_limit: u64,
+}
+
+fn d_pod_open_files() -> u64 {
+    65536
+}
+fn d_pod_pids() -> u64 {
+    4096
 }
 
 fn d_backoff_base() -> Duration {
@@ -586,6 +602,8 @@ impl Default for WorkerDefaults {
             max_log_bytes: d_log_bytes(),
             restart_backoff_base: d_backoff_base(),
             restart_backoff_max: d_backoff_max(),
+            pod_open_files: d_pod_open_files(),
+            pod_pids_limit: d_pod_pids(),
         }
     }
 }

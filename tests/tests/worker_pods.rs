@@ -418,3 +418,132 @@ spec:
     });
     wait_nodes_ready(&c, &["w1", "w2"]);
 }
+
+fn delete_pod_and_wait(c: &Cluster, name: &str) {
+    let path = format!("/api/v1/namespaces/default/pods/{name}");
+    let r = api(c, "DELETE", &path, Some(&json!({}))).unwrap();
+    assert!(r.status == 200 || r.status == 202, "{}", r.body);
+    wait_until(&format!("{name} gone"), T, || {
+        (api(c, "GET", &path, None)?.status == 404).then_some(())
+    });
+}
+
+/// `/proc/PID/stat` fields 5 and 6: process group and session.
+fn group_and_session(pid: u32) -> (u32, u32) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    (rest[2].parse().unwrap(), rest[3].parse().unwrap())
+}
+
+/// Pods are confined as far as a process runtime can: their own session and cgroup (a
+/// process that starts a new session still ends with its container, on deletion and when
+/// the main process exits), the user and group of `securityContext`, resource limits, and
+/// exec probes that leave nothing behind.
+#[test]
+fn pods_are_confined_to_their_session_cgroup_user_and_limits() {
+    let c = start(35, 1);
+    wait_nodes_ready(&c, &["w1"]);
+
+    // runAsUser / runAsGroup, rlimits, a working directory of its own, limits
+    let script = "echo ids=$(id -u):$(id -g) nofile=$(ulimit -n) core=$(ulimit -c) cwd=$(pwd); \
+                  touch mine && echo wrote; exec sleep 7770";
+    let mut body = pod_body("runas", "w1", script, 1);
+    body["spec"]["securityContext"] = json!({"runAsUser": 65534, "runAsGroup": 65534});
+    body["spec"]["containers"][0]["resources"] =
+        json!({"limits": {"memory": "64Mi", "cpu": "250m"}});
+    create_pod(&c, &body);
+    let pid = wait_running(&c, "runas");
+    let log = wait_until("runas log", T, || {
+        let r = api(&c, "GET", "/api/v1/namespaces/default/pods/runas/log", None)?;
+        (r.status == 200 && r.body.contains("wrote")).then_some(r.body)
+    });
+    let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap()
+        .1;
+    assert!(log.contains("ids=65534:65534"), "{log}");
+    assert!(log.contains(&format!("nofile={}", hard.min(65536))), "{log}");
+    assert!(log.contains("core=0"), "{log}");
+    assert!(log.contains("cwd=") && log.contains("/main.work"), "{log}");
+    assert_eq!(group_and_session(pid), (pid, pid), "its own session and group");
+    let pod = get_pod(&c, "runas").unwrap();
+    let uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v2 = cgroup.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    assert!(v2.ends_with(&format!("/ballast-w1/{uid}/main")), "{cgroup}");
+    // Limits apply where the memory controller is the worker's, and are reported as not
+    // enforced where it is not (this machine's cgroup v2 has no memory controller).
+    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .map(|l| l.split_whitespace().nth(4).unwrap().to_string())
+        .unwrap();
+    let memory_max = std::path::Path::new(&mount)
+        .join(v2.trim_start_matches('/'))
+        .join("memory.max");
+    if memory_max.exists() {
+        assert_eq!(std::fs::read_to_string(&memory_max).unwrap().trim(), "67108864");
+    } else {
+        wait_until("a LimitsNotEnforced event", T, || {
+            let r = api(&c, "GET", "/api/v1/namespaces/default/events", None)?;
+            r.json()["items"]
+                .as_array()?
+                .iter()
+                .any(|e| e["reason"] == "LimitsNotEnforced" && e["involvedObject"]["name"] == "runas")
+                .then_some(())
+        });
+    }
+
+    // runAsNonRoot without a user would run as root here: refused, with the reason
+    let mut body = pod_body("nonroot", "w1", "sleep 1", 1);
+    body["spec"]["securityContext"] = json!({"runAsNonRoot": true});
+    create_pod(&c, &body);
+    let waiting = wait_until("nonroot waiting", T, || {
+        let p = get_pod(&c, "nonroot")?;
+        let w = p["status"]["containerStatuses"][0]["state"]["waiting"].clone();
+        (w["reason"] == "CreateContainerConfigError").then_some(w)
+    });
+    assert!(waiting["message"].as_str().unwrap().contains("runAsNonRoot"), "{waiting}");
+
+    // A process that leaves the container's session ends with the pod ...
+    create_pod(&c, &pod_body("escape", "w1", "setsid sleep 7771 & exec sleep 7772", 1));
+    wait_running(&c, "escape");
+    wait_until("the escaped process runs", T, || (count_sleepers("7771") == 1).then_some(()));
+    delete_pod_and_wait(&c, "escape");
+    wait_until("the escaped process is gone", Duration::from_secs(10), || {
+        (count_sleepers("7771") == 0).then_some(())
+    });
+    // ... and when its main process exits
+    let mut body = pod_body("leftover", "w1", "setsid sleep 7773 & sleep 1; exit 0", 1);
+    body["spec"]["restartPolicy"] = json!("Never");
+    create_pod(&c, &body);
+    wait_until("leftover Succeeded", T, || {
+        (get_pod(&c, "leftover")?["status"]["phase"] == "Succeeded").then_some(())
+    });
+    wait_until("what it left behind is gone", Duration::from_secs(10), || {
+        (count_sleepers("7773") == 0).then_some(())
+    });
+
+    // An exec probe that times out takes what it started with it.
+    let mut body = pod_body("probed", "w1", "exec sleep 7775", 1);
+    body["spec"]["containers"][0]["readinessProbe"] = json!({
+        "exec": {"command": ["sh", "-c", "sleep 7774 & sleep 7776"]},
+        "periodSeconds": 1, "timeoutSeconds": 1
+    });
+    create_pod(&c, &body);
+    wait_running(&c, "probed");
+    let mut most = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(8) {
+        most = most.max(count_sleepers("7774"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(most >= 1, "the probe ran");
+    assert!(most <= 2, "timed-out probes left {most} processes behind");
+    for name in ["runas", "nonroot", "probed", "leftover"] {
+        delete_pod_and_wait(&c, name);
+    }
+    wait_until("every pod process gone", Duration::from_secs(10), || {
+        (count_sleepers("7770") + count_sleepers("7774") + count_sleepers("7775") == 0).then_some(())
+    });
+}

@@ -16,7 +16,10 @@
 mod access;
 mod api;
 mod backoff;
+mod cgroup;
 mod checkpoint;
+mod confine;
+mod confiner;
 mod events;
 mod hollow;
 mod logs;
@@ -136,6 +139,11 @@ pub async fn run(
         metrics.clone(),
         backoff::BackoffConfig::from_config(&config.config.worker),
         shutdown.clone(),
+        confiner::Confiner::new(
+            &id,
+            config.config.worker.pod_open_files,
+            config.config.worker.pod_pids_limit,
+        ),
     );
 
     // Background work that outlives the pods' shutdown.

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
-use nix::sys::signal::Signal;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{retry, Api, ApiError};
 use crate::backoff::{Backoff, BackoffConfig, RestartPolicy};
 use crate::checkpoint::{PodRecord, StateFile};
+use crate::confiner::{Confiner, PrepareError};
 use crate::events::Events;
 use crate::logs;
 use crate::metrics::Metrics;
@@ -60,6 +60,7 @@ pub(crate) struct Ctx {
     /// (namespace, pod name) → logs.
     pub logs: Mutex<HashMap<(String, String), PodLogs>>,
     pub events: Events,
+    pub confiner: Confiner,
     running_pods: Mutex<HashSet<String>>,
 }
 
@@ -76,6 +77,7 @@ impl Ctx {
         metrics: Metrics,
         backoff: BackoffConfig,
         stopping: CancellationToken,
+        confiner: Confiner,
     ) -> Arc<Self> {
         Arc::new(Self {
             events: Events::new(api.clone(), node.clone()),
@@ -89,6 +91,7 @@ impl Ctx {
             metrics,
             backoff,
             stopping,
+            confiner,
             logs: Mutex::new(HashMap::new()),
             running_pods: Mutex::new(HashSet::new()),
         })
@@ -235,6 +238,8 @@ struct Ctr {
     readiness: Option<ProbeTask>,
     liveness: Option<ProbeTask>,
     waiting: Option<(String, Option<String>)>,
+    /// Its limits were reported as not enforced (once per pod).
+    warned_limits: bool,
 }
 
 struct Runner {
@@ -344,6 +349,7 @@ impl Runner {
                 readiness: None,
                 liveness: None,
                 waiting: None,
+                warned_limits: false,
             });
         }
         ctx.logs.lock().unwrap().insert(
@@ -412,7 +418,7 @@ impl Runner {
                 Desired::Gone => {
                     tracing::info!(pod = %self.name(), "pod no longer bound here; stopping it");
                     self.stop_all(grace_of(&self.pod), false).await;
-                    self.cleanup();
+                    self.cleanup().await;
                     return;
                 }
                 Desired::Present(p) => {
@@ -490,11 +496,12 @@ impl Runner {
                 }
             }
         }
-        self.cleanup();
+        self.cleanup().await;
     }
 
-    /// Forget the pod: state, queued status, logs.
-    fn cleanup(&mut self) {
+    /// Forget the pod: state, queued status, logs, cgroups.
+    async fn cleanup(&mut self) {
+        self.ctx.confiner.remove_pod(&self.uid).await;
         self.ctx.state.remove(&self.uid);
         self.ctx.statuses.forget(&self.uid);
         self.ctx.set_running(&self.uid, false);
@@ -626,8 +633,8 @@ impl Runner {
         let c = &mut self.ctrs[i];
         let (pid, ran) = match c.proc.take() {
             Some(p) => {
-                // Whatever the command left in its group goes with it.
-                process::signal_group(p.pid, Signal::SIGKILL);
+                // Whatever the command left behind, in its group or its cgroup, goes with it.
+                self.ctx.confiner.kill(&self.uid, &name, Some(p.pid));
                 if p.counted {
                     self.ctx.metrics.containers_running.dec();
                 }
@@ -799,6 +806,19 @@ impl Runner {
         if c.backoff.in_backoff(Instant::now()) {
             return;
         }
+        let prepared = match self.ctx.confiner.prepare(&self.pod, &self.uid, &self.dir, &self.ctrs[i].spec) {
+            Err(PrepareError::Config(e)) => {
+                self.config_error(i, e.to_string());
+                return;
+            }
+            r => r,
+        };
+        if let Some(why) = prepared.as_ref().ok().and_then(|p| p.unenforced.clone()) {
+            if !self.ctrs[i].warned_limits {
+                self.ctrs[i].warned_limits = true;
+                self.event(Some(&name), true, "LimitsNotEnforced", format!("resources.limits of container {name} are not enforced: {why}"));
+            }
+        }
         let env = self.env(&self.ctrs[i].spec);
         let lookup = |k: &str| {
             env.iter()
@@ -808,29 +828,30 @@ impl Runner {
         };
         let spec = &self.ctrs[i].spec;
         let argv: Vec<String> = command.iter().map(|a| process::expand(a, lookup)).collect();
-        let working_dir = spec
+        let given_dir = spec
             .working_dir
             .as_ref()
             .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| self.dir.clone());
-        if let Err(e) = std::fs::create_dir_all(&self.dir) {
-            // Spawning below fails on it too, with the error the pod's status shows.
-            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot create the pod's directory");
-        }
-        let ps = ProcSpec {
-            argv,
-            env,
-            working_dir: Some(working_dir),
-            log: logs::container_log(&self.dir, &name),
-            exit_file: self.exit_file(i),
-        };
+            .map(PathBuf::from);
+        let log = logs::container_log(&self.dir, &name);
+        let exit_file = self.exit_file(i);
+        let spawned = prepared.map_err(|e| e.to_string()).and_then(|p| {
+            process::spawn(&ProcSpec {
+                argv,
+                env,
+                working_dir: Some(given_dir.unwrap_or(p.default_dir)),
+                log,
+                exit_file,
+                confine: p.confine,
+            })
+            .map_err(|e| e.to_string())
+        });
         let restart = self
             .rec
             .containers
             .get(&name)
             .is_some_and(|r| r.last.is_some());
-        match process::spawn(&ps) {
+        match spawned {
             Ok(s) => {
                 let r = self.rec.containers.entry(name.clone()).or_default();
                 if restart {
@@ -872,8 +893,24 @@ impl Runner {
         }
     }
 
+    /// Container `i` cannot start as its pod asks: it waits, saying why (once in events).
+    fn config_error(&mut self, i: usize, message: String) {
+        let c = &mut self.ctrs[i];
+        if c.waiting.as_ref().is_none_or(|(_, m)| m.as_deref() != Some(message.as_str())) {
+            let name = c.spec.name.clone();
+            self.ctx
+                .events
+                .pod(&self.pod, Some(&name), true, "Failed", format!("Error: {message}"));
+        }
+        self.ctrs[i].waiting = Some(("CreateContainerConfigError".into(), Some(message)));
+    }
+
     fn start_probes(&mut self, i: usize) {
         let spec = self.ctrs[i].spec.clone();
+        let (confine, default_dir) =
+            self.ctx
+                .confiner
+                .for_probe(&self.pod, &self.uid, &self.dir, &spec);
         let target = probe::Target {
             host: self.ctx.ip,
             ports: spec.ports.clone().unwrap_or_default(),
@@ -883,7 +920,8 @@ impl Runner {
                 .as_ref()
                 .filter(|d| !d.is_empty())
                 .map(PathBuf::from)
-                .or_else(|| Some(self.dir.clone())),
+                .or(Some(default_dir)),
+            confine,
         };
         let c = &mut self.ctrs[i];
         c.readiness = spec
@@ -897,10 +935,11 @@ impl Runner {
         let Some(p) = self.ctrs[i].proc.as_ref() else {
             return;
         };
-        process::signal_group(p.pid, Signal::SIGTERM);
+        let name = self.ctrs[i].spec.name.clone();
+        self.ctx.confiner.terminate(&self.uid, &name, p.pid);
         self.wait_exit(&[i], grace).await;
         if let Some(p) = self.ctrs[i].proc.as_ref() {
-            process::signal_group(p.pid, Signal::SIGKILL);
+            self.ctx.confiner.kill(&self.uid, &name, Some(p.pid));
             self.wait_exit(&[i], KILL_WAIT).await;
         }
         if self.ctrs[i].proc.is_some() {
@@ -945,14 +984,15 @@ impl Runner {
                 format!("Stopping container {name}"),
             );
             if let Some(p) = &self.ctrs[i].proc {
-                process::signal_group(p.pid, Signal::SIGTERM);
+                self.ctx.confiner.terminate(&self.uid, &name, p.pid);
             }
         }
         self.wait_exit(&running, grace).await;
         for &i in &running {
             if let Some(p) = &self.ctrs[i].proc {
-                tracing::info!(pod = %self.name(), container = %self.ctrs[i].spec.name, "grace period over; SIGKILL");
-                process::signal_group(p.pid, Signal::SIGKILL);
+                let name = &self.ctrs[i].spec.name;
+                tracing::info!(pod = %self.name(), container = %name, "grace period over; SIGKILL");
+                self.ctx.confiner.kill(&self.uid, name, Some(p.pid));
             }
         }
         self.wait_exit(&running, KILL_WAIT).await;
@@ -1103,6 +1143,7 @@ mod tests {
             metrics,
             BackoffConfig::new(Duration::from_millis(100), Duration::from_millis(400)),
             stopping,
+            Confiner::plain(),
         )
     }
 

@@ -62,6 +62,8 @@ pub(crate) struct Target {
     pub ports: Vec<ContainerPort>,
     pub env: Vec<(String, String)>,
     pub working_dir: Option<PathBuf>,
+    /// Exec probes run as the container does, in its cgroup.
+    pub confine: crate::process::Confine,
 }
 
 /// A running probe task; aborted on drop.
@@ -137,10 +139,24 @@ pub(crate) async fn run_once(probe: &Probe, t: &Target, timeout: Duration) -> bo
         if let Some(d) = &t.working_dir {
             c.current_dir(d);
         }
-        return match tokio::time::timeout(timeout, c.status()).await {
+        if let Err(e) = t.confine.apply(&mut c) {
+            tracing::warn!(error = %e, "exec probe not run");
+            return false;
+        }
+        let Ok(mut child) = c.spawn() else {
+            return false;
+        };
+        let pid = child.id();
+        let ok = match tokio::time::timeout(timeout, child.wait()).await {
             Ok(Ok(s)) => s.success(),
             _ => false,
         };
+        // The probe ran in its own session: whatever it started (and did not wait for,
+        // or was still running at the timeout) ends with it.
+        if let Some(pid) = pid {
+            crate::process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        return ok;
     }
     if let Some(h) = &probe.http_get {
         let Some(port) = port_of(&h.port, &t.ports) else {
@@ -227,6 +243,7 @@ mod tests {
             }],
             env: vec![],
             working_dir: None,
+            confine: Default::default(),
         }
     }
 

@@ -1,6 +1,8 @@
-//! Container processes: spawn in their own process group with output to a log file,
-//! identify them across worker restarts (pid + start time from `/proc/PID/stat`), signal
-//! the whole group, and learn the exit code even of a process the worker did not start.
+//! Container processes: spawn in their own session and process group, confined as
+//! [`crate::confine`] decides (cgroup, user and group, resource limits), with output to a
+//! log file; identify them across worker restarts (pid + start time from
+//! `/proc/PID/stat`), signal the whole group, and learn the exit code even of a process
+//! the worker did not start.
 //!
 //! Every container runs under a tiny `/bin/sh` wrapper, the leader of the container's
 //! process group: it runs the command (`"$@"`, no shell interpretation of the command),
@@ -14,9 +16,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid, Uid};
 
+use crate::confine::RunAs;
 use crate::logs;
 
 const WRAPPER: &str = "trap : TERM INT HUP QUIT; \"$@\"; c=$?; echo $c > \"$0\"; exit $c";
@@ -38,6 +42,18 @@ pub(crate) enum SpawnError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot prepare the exit file {path} for the container's user: {source}")]
+    ExitFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot join the container's cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot start {command:?}: {source}")]
     Spawn {
         command: String,
@@ -55,6 +71,65 @@ pub(crate) struct ProcSpec {
     pub working_dir: Option<PathBuf>,
     pub log: PathBuf,
     pub exit_file: PathBuf,
+    pub confine: Confine,
+}
+
+/// How a process is confined (see [`crate::confine`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Confine {
+    pub run_as: RunAs,
+    /// `RLIMIT_NOFILE`, soft and hard; `None` inherits the worker's.
+    pub open_files: Option<u64>,
+    /// The cgroup directory to start in.
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Confine {
+    /// Confine `c`: in the child between fork and exec, join the cgroup (through a file
+    /// opened here, so no allocation happens there), start a new session, set the
+    /// resource limits, then drop to the user and group. Every call there is one
+    /// async-signal-safe system call.
+    #[allow(unsafe_code)]
+    pub(crate) fn apply(&self, c: &mut tokio::process::Command) -> Result<(), SpawnError> {
+        let procs = match &self.cgroup {
+            Some(dir) => {
+                let path = dir.join("cgroup.procs");
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|source| SpawnError::Cgroup { path, source })?;
+                Some(f)
+            }
+            None => None,
+        };
+        let open_files = self.open_files;
+        let RunAs { uid, gid } = self.run_as;
+        // SAFETY: the closure only makes system calls (write, setsid, setrlimit,
+        // setgroups, setgid, setuid) on values prepared before the fork.
+        unsafe {
+            c.pre_exec(move || {
+                use std::os::fd::AsFd;
+                if let Some(f) = &procs {
+                    // "0": the writing process itself
+                    nix::unistd::write(f.as_fd(), b"0")?;
+                }
+                nix::unistd::setsid()?;
+                setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+                if let Some(n) = open_files {
+                    setrlimit(Resource::RLIMIT_NOFILE, n, n)?;
+                }
+                if let Some(g) = gid {
+                    nix::unistd::setgroups(&[])?;
+                    nix::unistd::setgid(Gid::from_raw(g))?;
+                }
+                if let Some(u) = uid {
+                    nix::unistd::setuid(Uid::from_raw(u))?;
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
 }
 
 /// A started process (the wrapper, leader of its group).
@@ -120,6 +195,16 @@ pub(crate) fn spawn(spec: &ProcSpec) -> Result<Started, SpawnError> {
             });
         }
     }
+    if spec.confine.run_as.uid.is_some() {
+        // The wrapper records the exit code as the container's user, in a directory
+        // that user may not write: the file is there, empty, and theirs.
+        prepare_exit_file(&spec.exit_file, spec.confine.run_as).map_err(|source| {
+            SpawnError::ExitFile {
+                path: spec.exit_file.clone(),
+                source,
+            }
+        })?;
+    }
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c")
         .arg(WRAPPER)
@@ -130,8 +215,8 @@ pub(crate) fn spawn(spec: &ProcSpec) -> Result<Started, SpawnError> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
-        .process_group(0)
         .kill_on_drop(false);
+    spec.confine.apply(&mut c)?;
     if !spec.env.iter().any(|(k, _)| k == "PATH") {
         c.env("PATH", DEFAULT_PATH);
     }
@@ -154,6 +239,16 @@ pub(crate) fn spawn(spec: &ProcSpec) -> Result<Started, SpawnError> {
         start_ticks,
         child,
     })
+}
+
+fn prepare_exit_file(path: &Path, run_as: RunAs) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    std::os::unix::fs::chown(path, run_as.uid, run_as.gid)
 }
 
 /// Parse the start time (field 22, clock ticks since boot) and state of a `/proc/PID/stat`.
@@ -277,6 +372,7 @@ mod tests {
             working_dir: Some(d.path().to_path_buf()),
             log: d.path().join("c.log"),
             exit_file: d.path().join("c.exit"),
+            confine: Confine::default(),
         };
         let mut s = spawn(&spec).unwrap();
         assert!(s.start_ticks > 0);
@@ -300,6 +396,7 @@ mod tests {
             working_dir: None,
             log: d.path().join("c.log"),
             exit_file: d.path().join("c.exit"),
+            confine: Confine::default(),
         };
         let mut s = spawn(&spec).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
