@@ -248,6 +248,65 @@ pub struct LimitsConfig {
     /// answered 429 with `Retry-After: 1`. Default `64`.
     #[serde(default = "d_per_user")]
     pub max_requests_in_flight_per_user: usize,
+    /// Bytes of one Kubernetes API request body (kube-apiserver: 3 MiB); a larger body is
+    /// answered 413 before it is read further. Default `3145728`.
+    #[serde(default = "d_request_body")]
+    pub max_request_body: usize,
+    /// Bytes of one stored object as JSON (the 1.5 MiB etcd request limit
+    /// kube-apiserver lives with); a create, update or patch that would store more is
+    /// answered 413 and changes nothing. Default `1572864`.
+    #[serde(default = "d_object_bytes")]
+    pub max_object_bytes: usize,
+    /// Operations in one JSON patch (kube-apiserver: 10 000); more: 413. A patch that
+    /// copies the document into itself is stopped as soon as the result passes
+    /// `max_object_bytes`. Default `10000`.
+    #[serde(default = "d_patch_ops")]
+    pub max_patch_operations: usize,
+    /// Requirements in one label or field selector; more: 400. Default `64`.
+    #[serde(default = "d_selector_terms")]
+    pub max_selector_terms: usize,
+    /// Items in one page of a list: a larger `limit` is lowered to it (the answer carries a
+    /// `continue` token, as the API allows). A list without `limit` is not paged.
+    /// Default `5000`.
+    #[serde(default = "d_list_page")]
+    pub max_list_page: usize,
+    /// Watches and followed logs one identity holds on a master at once
+    /// (`system:masters` exempt); more: 429 with `Retry-After`. Default `500`.
+    #[serde(default = "d_watches_per_user")]
+    pub max_watches_per_user: usize,
+    /// Watches and followed logs a master serves at once, everyone counted; more: 429.
+    /// Below `max_connections`, so that a flood of watches still leaves connections for
+    /// other requests. Default: 15/16 of `max_connections` (`7680`); see
+    /// [`LimitsConfig::watches`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_watches: Option<usize>,
+}
+
+impl LimitsConfig {
+    /// `max_watches`, or its default.
+    pub fn watches(&self) -> usize {
+        self.max_watches
+            .unwrap_or(self.max_connections - (self.max_connections / 16).max(1))
+    }
+}
+
+fn d_request_body() -> usize {
+    3 * 1024 * 1024
+}
+fn d_object_bytes() -> usize {
+    1536 * 1024
+}
+fn d_patch_ops() -> usize {
+    10_000
+}
+fn d_selector_terms() -> usize {
+    64
+}
+fn d_list_page() -> usize {
+    5000
+}
+fn d_watches_per_user() -> usize {
+    500
 }
 
 fn d_header_read() -> Duration {
@@ -266,6 +325,13 @@ impl Default for LimitsConfig {
             header_read_timeout: d_header_read(),
             max_connections: d_max_connections(),
             max_requests_in_flight_per_user: d_per_user(),
+            max_request_body: d_request_body(),
+            max_object_bytes: d_object_bytes(),
+            max_patch_operations: d_patch_ops(),
+            max_selector_terms: d_selector_terms(),
+            max_list_page: d_list_page(),
+            max_watches_per_user: d_watches_per_user(),
+            max_watches: None,
         }
     }
 }

@@ -272,6 +272,27 @@ fn check_limits(c: &ClusterConfig) -> Result<(), ValidationError> {
         let path = lp("header_read_timeout");
         return Err(invalid(path, "must be longer than 0s"));
     }
+    let l = &c.limits;
+    for (k, v) in [
+        ("max_request_body", l.max_request_body),
+        ("max_object_bytes", l.max_object_bytes),
+        ("max_patch_operations", l.max_patch_operations),
+        ("max_selector_terms", l.max_selector_terms),
+        ("max_list_page", l.max_list_page),
+        ("max_watches_per_user", l.max_watches_per_user),
+        ("max_watches", l.watches()),
+    ] {
+        if v == 0 {
+            return Err(invalid(lp(k), "must be at least 1"));
+        }
+    }
+    if l.watches() >= l.max_connections {
+        let msg = format!(
+            "must be below max_connections ({}), or watches alone could take every connection",
+            l.max_connections
+        );
+        return Err(invalid(lp("max_watches"), &msg));
+    }
     Ok(())
 }
 

@@ -116,3 +116,42 @@ fn a_vip_on_an_interface_needs_a_lease_the_kernel_can_fence() {
         "{e}"
     );
 }
+
+#[test]
+fn limits_have_defaults_and_bad_ones_are_named() {
+    let c = ballast_config::parse_str(Path::new("c.toml"), ONE).unwrap();
+    let l = &c.0.limits;
+    assert_eq!(
+        (
+            l.max_request_body,
+            l.max_object_bytes,
+            l.max_patch_operations
+        ),
+        (3 * 1024 * 1024, 1536 * 1024, 10_000)
+    );
+    assert_eq!(
+        (
+            l.max_selector_terms,
+            l.max_list_page,
+            l.max_watches_per_user
+        ),
+        (64, 5000, 500)
+    );
+    assert_eq!(l.watches(), 7680, "15/16 of max_connections");
+    let e = err(&format!(
+        "{ONE}[limits]\nmax_connections = 100\nmax_watches = 100\n"
+    ));
+    assert!(
+        e.contains("limits.max_watches: must be below max_connections (100)"),
+        "{e}"
+    );
+    assert!(e.starts_with("c.toml:"), "{e}");
+    let e = err(&format!("{ONE}[limits]\nmax_list_page = 0\n"));
+    assert!(
+        e.contains("limits.max_list_page: must be at least 1"),
+        "{e}"
+    );
+    let small = format!("{ONE}[limits]\nmax_connections = 100\n");
+    let c = ballast_config::parse_str(Path::new("c.toml"), &small).unwrap();
+    assert_eq!(c.0.limits.watches(), 94);
+}

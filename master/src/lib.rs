@@ -143,8 +143,7 @@ impl Master {
             authn: Arc::new(auth::Authenticator::new(tokens)),
             authz: Arc::new(auth::Authorizer::new(raft_store.clone())),
         };
-        let fairness =
-            auth::fairness::Fairness::new(config.config.limits.max_requests_in_flight_per_user);
+        let fairness = auth::fairness::Fairness::new(&config.config.limits);
         Ok(MasterHandle {
             fairness,
             id,
@@ -306,6 +305,7 @@ pub async fn run(
     let mut info = api::ApiInfo::new(handle.id.clone());
     info.server_address = cfg.proxy.api.to_string();
     info.logs = Some(Arc::new(api::logs::KubeletLogProxy::new(&handle.tls, cfg)?));
+    info.limits = cfg.limits.clone();
     let kube = api::router(handle.store(), info, handle.auth.clone());
     scheduler::spawn(
         handle.store(),

@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde_json::json;
 
 use ballast_config::listener::PeerInfo;
@@ -109,27 +110,33 @@ async fn authenticate(State(st): State<ServerState>, mut req: Request, next: Nex
         }
     }
     // Fairness: a bounded share of the API per identity (429 beyond it).
-    let _slot = if kube_api {
+    let slot = if kube_api {
         match st
             .fairness
             .admit(&user, is_long_running(path, req.uri().query()))
         {
             Admission::Counted(slot) => Some(slot),
             Admission::Exempt => None,
-            Admission::Refused => {
+            Admission::Refused(why) => {
                 st.metrics.api_throttled.inc();
-                return ApiError::TooManyRequests(format!(
-                    "too many requests in flight for user {:?}, please try again later",
-                    user.user
-                ))
-                .into_response();
+                return ApiError::TooManyRequests(why).into_response();
             }
         }
     } else {
         None
     };
     req.extensions_mut().insert(user);
-    next.run(req).await
+    let resp = next.run(req).await;
+    match slot {
+        // a watch counts until its stream ends, not when its head is sent
+        Some(slot) if slot.long_running() => resp.map(|body| {
+            Body::from_stream(body.into_data_stream().map(move |chunk| {
+                let _held = &slot;
+                chunk
+            }))
+        }),
+        _ => resp,
+    }
 }
 
 const IMPERSONATE_USER: &str = "impersonate-user";

@@ -94,3 +94,64 @@ fn a_flooding_identity_gets_429_while_others_go_through() {
         .expect("the throttled counter");
     assert_eq!(counted as usize, throttled);
 }
+
+/// `[limits]` from the config file hold on a real master: watches per identity (the
+/// third is answered 429 with a Status and `Retry-After`; served again once one ends),
+/// and the request body (413 with a Status; nothing created), straight and through the
+/// proxy. Address block 36.
+#[test]
+fn configured_watch_and_body_limits_hold() {
+    let c = Cluster::start(ClusterOpts::new(36).proxy(true), |cfg| {
+        cfg.limits.max_watches_per_user = 2;
+        cfg.limits.max_request_body = 64 * 1024;
+    });
+    let (active, _) = c.wait_one_active(Duration::from_secs(60));
+    let proxy = c.proxy_url();
+    bind(&proxy, "watcher", "edit");
+    let watcher = test_pki().client_as("watcher", "watcher", &[]);
+    let cms = format!(
+        "{}/api/v1/namespaces/default/configmaps",
+        c.master_url(&active)
+    );
+    wait_until("the binding applies", Duration::from_secs(30), || {
+        request(&watcher, "GET", &cms, None)
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    let watch = format!("{cms}?watch=true");
+    let open = || watcher.get(&watch).send().expect("watch");
+    let w1 = open();
+    let w2 = open();
+    assert_eq!((w1.status().as_u16(), w2.status().as_u16()), (200, 200));
+    let r = request(&watcher, "GET", &watch, None).expect("a third watch");
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["reason"], "TooManyRequests", "{}", r.body);
+    assert!(r.body.contains("too many watches"), "{}", r.body);
+    // admin (system:masters) is not bound by the per-identity limit
+    let admin = client().get(&watch).send().expect("admin watch");
+    assert_eq!(admin.status().as_u16(), 200);
+    drop(w1);
+    // the closed watch is noticed at its next event
+    let mut n = 0;
+    let w3 = wait_until("a watch is served again", Duration::from_secs(20), || {
+        n += 1;
+        let body = serde_json::json!({"metadata": {"name": format!("nudge-{n}")}}).to_string();
+        request(&watcher, "POST", &cms, Some(&body)).expect("nudge");
+        let r = watcher.get(&watch).send().ok()?;
+        (r.status().as_u16() == 200).then_some(r)
+    });
+
+    let big = serde_json::json!({"metadata": {"name": "big"}, "data": {"x": "y".repeat(100_000)}})
+        .to_string();
+    let proxied = format!("{proxy}/api/v1/namespaces/default/configmaps");
+    for url in [&cms, &proxied] {
+        let r = request(&watcher, "POST", url, Some(&big)).expect("a big body");
+        assert_eq!(r.status, 413, "{url}: {}", r.body);
+        assert_eq!(r.json()["reason"], "RequestEntityTooLarge", "{}", r.body);
+        assert!(r.body.contains("65536"), "{}", r.body);
+    }
+    let r = request(&watcher, "GET", &format!("{cms}/big"), None).unwrap();
+    assert_eq!(r.status, 404, "nothing was created: {}", r.body);
+    drop((w2, w3, admin));
+}

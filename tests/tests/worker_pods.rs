@@ -431,7 +431,12 @@ fn delete_pod_and_wait(c: &Cluster, name: &str) {
 /// `/proc/PID/stat` fields 5 and 6: process group and session.
 fn group_and_session(pid: u32) -> (u32, u32) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     (rest[2].parse().unwrap(), rest[3].parse().unwrap())
 }
 
@@ -461,10 +466,17 @@ fn pods_are_confined_to_their_session_cgroup_user_and_limits() {
         .unwrap()
         .1;
     assert!(log.contains("ids=65534:65534"), "{log}");
-    assert!(log.contains(&format!("nofile={}", hard.min(65536))), "{log}");
+    assert!(
+        log.contains(&format!("nofile={}", hard.min(65536))),
+        "{log}"
+    );
     assert!(log.contains("core=0"), "{log}");
     assert!(log.contains("cwd=") && log.contains("/main.work"), "{log}");
-    assert_eq!(group_and_session(pid), (pid, pid), "its own session and group");
+    assert_eq!(
+        group_and_session(pid),
+        (pid, pid),
+        "its own session and group"
+    );
     let pod = get_pod(&c, "runas").unwrap();
     let uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -482,14 +494,19 @@ fn pods_are_confined_to_their_session_cgroup_user_and_limits() {
         .join(v2.trim_start_matches('/'))
         .join("memory.max");
     if memory_max.exists() {
-        assert_eq!(std::fs::read_to_string(&memory_max).unwrap().trim(), "67108864");
+        assert_eq!(
+            std::fs::read_to_string(&memory_max).unwrap().trim(),
+            "67108864"
+        );
     } else {
         wait_until("a LimitsNotEnforced event", T, || {
             let r = api(&c, "GET", "/api/v1/namespaces/default/events", None)?;
             r.json()["items"]
                 .as_array()?
                 .iter()
-                .any(|e| e["reason"] == "LimitsNotEnforced" && e["involvedObject"]["name"] == "runas")
+                .any(|e| {
+                    e["reason"] == "LimitsNotEnforced" && e["involvedObject"]["name"] == "runas"
+                })
                 .then_some(())
         });
     }
@@ -503,16 +520,29 @@ fn pods_are_confined_to_their_session_cgroup_user_and_limits() {
         let w = p["status"]["containerStatuses"][0]["state"]["waiting"].clone();
         (w["reason"] == "CreateContainerConfigError").then_some(w)
     });
-    assert!(waiting["message"].as_str().unwrap().contains("runAsNonRoot"), "{waiting}");
+    assert!(
+        waiting["message"]
+            .as_str()
+            .unwrap()
+            .contains("runAsNonRoot"),
+        "{waiting}"
+    );
 
     // A process that leaves the container's session ends with the pod ...
-    create_pod(&c, &pod_body("escape", "w1", "setsid sleep 7771 & exec sleep 7772", 1));
+    create_pod(
+        &c,
+        &pod_body("escape", "w1", "setsid sleep 7771 & exec sleep 7772", 1),
+    );
     wait_running(&c, "escape");
-    wait_until("the escaped process runs", T, || (count_sleepers("7771") == 1).then_some(()));
-    delete_pod_and_wait(&c, "escape");
-    wait_until("the escaped process is gone", Duration::from_secs(10), || {
-        (count_sleepers("7771") == 0).then_some(())
+    wait_until("the escaped process runs", T, || {
+        (count_sleepers("7771") == 1).then_some(())
     });
+    delete_pod_and_wait(&c, "escape");
+    wait_until(
+        "the escaped process is gone",
+        Duration::from_secs(10),
+        || (count_sleepers("7771") == 0).then_some(()),
+    );
     // ... and when its main process exits
     let mut body = pod_body("leftover", "w1", "setsid sleep 7773 & sleep 1; exit 0", 1);
     body["spec"]["restartPolicy"] = json!("Never");
@@ -520,9 +550,11 @@ fn pods_are_confined_to_their_session_cgroup_user_and_limits() {
     wait_until("leftover Succeeded", T, || {
         (get_pod(&c, "leftover")?["status"]["phase"] == "Succeeded").then_some(())
     });
-    wait_until("what it left behind is gone", Duration::from_secs(10), || {
-        (count_sleepers("7773") == 0).then_some(())
-    });
+    wait_until(
+        "what it left behind is gone",
+        Duration::from_secs(10),
+        || (count_sleepers("7773") == 0).then_some(()),
+    );
 
     // An exec probe that times out takes what it started with it.
     let mut body = pod_body("probed", "w1", "exec sleep 7775", 1);
@@ -544,6 +576,7 @@ fn pods_are_confined_to_their_session_cgroup_user_and_limits() {
         delete_pod_and_wait(&c, name);
     }
     wait_until("every pod process gone", Duration::from_secs(10), || {
-        (count_sleepers("7770") + count_sleepers("7774") + count_sleepers("7775") == 0).then_some(())
+        (count_sleepers("7770") + count_sleepers("7774") + count_sleepers("7775") == 0)
+            .then_some(())
     });
 }

@@ -108,7 +108,11 @@ impl Cgroups {
         let mount = mount_point(&mountinfo).ok_or(CgroupError::NotMounted)?;
         let mine = fs::read_to_string("/proc/self/cgroup")
             .map_err(io_at(Path::new("/proc/self/cgroup")))?;
-        let own = mount.join(own_path(&mine).ok_or(CgroupError::NoPath)?.trim_start_matches('/'));
+        let own = mount.join(
+            own_path(&mine)
+                .ok_or(CgroupError::NoPath)?
+                .trim_start_matches('/'),
+        );
         let base = own.join(format!("ballast-{node}"));
         mkdir(&base).map_err(io_at(&base))?;
         let there = available(&own);
@@ -202,7 +206,9 @@ impl Cgroups {
         for pid in self.procs(pod_uid, container) {
             match kill(Pid::from_raw(pid as i32), sig) {
                 Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-                Err(e) => tracing::warn!(pid, signal = %sig, error = %e, "cannot signal a container process"),
+                Err(e) => {
+                    tracing::warn!(pid, signal = %sig, error = %e, "cannot signal a container process")
+                }
             }
         }
     }
@@ -237,7 +243,8 @@ impl Cgroups {
         }
         for attempt in 0..50 {
             let left: Vec<&PathBuf> = containers.iter().filter(|c| c.exists()).collect();
-            let done = left.iter().all(|c| fs::remove_dir(c).is_ok()) && fs::remove_dir(&pod).is_ok();
+            let done =
+                left.iter().all(|c| fs::remove_dir(c).is_ok()) && fs::remove_dir(&pod).is_ok();
             if done {
                 return;
             }
@@ -260,10 +267,17 @@ mod tests {
 33 25 0:28 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
 41 25 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
-        assert_eq!(mount_point(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(mount_point("25 1 0:23 / /sys/fs/cgroup rw - cgroup cgroup rw,cpu\n"), None);
+        assert_eq!(
+            mount_point(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            mount_point("25 1 0:23 / /sys/fs/cgroup rw - cgroup cgroup rw,cpu\n"),
+            None
+        );
         // an optional field before the separator does not shift the mount point
-        let pure = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let pure =
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(mount_point(pure), Some(PathBuf::from("/sys/fs/cgroup")));
     }
 

@@ -79,8 +79,10 @@ pub(crate) fn run_as(
         return Err(RunAsError::WouldRunAsRoot);
     }
     if worker_uid != 0 {
-        for (field, value, mine) in [("runAsUser", uid, worker_uid), ("runAsGroup", gid, worker_gid)]
-        {
+        for (field, value, mine) in [
+            ("runAsUser", uid, worker_uid),
+            ("runAsGroup", gid, worker_gid),
+        ] {
             if let Some(value) = value.filter(|&v| v != mine) {
                 return Err(RunAsError::NeedsRoot {
                     field,
@@ -181,9 +183,21 @@ mod tests {
             ..Default::default()
         };
         let got = run_as(Some(&pod), Some(&sc(Some(2000), None, None)), (0, 0)).unwrap();
-        assert_eq!(got, RunAs { uid: Some(2000), gid: Some(3000) });
+        assert_eq!(
+            got,
+            RunAs {
+                uid: Some(2000),
+                gid: Some(3000)
+            }
+        );
         let got = run_as(None, Some(&sc(Some(2000), None, None)), (0, 0)).unwrap();
-        assert_eq!(got, RunAs { uid: Some(2000), gid: Some(2000) });
+        assert_eq!(
+            got,
+            RunAs {
+                uid: Some(2000),
+                gid: Some(2000)
+            }
+        );
         assert_eq!(run_as(None, None, (0, 0)).unwrap(), RunAs::default());
     }
 
@@ -205,7 +219,10 @@ mod tests {
     #[test]
     fn a_worker_that_is_not_root_runs_only_as_itself() {
         let e = run_as(None, Some(&sc(Some(0), None, None)), (1000, 1000)).unwrap_err();
-        assert!(e.to_string().contains("needs a worker running as root"), "{e}");
+        assert!(
+            e.to_string().contains("needs a worker running as root"),
+            "{e}"
+        );
         let ok = run_as(None, Some(&sc(Some(1000), Some(1000), None)), (1000, 1000)).unwrap();
         assert_eq!(ok, RunAs::default());
         assert!(run_as(None, Some(&sc(None, Some(5), None)), (1000, 1000)).is_err());
@@ -242,7 +259,13 @@ mod tests {
         assert!(files.contains(&("memory", "memory.max", "67108864".to_string())));
         assert!(files.contains(&("pids", "pids.max", "4096".to_string())));
         // the kernel's smallest quota
-        c.resources.as_mut().unwrap().limits.as_mut().unwrap().insert("cpu".into(), Quantity("1m".into()));
+        c.resources
+            .as_mut()
+            .unwrap()
+            .limits
+            .as_mut()
+            .unwrap()
+            .insert("cpu".into(), Quantity("1m".into()));
         assert_eq!(Limits::of(&c, 0).cpu_quota_us, Some(1_000));
         assert_eq!(Limits::of(&Container::default(), 0), Limits::default());
     }

@@ -70,13 +70,17 @@ impl Confiner {
                 None
             }
         };
-        let worker_hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map_or(open_files, |(_, hard)| hard);
+        let worker_hard =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(open_files, |(_, hard)| hard);
         Self {
             cgroups,
             open_files: confine::open_files(open_files, worker_hard),
             pids,
-            worker: (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()),
+            worker: (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            ),
         }
     }
 
@@ -87,7 +91,10 @@ impl Confiner {
             cgroups: None,
             open_files: 1024,
             pids: 0,
-            worker: (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()),
+            worker: (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            ),
         }
     }
 
@@ -110,7 +117,8 @@ impl Confiner {
             let path = path.to_path_buf();
             move |source| PrepareError::Io { what, path, source }
         };
-        std::fs::create_dir_all(pod_dir).map_err(io("cannot create the pod's directory", pod_dir))?;
+        std::fs::create_dir_all(pod_dir)
+            .map_err(io("cannot create the pod's directory", pod_dir))?;
         let default_dir = if run_as.differs_from(self.worker.0) {
             // The pod's directory holds the worker's files (logs it rotates, exit codes):
             // the container's user may pass through it, never own it, or a symlink in

@@ -806,17 +806,27 @@ impl Runner {
         if c.backoff.in_backoff(Instant::now()) {
             return;
         }
-        let prepared = match self.ctx.confiner.prepare(&self.pod, &self.uid, &self.dir, &self.ctrs[i].spec) {
-            Err(PrepareError::Config(e)) => {
-                self.config_error(i, e.to_string());
-                return;
-            }
-            r => r,
-        };
+        let prepared =
+            match self
+                .ctx
+                .confiner
+                .prepare(&self.pod, &self.uid, &self.dir, &self.ctrs[i].spec)
+            {
+                Err(PrepareError::Config(e)) => {
+                    self.config_error(i, e.to_string());
+                    return;
+                }
+                r => r,
+            };
         if let Some(why) = prepared.as_ref().ok().and_then(|p| p.unenforced.clone()) {
             if !self.ctrs[i].warned_limits {
                 self.ctrs[i].warned_limits = true;
-                self.event(Some(&name), true, "LimitsNotEnforced", format!("resources.limits of container {name} are not enforced: {why}"));
+                self.event(
+                    Some(&name),
+                    true,
+                    "LimitsNotEnforced",
+                    format!("resources.limits of container {name} are not enforced: {why}"),
+                );
             }
         }
         let env = self.env(&self.ctrs[i].spec);
@@ -896,21 +906,28 @@ impl Runner {
     /// Container `i` cannot start as its pod asks: it waits, saying why (once in events).
     fn config_error(&mut self, i: usize, message: String) {
         let c = &mut self.ctrs[i];
-        if c.waiting.as_ref().is_none_or(|(_, m)| m.as_deref() != Some(message.as_str())) {
+        if c.waiting
+            .as_ref()
+            .is_none_or(|(_, m)| m.as_deref() != Some(message.as_str()))
+        {
             let name = c.spec.name.clone();
-            self.ctx
-                .events
-                .pod(&self.pod, Some(&name), true, "Failed", format!("Error: {message}"));
+            self.ctx.events.pod(
+                &self.pod,
+                Some(&name),
+                true,
+                "Failed",
+                format!("Error: {message}"),
+            );
         }
         self.ctrs[i].waiting = Some(("CreateContainerConfigError".into(), Some(message)));
     }
 
     fn start_probes(&mut self, i: usize) {
         let spec = self.ctrs[i].spec.clone();
-        let (confine, default_dir) =
-            self.ctx
-                .confiner
-                .for_probe(&self.pod, &self.uid, &self.dir, &spec);
+        let (confine, default_dir) = self
+            .ctx
+            .confiner
+            .for_probe(&self.pod, &self.uid, &self.dir, &spec);
         let target = probe::Target {
             host: self.ctx.ip,
             ports: spec.ports.clone().unwrap_or_default(),

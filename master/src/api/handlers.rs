@@ -25,6 +25,7 @@ use super::table::{self, IncludeObject};
 use super::ApiInfo;
 use crate::auth::review::{self, Review};
 use crate::auth::{node, Attributes, Auth, Identity};
+use ballast_config::schema::LimitsConfig;
 
 /// The longest a watch runs before the server ends it (whatever `timeoutSeconds` asks).
 pub(crate) const MAX_WATCH_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -266,16 +267,37 @@ fn q_bool(q: &HashMap<String, String>, k: &str) -> bool {
     matches!(q.get(k).map(String::as_str), Some("true" | "1"))
 }
 
-fn list_options(q: &HashMap<String, String>) -> Result<ListOptions, ApiError> {
+/// List options from the query, within `[limits]`: selectors of at most
+/// `max_selector_terms` terms (400 beyond), pages of at most `max_list_page` items.
+fn list_options(q: &HashMap<String, String>, l: &LimitsConfig) -> Result<ListOptions, ApiError> {
+    let label_selector = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let field_selector = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let terms = label_selector
+        .requirements
+        .iter()
+        .map(|r| r.terms())
+        .sum::<usize>()
+        + field_selector.requirements.len();
+    if terms > l.max_selector_terms {
+        return Err(ApiError::BadRequest(format!(
+            "the label and field selectors have {terms} terms, more than the limit of {}",
+            l.max_selector_terms
+        )));
+    }
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(0);
     Ok(ListOptions {
-        label_selector: LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?,
-        field_selector: FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?,
-        limit: q
-            .get("limit")
-            .and_then(|l| l.parse::<usize>().ok())
-            .unwrap_or(0),
+        label_selector,
+        field_selector,
+        limit: if limit == 0 {
+            0
+        } else {
+            limit.min(l.max_list_page)
+        },
         continue_token: q.get("continue").cloned(),
     })
 }
@@ -366,6 +388,18 @@ async fn authorize(st: &ApiState, user: &Identity, attrs: &Attributes) -> Result
     }
 }
 
+/// Whether reading a body failed on its length limit (axum wraps `LengthLimitError`).
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Entry point for everything under `/api` and `/apis`. The server's authentication
 /// layer put the user in the request; without one nothing is served.
 pub(crate) async fn dispatch(
@@ -374,10 +408,24 @@ pub(crate) async fn dispatch(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let Some(Extension(user)) = user else {
         return ApiError::Unauthorized.into_response();
+    };
+    let limit = st.info.limits.max_request_body;
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) if is_length_limit(&e) => {
+            return ApiError::TooLarge(format!(
+                "the request body is larger than the limit of {limit} bytes"
+            ))
+            .into_response()
+        }
+        Err(e) => {
+            return ApiError::BadRequest(format!("cannot read the request body: {e}"))
+                .into_response()
+        }
     };
     // the default namespaces and RBAC policy (normally written on activation)
     if !st.defaults_ready.load(std::sync::atomic::Ordering::Relaxed) {
@@ -568,7 +616,10 @@ async fn serve_collection(
 ) -> Result<Response, ApiError> {
     let reg = &c.st.registry;
     match *c.method {
-        Method::GET if q_bool(c.q, "watch") => watch(reg, def, ns, c.q, c.out, c.include).await,
+        Method::GET if q_bool(c.q, "watch") => {
+            let lopts = list_options(c.q, &c.st.info.limits)?;
+            watch(reg, def, ns, c.q, lopts, c.out, c.include).await
+        }
         Method::GET => list(c, def, ns).await,
         Method::POST => {
             let obj = decode_body(c.headers, c.body)?;
@@ -580,7 +631,7 @@ async fn serve_collection(
             Ok(c.object_response(StatusCode::CREATED, def, &created))
         }
         Method::DELETE => {
-            let lopts = list_options(c.q)?;
+            let lopts = list_options(c.q, &c.st.info.limits)?;
             let dopts = delete_options(c.q, c.headers, c.body)?;
             let items = reg.delete_collection(def, ns, &lopts, &dopts).await?;
             let revision = reg.store().revision().to_string();
@@ -598,7 +649,7 @@ async fn serve_collection(
 /// partial object metadata when the client asks for those.
 async fn list(c: &Call<'_>, def: &ResourceDef, ns: Option<&str>) -> Result<Response, ApiError> {
     let reg = &c.st.registry;
-    let opts = list_options(c.q)?;
+    let opts = list_options(c.q, &c.st.info.limits)?;
     if c.out == Output::Json {
         if let Some(raw) = reg.list_json(def, ns, &opts).await? {
             return Ok(raw_list_response(def, raw));
@@ -717,9 +768,8 @@ async fn scale(c: &Call<'_>, item: Item<'_>) -> Result<Response, ApiError> {
     let cur = Registry::scale_of(&o);
     let new = match decode_body_or_patch(c.headers, c.body, c.method)? {
         ScaleInput::Full(v) => v,
-        ScaleInput::Patch(kind, p) => {
-            super::patch::apply(&cur, &p, kind).map_err(|e| ApiError::BadRequest(e.to_string()))?
-        }
+        ScaleInput::Patch(kind, p) => super::patch::apply_limited(&cur, &p, kind, reg.limits())
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?,
     };
     let replicas = new
         .pointer("/spec/replicas")
@@ -823,10 +873,10 @@ async fn watch(
     def: &'static ResourceDef,
     ns: Option<&str>,
     q: &HashMap<String, String>,
+    lopts: ListOptions,
     out: Output,
     include: IncludeObject,
 ) -> Result<Response, ApiError> {
-    let lopts = list_options(q)?;
     let rv = match q.get("resourceVersion").map(String::as_str) {
         None | Some("") => None,
         Some(r) => Some(

@@ -44,6 +44,7 @@ pub(crate) use error::ApiError;
 pub(crate) use registry::{ensure_defaults, Registry};
 
 use crate::store::Store;
+use ballast_config::schema::LimitsConfig;
 
 /// A `pods/{name}/log` request, resolved to its container and node.
 #[derive(Debug, Clone)]
@@ -78,6 +79,8 @@ pub(crate) struct ApiInfo {
     pub server_address: String,
     /// Pod log source (a master uses [`logs::KubeletLogProxy`] to the worker); `None` → 503.
     pub logs: Option<Arc<dyn PodLogs>>,
+    /// What one request may ask for (`[limits]`).
+    pub limits: LimitsConfig,
 }
 
 impl ApiInfo {
@@ -87,6 +90,7 @@ impl ApiInfo {
             git_version: "v1.33.0".into(),
             server_address: "127.0.0.1:6443".into(),
             logs: None,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -95,7 +99,7 @@ impl ApiInfo {
 /// store errors such as `NotActive` still map to 503 Status with `Retry-After: 1`).
 pub(crate) fn router(store: Arc<dyn Store>, info: ApiInfo, auth: crate::auth::Auth) -> Router {
     let state = Arc::new(handlers::ApiState {
-        registry: Registry::new(store),
+        registry: Registry::with_limits(store, patch::PatchLimits::of(&info.limits)),
         info,
         auth,
         defaults_ready: std::sync::atomic::AtomicBool::new(false),

@@ -26,12 +26,19 @@ pub(crate) struct PatchLimits {
     pub max_bytes: usize,
 }
 
+impl PatchLimits {
+    /// `[limits] max_patch_operations` and `max_object_bytes`.
+    pub(crate) fn of(l: &ballast_config::schema::LimitsConfig) -> Self {
+        Self {
+            max_operations: l.max_patch_operations,
+            max_bytes: l.max_object_bytes,
+        }
+    }
+}
+
 impl Default for PatchLimits {
     fn default() -> Self {
-        Self {
-            max_operations: 10_000,
-            max_bytes: 1536 * 1024,
-        }
+        Self::of(&ballast_config::schema::LimitsConfig::default())
     }
 }
 

@@ -22,6 +22,14 @@ pub(crate) enum Requirement {
 }
 
 impl Requirement {
+    /// What it costs to evaluate, for `[limits] max_selector_terms`: one per value.
+    pub(crate) fn terms(&self) -> usize {
+        match self {
+            Requirement::In(_, vs) | Requirement::NotIn(_, vs) => vs.len().max(1),
+            _ => 1,
+        }
+    }
+
     pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         match self {
             Requirement::Eq(k, v) => labels.get(k) == Some(v),

@@ -12,6 +12,7 @@ use super::*;
 use crate::store::{
     Command, CommandResult, KeyValue, MemStore, RangeResult, StoreError, WatchReceiver,
 };
+use ballast_config::schema::LimitsConfig;
 
 const TABLE: &str = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json";
 
@@ -24,11 +25,15 @@ struct Api {
 /// The API as `user` (the server's authentication layer, which puts the user in each
 /// request, is not part of these tests).
 async fn start_as(store: Arc<dyn Store>, user: crate::auth::Identity) -> Api {
+    start_info(store, user, ApiInfo::new("m1")).await
+}
+
+async fn start_info(store: Arc<dyn Store>, user: crate::auth::Identity, info: ApiInfo) -> Api {
     let auth = crate::auth::Auth {
         authn: Arc::new(crate::auth::Authenticator::default()),
         authz: Arc::new(crate::auth::Authorizer::new(store.clone())),
     };
-    let app = router(store.clone(), ApiInfo::new("m1"), auth).layer(axum::Extension(user));
+    let app = router(store.clone(), info, auth).layer(axum::Extension(user));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
@@ -1078,6 +1083,88 @@ async fn a_patch_that_grows_the_object_past_the_limit_is_413_and_changes_nothing
     assert_eq!(body["reason"], "RequestEntityTooLarge");
     let (_, got) = a.req("GET", &format!("{PODS}/big"), None).await;
     assert!(got["metadata"]["annotations"].is_null(), "{got}");
+}
+
+#[tokio::test]
+async fn configured_limits_hold_and_exceeding_one_changes_nothing() {
+    let mut info = ApiInfo::new("m1");
+    info.limits = LimitsConfig {
+        max_request_body: 4096,
+        max_object_bytes: 2048,
+        max_patch_operations: 3,
+        max_selector_terms: 2,
+        max_list_page: 2,
+        ..LimitsConfig::default()
+    };
+    let admin = crate::auth::Identity {
+        user: "admin".into(),
+        groups: vec!["system:masters".into()],
+    };
+    let a = start_info(Arc::new(MemStore::new()), admin, info).await;
+    for n in ["a", "b", "c"] {
+        assert_eq!(a.req("POST", PODS, Some(pod(n))).await.0, 201);
+    }
+    // a body over max_request_body
+    let mut big = pod("big");
+    big["metadata"]["annotations"] = json!({"pad": "x".repeat(5000)});
+    let (code, body) = a.req("POST", PODS, Some(big)).await;
+    assert_eq!(code, 413, "{body}");
+    assert_eq!(body["kind"], "Status");
+    assert!(body["message"].as_str().unwrap().contains("4096"), "{body}");
+    // an object over max_object_bytes
+    let mut big = pod("big");
+    big["metadata"]["annotations"] = json!({"pad": "x".repeat(3000)});
+    let (code, body) = a.req("POST", PODS, Some(big)).await;
+    assert_eq!(code, 413, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("2048"), "{body}");
+    assert_eq!(a.req("GET", &format!("{PODS}/big"), None).await.0, 404);
+    // a JSON patch over max_patch_operations
+    let ops: Vec<Value> = (0..4)
+        .map(|i| json!({"op": "add", "path": format!("/metadata/labels/l{i}"), "value": "v"}))
+        .collect();
+    let (code, body) = a
+        .req_ct(
+            "PATCH",
+            &format!("{PODS}/a"),
+            "application/json-patch+json",
+            Some(Value::Array(ops)),
+        )
+        .await;
+    assert_eq!(code, 413, "{body}");
+    let (_, got) = a.req("GET", &format!("{PODS}/a"), None).await;
+    assert!(got["metadata"]["labels"]["l0"].is_null(), "{got}");
+    // selectors over max_selector_terms (values of a set count one each)
+    let (code, body) = a
+        .req(
+            "GET",
+            &format!("{PODS}?labelSelector=app%20in%20(a,b,c)"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("3 terms"),
+        "{body}"
+    );
+    let (code, _) = a
+        .req(
+            "GET",
+            &format!("{PODS}?labelSelector=app%20in%20(a,b)"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    // a page larger than max_list_page is lowered, with a continue token
+    let (code, body) = a.req("GET", &format!("{PODS}?limit=500"), None).await;
+    assert_eq!(code, 200);
+    assert_eq!(body["items"].as_array().unwrap().len(), 2, "{body}");
+    assert!(body["metadata"]["continue"].is_string(), "{body}");
+    let (_, all) = a.req("GET", PODS, None).await;
+    assert_eq!(
+        all["items"].as_array().unwrap().len(),
+        3,
+        "no limit: no paging"
+    );
 }
 
 #[tokio::test]

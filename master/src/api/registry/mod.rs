@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::error::{ApiError, Cause};
-use super::patch::{self, PatchType};
+use super::patch::{self, PatchLimits, PatchType};
 use super::resources::{self, ResourceDef, DEPLOYMENTS, NAMESPACES, PODS, REPLICASETS};
 use super::selector::{FieldSelector, LabelSelector};
 use super::validate::{normalize, validate};
@@ -35,7 +35,6 @@ pub(crate) use namespaces::ensure_defaults;
 /// Namespaces that always exist and cannot be deleted (`kube-node-lease` can be recreated).
 /// The largest object stored, as JSON (etcd's default request limit, which
 /// kube-apiserver inherits).
-pub(crate) const MAX_OBJECT_BYTES: usize = 1536 * 1024;
 
 pub(crate) const DEFAULT_NAMESPACES: &[&str] =
     &["default", "kube-system", "kube-node-lease", "kube-public"];
@@ -152,6 +151,8 @@ pub(crate) struct WatchEvent {
 #[derive(Clone)]
 pub(crate) struct Registry {
     store: Arc<dyn Store>,
+    /// The size of stored objects and of JSON patches (`[limits]`).
+    limits: PatchLimits,
 }
 
 fn meta_str<'a>(o: &'a Value, field: &str) -> Option<&'a str> {
@@ -198,8 +199,17 @@ fn deletion_complete(o: &Value) -> bool {
 }
 
 impl Registry {
+    /// A registry with the default `[limits]`.
     pub(crate) fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self::with_limits(store, PatchLimits::default())
+    }
+
+    pub(crate) fn with_limits(store: Arc<dyn Store>, limits: PatchLimits) -> Self {
+        Self { store, limits }
+    }
+
+    pub(crate) fn limits(&self) -> PatchLimits {
+        self.limits
     }
 
     pub(crate) fn store(&self) -> &Arc<dyn Store> {
@@ -233,14 +243,15 @@ impl Registry {
     }
 
     /// The stored form of an object (no `resourceVersion`), refused when larger than
-    /// [`MAX_OBJECT_BYTES`].
-    fn encode(def: &ResourceDef, o: &Value) -> Result<Vec<u8>, ApiError> {
+    /// `[limits] max_object_bytes`.
+    fn encode(&self, def: &ResourceDef, o: &Value) -> Result<Vec<u8>, ApiError> {
         let mut o = o.clone();
         meta_mut(&mut o).remove("resourceVersion");
         let bytes = serde_json::to_vec(&o).unwrap_or_default();
-        if bytes.len() > MAX_OBJECT_BYTES {
+        let limit = self.limits.max_bytes;
+        if bytes.len() > limit {
             return Err(ApiError::TooLarge(format!(
-                "{} {:?} is {} bytes, more than the limit of {MAX_OBJECT_BYTES}",
+                "{} {:?} is {} bytes, more than the limit of {limit}",
                 def.qualified(),
                 meta_str(&o, "name").unwrap_or_default(),
                 bytes.len()
@@ -449,7 +460,7 @@ impl Registry {
                 .store
                 .write(Command::Put {
                     key,
-                    value: Self::encode(def, &o)?,
+                    value: self.encode(def, &o)?,
                     expect: Precondition::Absent,
                 })
                 .await?
@@ -495,7 +506,7 @@ impl Registry {
         } else {
             Command::Put {
                 key,
-                value: Self::encode(def, &new)?,
+                value: self.encode(def, &new)?,
                 expect: Precondition::ModRevision(rev),
             }
         };
@@ -701,7 +712,8 @@ impl Registry {
     ) -> Result<Value, ApiError> {
         let patched = self
             .read_modify_write(def, ns, name, |cur, rev| {
-                let new = Self::patched(def, ns, name, cur, rev, kind, patch_body, sub)?;
+                let new =
+                    Self::patched(def, ns, name, cur, rev, kind, patch_body, sub, self.limits)?;
                 Ok(if dry_run && !same_stored(&new, cur) {
                     Step::Answer(new)
                 } else {
@@ -730,24 +742,27 @@ impl Registry {
         kind: PatchType,
         patch_body: &Value,
         sub: Subresource,
+        limits: PatchLimits,
     ) -> Result<Value, ApiError> {
         let mut base = cur.clone();
         if kind == PatchType::Apply {
             // The applied config is the whole intent: its resourceVersion (if any) counts.
             meta_mut(&mut base).remove("resourceVersion");
         }
-        let patched = patch::apply(&base, patch_body, kind).map_err(|e| match e {
-            patch::PatchError::TestFailed(_) => ApiError::Invalid {
-                group: def.group.into(),
-                kind: def.qualified_kind(),
-                name: name.into(),
-                causes: vec![Cause::invalid("", "", &e.to_string())],
-            },
-            patch::PatchError::TooLarge { .. } | patch::PatchError::TooManyOperations { .. } => {
-                ApiError::TooLarge(format!("{} {name:?}: {e}", def.qualified()))
-            }
-            e => ApiError::BadRequest(e.to_string()),
-        })?;
+        let patched =
+            patch::apply_limited(&base, patch_body, kind, limits).map_err(|e| match e {
+                patch::PatchError::TestFailed(_) => ApiError::Invalid {
+                    group: def.group.into(),
+                    kind: def.qualified_kind(),
+                    name: name.into(),
+                    causes: vec![Cause::invalid("", "", &e.to_string())],
+                },
+                patch::PatchError::TooLarge { .. }
+                | patch::PatchError::TooManyOperations { .. } => {
+                    ApiError::TooLarge(format!("{} {name:?}: {e}", def.qualified()))
+                }
+                e => ApiError::BadRequest(e.to_string()),
+            })?;
         let explicit_rev = meta_str(&patched, "resourceVersion")
             .map(String::from)
             .filter(|r| *r != rev.to_string());
