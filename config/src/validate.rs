@@ -343,12 +343,6 @@ fn check_vip(c: &ClusterConfig, v: &VipConfig) -> Result<(), ValidationError> {
                 "must be an interface name (1–15 characters, no `/` or space)",
             ));
         }
-        if v.address.is_ipv6() {
-            return Err(invalid(
-                vp("address"),
-                "an IPv6 VIP on an interface is not supported yet (it needs unsolicited neighbour advertisements): use an IPv4 VIP",
-            ));
-        }
         let max = if v.address.is_ipv4() { 32 } else { 128 };
         if v.prefix() == 0 || v.prefix() > max {
             return Err(invalid(vp("prefix"), format!("must be 1..={max}")));

@@ -48,8 +48,70 @@ pub fn dns(packet: &[u8]) -> bool {
     out.to_vec().is_ok()
 }
 
+/// Bytes a client sends on a connection: parsed as an HTTP/1 request by the same pingora
+/// session the proxy serves with (smuggling shapes, obs-fold, bad chunk sizes and bare CR
+/// or LF included), its body read to the end as framed, then the proxy's own decisions on
+/// the head (long-running? resumable watch? its version replaced), and the body's lines
+/// read as the watch events a resumed stream passes on. Returns whether a request parsed.
+pub fn http_request(bytes: &[u8]) -> bool {
+    use pingora::protocols::http::v1::server::HttpSession;
+    thread_local! {
+        static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+    }
+    let stream = Box::new(std::io::Cursor::new(bytes.to_vec()));
+    RT.with(|rt| {
+        rt.block_on(async {
+            let mut session = HttpSession::new(stream);
+            let Ok(Some(_)) = session.read_request().await else {
+                return false;
+            };
+            let head = session.req_header();
+            let query = head.uri.query();
+            let accept = head
+                .headers
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            crate::proxy::is_stream(query);
+            if let Some(q) = crate::resume::resumable(query, accept) {
+                crate::resume::with_resource_version(&q, "42");
+            }
+            let mut body = Vec::new();
+            while let Ok(Some(chunk)) = session.read_body_bytes().await {
+                body.extend_from_slice(&chunk);
+                if body.len() > 1 << 20 {
+                    break;
+                }
+            }
+            for line in body.split(|b| *b == b'\n') {
+                crate::resume::seen(line);
+            }
+            true
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn requests_parse_and_smuggling_shapes_do_not_panic() {
+        assert!(super::http_request(
+            b"GET /api/v1/pods?watch=true&resourceVersion=5 HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n"
+        ));
+        assert!(!super::http_request(b"\x16\x03\x01garbage\r\n\r\n"));
+        for shape in [
+            &b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"[..],
+            b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffffff\r\n",
+            b"GET /x HTTP/1.1\r\nHost: x\r\nX: a\r\n  folded\r\n\r\n",
+            b"GET /x HTTP/1.1\rHost: x\r\n\r\n",
+            b"GET /x HTTP/1.1\nHost: x\n\n",
+        ] {
+            super::http_request(shape);
+        }
+    }
+
     #[test]
     fn garbage_and_real_queries() {
         assert!(!super::dns(&[]));

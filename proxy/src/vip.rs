@@ -8,7 +8,6 @@
 //! (the bootstrap role `system:ballast-proxy`) lets that group read and write this one
 //! Lease.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -159,10 +158,7 @@ async fn open_interface(vip: &VipSettings) -> Result<Option<Arc<InterfaceVip>>, 
     let Some((name, prefix)) = &vip.interface else {
         return Ok(None);
     };
-    let IpAddr::V4(address) = vip.address else {
-        return Err("an IPv6 VIP on an interface is not supported".into());
-    };
-    let iface = InterfaceVip::open(name, address, *prefix).map_err(|e| e.to_string())?;
+    let iface = InterfaceVip::open(name, vip.address, *prefix).map_err(|e| e.to_string())?;
     iface.remove().await.map_err(|e| e.to_string())?;
     Ok(Some(Arc::new(iface)))
 }

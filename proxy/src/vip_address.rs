@@ -1,5 +1,6 @@
 //! The VIP on a real interface: adding and removing the address over netlink, and telling
-//! the segment where it now lives (gratuitous ARP).
+//! the segment where it now lives (gratuitous ARP for IPv4, an unsolicited neighbour
+//! advertisement with the override flag for IPv6).
 //!
 //! **The kernel is the last fence.** A holder that is paused (SIGSTOP, a stalled VM) or
 //! killed cannot take its address away, yet the next holder adds the same address on
@@ -13,14 +14,16 @@
 //! which is why a VIP on an interface needs a lease of at least
 //! [`ballast_config::schema::MIN_INTERFACE_VIP_LEASE`].
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use netlink_packet_route::address::{AddressAttribute, CacheInfo};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, CacheInfo};
 use pnet_datalink::{Channel, MacAddr, NetworkInterface};
 use pnet_packet::arp::{ArpHardwareTypes, ArpOperations, MutableArpPacket};
 use pnet_packet::ethernet::{EtherTypes, MutableEthernetPacket};
+use pnet_packet::ip::IpNextHeaderProtocols;
+use pnet_packet::ipv6::MutableIpv6Packet;
 
 /// The address's kernel lifetime (`valid_lft` and `preferred_lft`), renewed on every
 /// successful lease claim: the smallest the kernel takes.
@@ -51,7 +54,7 @@ pub(crate) enum AddressError {
     Netlink(#[from] rtnetlink::Error),
     #[error("cannot open a netlink socket: {0}")]
     Socket(std::io::Error),
-    #[error("gratuitous ARP on {iface}: {error}")]
+    #[error("announcing the VIP on {iface}: {error}")]
     Announce {
         iface: String,
         error: std::io::Error,
@@ -63,13 +66,13 @@ pub(crate) struct InterfaceVip {
     handle: rtnetlink::Handle,
     iface: NetworkInterface,
     mac: MacAddr,
-    address: Ipv4Addr,
+    address: IpAddr,
     prefix: u8,
 }
 
 impl InterfaceVip {
     /// Find `name` and open a netlink connection (its task runs on the current runtime).
-    pub(crate) fn open(name: &str, address: Ipv4Addr, prefix: u8) -> Result<Self, AddressError> {
+    pub(crate) fn open(name: &str, address: IpAddr, prefix: u8) -> Result<Self, AddressError> {
         let iface = pnet_datalink::interfaces()
             .into_iter()
             .find(|i| i.name == name)
@@ -94,14 +97,19 @@ impl InterfaceVip {
         let mut req = self
             .handle
             .address()
-            .add(self.iface.index, IpAddr::V4(self.address), self.prefix)
+            .add(self.iface.index, self.address, self.prefix)
             .replace();
         let mut lifetime = CacheInfo::default();
         lifetime.ifa_preferred = LIFETIME_SECS;
         lifetime.ifa_valid = LIFETIME_SECS;
-        req.message_mut()
-            .attributes
-            .push(AddressAttribute::CacheInfo(lifetime));
+        let attributes = &mut req.message_mut().attributes;
+        attributes.push(AddressAttribute::CacheInfo(lifetime));
+        if self.address.is_ipv6() {
+            // Usable at once: duplicate address detection would hold the address tentative
+            // for a second, and a former holder's lingering copy would make it fail. The
+            // lease, not DAD, keeps the VIP on one host.
+            attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
         req.execute().await?;
         Ok(())
     }
@@ -113,7 +121,7 @@ impl InterfaceVip {
             .address()
             .get()
             .set_link_index_filter(self.iface.index)
-            .set_address_filter(IpAddr::V4(self.address))
+            .set_address_filter(self.address)
             .execute();
         while let Some(msg) = found.try_next().await? {
             match self.handle.address().del(msg).execute().await {
@@ -127,11 +135,15 @@ impl InterfaceVip {
         Ok(())
     }
 
-    /// Send one gratuitous ARP request (sender and target both the VIP) from the
-    /// interface's MAC to the broadcast address, so neighbours update their caches.
+    /// Tell the segment the VIP now lives at this interface's MAC, so neighbours update
+    /// their caches: a gratuitous ARP request (IPv4) or an unsolicited neighbour
+    /// advertisement with the override flag to all nodes (IPv6).
     pub(crate) async fn announce(&self) -> Result<(), AddressError> {
         let iface = self.iface.clone();
-        let frame = garp_frame(self.mac, self.address);
+        let frame = match self.address {
+            IpAddr::V4(a) => garp_frame(self.mac, a),
+            IpAddr::V6(a) => unsolicited_na_frame(self.mac, a),
+        };
         let name = iface.name.clone();
         let sent = tokio::task::spawn_blocking(move || send_frame(&iface, &frame))
             .await
@@ -178,6 +190,53 @@ fn garp_frame(mac: MacAddr, vip: Ipv4Addr) -> Vec<u8> {
     buf
 }
 
+const IPV6_HEADER: usize = 40;
+const NA_WITH_LLADDR: usize = 32;
+/// ICMPv6 neighbour advertisement, and its override flag (RFC 4861 4.4).
+const ICMPV6_NA: u8 = 136;
+const NA_OVERRIDE: u8 = 0x20;
+/// The target link-layer address option, 8 bytes long (length 1).
+const OPT_TARGET_LLADDR: u8 = 2;
+
+/// An unsolicited neighbour advertisement: the VIP is at `mac`, overriding any cached
+/// address, from the VIP to all nodes (ff02::1), hop limit 255 as receivers require.
+fn unsolicited_na_frame(mac: MacAddr, vip: Ipv6Addr) -> Vec<u8> {
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let mut buf = vec![0u8; ETHERNET_HEADER + IPV6_HEADER + NA_WITH_LLADDR];
+    {
+        let mut eth = MutableEthernetPacket::new(&mut buf).expect("86 bytes");
+        eth.set_destination(MacAddr::new(0x33, 0x33, 0, 0, 0, 1));
+        eth.set_source(mac);
+        eth.set_ethertype(EtherTypes::Ipv6);
+    }
+    {
+        let mut ip = MutableIpv6Packet::new(&mut buf[ETHERNET_HEADER..]).expect("72 bytes");
+        ip.set_version(6);
+        ip.set_payload_length(NA_WITH_LLADDR as u16);
+        ip.set_next_header(IpNextHeaderProtocols::Icmpv6);
+        ip.set_hop_limit(255);
+        ip.set_source(vip);
+        ip.set_destination(all_nodes);
+    }
+    let icmp = &mut buf[ETHERNET_HEADER + IPV6_HEADER..];
+    icmp[0] = ICMPV6_NA;
+    icmp[4] = NA_OVERRIDE;
+    icmp[8..24].copy_from_slice(&vip.octets());
+    icmp[24] = OPT_TARGET_LLADDR;
+    icmp[25] = 1;
+    icmp[26..32].copy_from_slice(&mac.octets());
+    let sum = pnet_packet::util::ipv6_checksum(
+        icmp,
+        1,
+        &[],
+        &vip,
+        &all_nodes,
+        IpNextHeaderProtocols::Icmpv6,
+    );
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    buf
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +259,34 @@ mod tests {
         assert_eq!(arp.get_sender_hw_addr(), mac);
         assert_eq!(arp.get_sender_proto_addr(), vip);
         assert_eq!(arp.get_target_proto_addr(), vip);
+    }
+
+    #[test]
+    fn an_unsolicited_advertisement_overrides_from_the_vip_to_all_nodes() {
+        use pnet_packet::icmpv6::{checksum, Icmpv6Packet};
+        use pnet_packet::ipv6::Ipv6Packet;
+        let mac = MacAddr::new(2, 0, 0, 0, 0, 9);
+        let vip: Ipv6Addr = "fd00:233::100".parse().unwrap();
+        let frame = unsolicited_na_frame(mac, vip);
+        assert_eq!(frame.len(), 86);
+        let eth = EthernetPacket::new(&frame).unwrap();
+        assert_eq!(eth.get_destination(), MacAddr::new(0x33, 0x33, 0, 0, 0, 1));
+        assert_eq!(eth.get_ethertype(), EtherTypes::Ipv6);
+        let ip = Ipv6Packet::new(eth.payload()).unwrap();
+        assert_eq!((ip.get_hop_limit(), ip.get_payload_length()), (255, 32));
+        assert_eq!(ip.get_source(), vip);
+        assert_eq!(ip.get_destination(), "ff02::1".parse::<Ipv6Addr>().unwrap());
+        let icmp = Icmpv6Packet::new(ip.payload()).unwrap();
+        assert_eq!(icmp.get_icmpv6_type().0, 136);
+        assert_eq!(
+            icmp.get_checksum(),
+            checksum(&icmp, &vip, &ip.get_destination())
+        );
+        let body = ip.payload();
+        assert_eq!(body[4], 0x20, "override, not solicited, not a router");
+        assert_eq!(&body[8..24], &vip.octets());
+        assert_eq!(&body[24..26], &[2, 1]);
+        assert_eq!(&body[26..32], &mac.octets());
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! Test hosts in network namespaces on one bridge: each host its own namespace with an
-//! `eth0` (a veth whose other end is on the bridge) and an address in `10.233.K.0/24`
-//! for the test's block `K`. The bridge itself, in the test's own namespace, carries
+//! `eth0` (a veth whose other end is on the bridge) and addresses in `10.233.K.0/24` and
+//! `fd00:233:K::/64` for the test's block `K`. The bridge itself, in the test's own namespace, carries
 //! further addresses on demand, so nodes run there are reachable from every host.
 //! Everything is deleted in `Drop`, and left-overs of a killed run with the same block are
 //! deleted first.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command};
 
 use ballast_config::{ProxyNode, VipConfig};
@@ -59,6 +59,11 @@ impl Segment {
         Ipv4Addr::new(10, 233, self.block, i)
     }
 
+    /// `fd00:233:K::i`.
+    pub fn addr6(&self, i: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x233, self.block as u16, 0, 0, 0, 0, i as u16)
+    }
+
     /// Give the bridge (the test's own namespace) the address `10.233.K.i` too.
     pub fn add_bridge_address(&self, i: u8) {
         ip(&[
@@ -70,7 +75,8 @@ impl Segment {
         ]);
     }
 
-    /// A host: namespace `bK-name` with `lo` and `eth0` (`10.233.K.i/24`) up.
+    /// A host: namespace `bK-name` with `lo` and `eth0` (`10.233.K.i/24`,
+    /// `fd00:233:K::i/64`) up.
     pub fn host(&mut self, name: &str, i: u8) {
         let ns = self.ns(name);
         let outside = format!("v{}{name}", self.block);
@@ -90,6 +96,16 @@ impl Segment {
             "dev",
             "eth0",
         ]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/64", self.addr6(i)),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
     }
 
@@ -103,6 +119,11 @@ impl Segment {
     /// The IPv4 addresses on host `name`'s `eth0` now.
     pub fn addresses(&self, name: &str) -> Vec<Ipv4Addr> {
         addresses_in(&self.ns(name))
+    }
+
+    /// The addresses of both families on host `name`'s `eth0` now.
+    pub fn all_addresses(&self, name: &str) -> Vec<IpAddr> {
+        all_addresses_in(&self.ns(name))
     }
 
     /// Remove `addr/prefix` from host `name`'s `eth0` (it must be there).
@@ -133,7 +154,8 @@ impl Segment {
     }
 
     /// The MAC host `name` has for `addr` in its neighbour table, if any.
-    pub fn neighbour(&self, name: &str, addr: Ipv4Addr) -> Option<String> {
+    pub fn neighbour(&self, name: &str, addr: impl Into<IpAddr>) -> Option<String> {
+        let addr: IpAddr = addr.into();
         let out = run(
             "ip",
             &["-n", &self.ns(name), "neigh", "show", &addr.to_string()],
@@ -206,6 +228,12 @@ pub fn enter(ns: &str) {
 /// `10.233.K.21…`, a client host `c` (`10.233.K.30`), and the VIP `10.233.K.100/24` added to
 /// the holder's `eth0`. The masters are started, the proxies not ([`HostProcs`]).
 pub fn vip_cluster(seg: &mut Segment, ids: &[&str]) -> Cluster {
+    let vip = seg.addr(100);
+    vip_cluster_at(seg, ids, vip.into(), 24)
+}
+
+/// [`vip_cluster`] with the VIP `vip/prefix` (of either family).
+pub fn vip_cluster_at(seg: &mut Segment, ids: &[&str], vip: IpAddr, prefix: u8) -> Cluster {
     for i in 1..=3u8 {
         seg.add_bridge_address(10 + i);
     }
@@ -213,7 +241,6 @@ pub fn vip_cluster(seg: &mut Segment, ids: &[&str]) -> Cluster {
         seg.host(id, 21 + i as u8);
     }
     seg.host("c", 30);
-    let vip = seg.addr(100);
     let (m_addr, p_addr) = (
         |i: usize| seg.addr(11 + i as u8),
         |i: usize| seg.addr(21 + i as u8),
@@ -237,9 +264,9 @@ pub fn vip_cluster(seg: &mut Segment, ids: &[&str]) -> Cluster {
                 tls: Default::default(),
             })
             .collect();
-        let mut v = VipConfig::new(vip.into());
+        let mut v = VipConfig::new(vip);
         v.interface = Some("eth0".into());
-        v.prefix = Some(24);
+        v.prefix = Some(prefix);
         cfg.vip = Some(v);
     });
     for m in ["m1", "m2", "m3"] {
@@ -310,6 +337,19 @@ pub fn addresses_in(ns: &str) -> Vec<Ipv4Addr> {
         .filter_map(|l| {
             let mut w = l.split_whitespace();
             w.find(|x| *x == "inet")?;
+            w.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// The addresses of both families on `eth0` in namespace `ns` now.
+pub fn all_addresses_in(ns: &str) -> Vec<IpAddr> {
+    let out = run("ip", &["-n", ns, "-o", "addr", "show", "dev", "eth0"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.find(|x| *x == "inet" || *x == "inet6")?;
             w.next()?.split('/').next()?.parse().ok()
         })
         .collect()

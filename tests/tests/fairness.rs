@@ -4,7 +4,7 @@
 //! Address block 32.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ballast_tests::{client, request, test_pki, wait_until, Cluster, ClusterOpts};
 
@@ -51,6 +51,21 @@ fn a_flooding_identity_gets_429_while_others_go_through() {
             .filter(|r| r.status == 200)
     });
 
+    // The calm user's and the worker's latency, alone and then beside the flood (printed:
+    // figures, not goals; the goal is that every one of them is served).
+    let timed =
+        |cl: &reqwest::blocking::Client, url: &str, what: &str, times: &mut Vec<Duration>| {
+            let t0 = Instant::now();
+            let r = request(cl, "GET", url, None).expect(what);
+            times.push(t0.elapsed());
+            assert_eq!(r.status, 200, "{what}: {}", r.body);
+        };
+    let (mut calm_alone, mut worker_alone) = (Vec::new(), Vec::new());
+    for _ in 0..30 {
+        timed(&calm, &pods, "calm request", &mut calm_alone);
+        timed(&w1, &own_node, "worker request", &mut worker_alone);
+    }
+    let (mut calm_flood, mut worker_flood) = (Vec::new(), Vec::new());
     let (ok, throttled) = (AtomicUsize::new(0), AtomicUsize::new(0));
     std::thread::scope(|s| {
         for t in 0..FLOOD_THREADS {
@@ -73,13 +88,20 @@ fn a_flooding_identity_gets_429_while_others_go_through() {
             });
         }
         // Meanwhile, another user and the worker are served every time.
-        for i in 0..30 {
-            let r = request(&calm, "GET", &pods, None).expect("calm request");
-            assert_eq!(r.status, 200, "calm request {i}: {}", r.body);
-            let r = request(&w1, "GET", &own_node, None).expect("worker request");
-            assert_eq!(r.status, 200, "worker request {i}: {}", r.body);
+        for _ in 0..30 {
+            timed(&calm, &pods, "calm request", &mut calm_flood);
+            timed(&w1, &own_node, "worker request", &mut worker_flood);
         }
     });
+    let p = |v: &mut Vec<Duration>, q: usize| {
+        v.sort();
+        v[(v.len() * q / 100).min(v.len() - 1)].as_secs_f64() * 1e3
+    };
+    println!(
+        "latency alone / beside the flood, ms: calm user p50 {:.1} / {:.1}, p99 {:.1} / {:.1}; worker p50 {:.1} / {:.1}, p99 {:.1} / {:.1}",
+        p(&mut calm_alone, 50), p(&mut calm_flood, 50), p(&mut calm_alone, 99), p(&mut calm_flood, 99),
+        p(&mut worker_alone, 50), p(&mut worker_flood, 50), p(&mut worker_alone, 99), p(&mut worker_flood, 99),
+    );
     let (ok, throttled) = (ok.into_inner(), throttled.into_inner());
     println!("flood: {ok} answered 201, {throttled} answered 429");
     assert!(

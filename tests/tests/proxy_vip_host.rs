@@ -5,12 +5,14 @@
 //! reads every proxy host's addresses every 20 ms throughout: never two hosts with the
 //! VIP. The masters run in the test's own namespace on the bridge's addresses. Block 39.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ballast_tests::netns::{addresses_in, enter, vip_cluster, HostProcs, Segment};
+use ballast_tests::netns::{
+    addresses_in, all_addresses_in, enter, vip_cluster, vip_cluster_at, HostProcs, Segment,
+};
 use ballast_tests::*;
 use nix::sys::signal::Signal;
 
@@ -27,7 +29,7 @@ struct Answer {
 
 /// A client inside host `c`: asks the VIP's admin `/status` (which proxy answers) and the
 /// VIP's API `/readyz`, every 50 ms until `stop`.
-fn client_loop(ns: String, vip: Ipv4Addr, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Answer>>>) {
+fn client_loop(ns: String, vip: IpAddr, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Answer>>>) {
     enter(&ns);
     // built here, so their sockets are made in this namespace
     let api = test_pki()
@@ -43,13 +45,13 @@ fn client_loop(ns: String, vip: Ipv4Addr, stop: Arc<AtomicBool>, log: Arc<Mutex<
     while !stop.load(Ordering::Relaxed) {
         let at = Instant::now();
         let id = admin
-            .get(format!("http://{vip}:9180/status"))
+            .get(format!("http://{}/status", SocketAddr::new(vip, 9180)))
             .send()
             .ok()
             .and_then(|r| r.json::<serde_json::Value>().ok())
             .and_then(|s| s["id"].as_str().map(String::from));
         let ready = api
-            .get(format!("https://{vip}:6443/readyz"))
+            .get(format!("https://{}/readyz", SocketAddr::new(vip, 6443)))
             .send()
             .is_ok_and(|r| r.status().as_u16() == 200);
         log.lock().unwrap().push(Answer {
@@ -104,7 +106,7 @@ fn one_host_holds_the_vip_and_it_moves_when_the_holder_fails() {
     let answers = Arc::new(Mutex::new(Vec::new()));
     let client = {
         let (ns, stop, log) = (seg.ns("c"), stop.clone(), answers.clone());
-        std::thread::spawn(move || client_loop(ns, vip, stop, log))
+        std::thread::spawn(move || client_loop(ns, vip.into(), stop, log))
     };
     let answered_by = |since: Instant, not: &[&str]| -> Option<String> {
         let log = answers.lock().unwrap();
@@ -210,6 +212,100 @@ fn one_host_holds_the_vip_and_it_moves_when_the_holder_fails() {
         most.load(Ordering::Relaxed),
         1,
         "two proxy hosts had the VIP at once (0: never any)"
+    );
+    drop(proxies);
+    drop(c);
+}
+
+/// An IPv6 VIP: the holder adds it without duplicate address detection and announces it
+/// by an unsolicited neighbour advertisement with the override flag, so the client's
+/// neighbour entry moves to the next holder at once (without it the client would keep
+/// sending to the former holder's MAC until its entry went stale, 15–45 s). Never on two
+/// hosts. Block 40.
+#[test]
+fn an_ipv6_vip_moves_and_the_client_follows_its_advertisement() {
+    const IDS: [&str; 2] = ["p1", "p2"];
+    let mut seg = Segment::new(40);
+    let vip = IpAddr::V6(seg.addr6(100));
+    let c = vip_cluster_at(&mut seg, &IDS, vip, 64);
+    c.wait_one_active(T);
+    let mut proxies = HostProcs::default();
+    for id in IDS {
+        proxies.start_proxy(&seg, &c, id);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicUsize::new(0));
+    let checker = {
+        let (stop, most) = (stop.clone(), most.clone());
+        let hosts: Vec<String> = IDS.iter().map(|p| seg.ns(p)).collect();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let n = hosts
+                    .iter()
+                    .filter(|ns| all_addresses_in(ns).contains(&vip))
+                    .count();
+                most.fetch_max(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let client = {
+        let (ns, stop, log) = (seg.ns("c"), stop.clone(), answers.clone());
+        std::thread::spawn(move || client_loop(ns, vip, stop, log))
+    };
+    let answered_by = |since: Instant, not: &[&str]| -> Option<String> {
+        let log = answers.lock().unwrap();
+        let a = log.iter().rev().find(|a| a.at >= since)?;
+        a.from.clone().filter(|f| !not.contains(&f.as_str()))
+    };
+    let t0 = Instant::now();
+    let first = wait_until("the IPv6 VIP answers the client", T, || {
+        answered_by(t0, &[])
+    });
+    assert!(seg.all_addresses(&first).contains(&vip));
+    assert_eq!(seg.neighbour("c", vip), Some(seg.mac(&first)));
+
+    // SIGTERM: the next holder takes over within a poll, and its advertisement moves the
+    // client's entry long before the entry would have gone stale
+    let other = IDS.into_iter().find(|p| *p != first).unwrap();
+    let t1 = Instant::now();
+    proxies.signal(&first, Signal::SIGTERM);
+    proxies.reap(&first);
+    let second = wait_until("the other proxy answers on the IPv6 VIP", T, || {
+        answered_by(t1, &[first.as_str()])
+    });
+    assert_eq!(second, other);
+    let took = t1.elapsed();
+    println!("SIGTERM of {first}: {second} answers on the IPv6 VIP after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the client followed only after {took:?}"
+    );
+    assert_eq!(seg.neighbour("c", vip), Some(seg.mac(&second)));
+
+    // kill -9: the first comes back, then the holder dies; the address of the dead one
+    // runs out before the other adds it
+    proxies.start_proxy(&seg, &c, &first);
+    let t2 = Instant::now();
+    proxies.signal(&second, Signal::SIGKILL);
+    proxies.reap(&second);
+    let third = wait_until("the restarted proxy answers on the IPv6 VIP", T, || {
+        answered_by(t2, &[second.as_str()])
+    });
+    println!(
+        "kill -9 of {second}: {third} answers on the IPv6 VIP after {:?}",
+        t2.elapsed()
+    );
+    assert_eq!(seg.neighbour("c", vip), Some(seg.mac(&third)));
+
+    stop.store(true, Ordering::Relaxed);
+    checker.join().unwrap();
+    client.join().unwrap();
+    assert_eq!(
+        most.load(Ordering::Relaxed),
+        1,
+        "two hosts had the IPv6 VIP at once"
     );
     drop(proxies);
     drop(c);

@@ -240,17 +240,19 @@ mod tests {
 
     #[test]
     fn limits_become_cgroup_files() {
-        let mut c = Container::default();
-        c.resources = Some(ResourceRequirements {
-            limits: Some(
-                [
-                    ("cpu".to_string(), Quantity("250m".into())),
-                    ("memory".to_string(), Quantity("64Mi".into())),
-                ]
-                .into(),
-            ),
+        let mut c = Container {
+            resources: Some(ResourceRequirements {
+                limits: Some(
+                    [
+                        ("cpu".to_string(), Quantity("250m".into())),
+                        ("memory".to_string(), Quantity("64Mi".into())),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            }),
             ..Default::default()
-        });
+        };
         let l = Limits::of(&c, 4096);
         assert_eq!(l.memory, Some(64 * 1024 * 1024));
         assert_eq!(l.cpu_quota_us, Some(25_000));

@@ -154,7 +154,7 @@ fn encode_entry(e: &Entry) -> SResult<Vec<u8>> {
 
 /// A stored entry: MessagePack, or JSON as written by earlier versions (a JSON entry
 /// starts with `{`, which never starts a MessagePack map).
-fn decode_entry(bytes: &[u8]) -> SResult<Entry> {
+pub(crate) fn decode_entry(bytes: &[u8]) -> SResult<Entry> {
     if bytes.first() == Some(&b'{') {
         serde_json::from_slice(bytes).map_err(read_err)
     } else {

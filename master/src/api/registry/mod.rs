@@ -33,9 +33,6 @@ use defaults::*;
 pub(crate) use namespaces::ensure_defaults;
 
 /// Namespaces that always exist and cannot be deleted (`kube-node-lease` can be recreated).
-/// The largest object stored, as JSON (etcd's default request limit, which
-/// kube-apiserver inherits).
-
 pub(crate) const DEFAULT_NAMESPACES: &[&str] =
     &["default", "kube-system", "kube-node-lease", "kube-public"];
 const UNDELETABLE_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
