@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{retry, Api, ApiError};
 use crate::backoff::{Backoff, BackoffConfig, RestartPolicy};
 use crate::checkpoint::{PodRecord, StateFile};
-use crate::confiner::{Confiner, PrepareError};
+use crate::confiner::{Confiner, PrepareError, Prepared};
 use crate::events::Events;
 use crate::logs;
 use crate::metrics::Metrics;
@@ -518,7 +518,6 @@ impl Runner {
         }
     }
 
-    /// One round: notice exits, act on liveness, start what should run.
     /// The init container to run now, or None once every one has succeeded.
     fn pending_init(&self) -> Option<usize> {
         (0..self.ctrs.len()).find(|&i| {
@@ -542,6 +541,7 @@ impl Runner {
         }
     }
 
+    /// One round: notice exits, act on liveness, start what should run.
     async fn tick(&mut self) {
         for i in 0..self.ctrs.len() {
             self.check_exit(i);
@@ -767,43 +767,18 @@ impl Runner {
         env
     }
 
+    /// Start container `i` unless it finished, has no command, waits out a back-off or
+    /// cannot be confined as its pod asks.
     fn maybe_start(&mut self, i: usize) {
         let name = self.ctrs[i].spec.name.clone();
         let r = self.rec.containers.entry(name.clone()).or_default();
         if r.terminated.is_some() {
             return;
         }
-        let c = &mut self.ctrs[i];
-        // With no image entrypoint to run, `args` alone are the command (`kubectl run x
-        // --image=busybox -- echo once` sends args only).
-        let command: Vec<String> = c
-            .spec
-            .command
-            .iter()
-            .flatten()
-            .chain(c.spec.args.iter().flatten())
-            .cloned()
-            .collect();
-        if command.is_empty() {
-            if c.waiting.as_ref().is_none_or(|(r, _)| r != "NoCommand") {
-                self.ctx.events.pod(
-                    &self.pod,
-                    Some(&name),
-                    true,
-                    "Failed",
-                    "Error: the container has no command".into(),
-                );
-            }
-            c.waiting = Some((
-                "NoCommand".into(),
-                Some(format!(
-                    "container {name:?} has no command: ballast runs processes and does not pull or run image {:?}; set `command` or `args`",
-                    c.spec.image.as_deref().unwrap_or("")
-                )),
-            ));
+        let Some(command) = self.command(i) else {
             return;
-        }
-        if c.backoff.in_backoff(Instant::now()) {
+        };
+        if self.ctrs[i].backoff.in_backoff(Instant::now()) {
             return;
         }
         let prepared =
@@ -819,88 +794,138 @@ impl Runner {
                 r => r,
             };
         if let Some(why) = prepared.as_ref().ok().and_then(|p| p.unenforced.clone()) {
-            if !self.ctrs[i].warned_limits {
-                self.ctrs[i].warned_limits = true;
-                self.event(
-                    Some(&name),
-                    true,
-                    "LimitsNotEnforced",
-                    format!("resources.limits of container {name} are not enforced: {why}"),
-                );
-            }
+            self.warn_limits(i, &why);
         }
-        let env = self.env(&self.ctrs[i].spec);
-        let lookup = |k: &str| {
-            env.iter()
-                .rev()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.clone())
-        };
-        let spec = &self.ctrs[i].spec;
-        let argv: Vec<String> = command.iter().map(|a| process::expand(a, lookup)).collect();
-        let given_dir = spec
-            .working_dir
-            .as_ref()
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from);
-        let log = logs::container_log(&self.dir, &name);
-        let exit_file = self.exit_file(i);
-        let spawned = prepared.map_err(|e| e.to_string()).and_then(|p| {
-            process::spawn(&ProcSpec {
-                argv,
-                env,
-                working_dir: Some(given_dir.unwrap_or(p.default_dir)),
-                log,
-                exit_file,
-                confine: p.confine,
-            })
-            .map_err(|e| e.to_string())
-        });
         let restart = self
             .rec
             .containers
             .get(&name)
             .is_some_and(|r| r.last.is_some());
+        let spawned = prepared.map_err(|e| e.to_string()).and_then(|p| {
+            process::spawn(&self.proc_spec(i, command, p)).map_err(|e| e.to_string())
+        });
         match spawned {
-            Ok(s) => {
-                let r = self.rec.containers.entry(name.clone()).or_default();
-                if restart {
-                    r.restart_count += 1;
-                    self.ctx.metrics.restarts.with_label_values(&["exit"]).inc();
-                }
-                r.pid = Some(s.pid);
-                r.start_ticks = s.start_ticks;
-                r.started_at = Some(crate::now());
-                self.ctx.metrics.containers_running.inc();
-                tracing::info!(pod = %self.name(), container = %name, pid = s.pid, restart, "container started");
-                self.event(
-                    Some(&name),
-                    false,
-                    "Started",
-                    format!("Started container {name}"),
-                );
-                let c = &mut self.ctrs[i];
-                c.backoff.started();
-                c.waiting = None;
-                c.proc = Some(Proc {
-                    pid: s.pid,
-                    ticks: s.start_ticks,
-                    child: Some(s.child),
-                    since: Instant::now(),
-                    counted: true,
-                });
-                self.persist();
-                self.start_probes(i);
-            }
+            Ok(s) => self.started(i, s, restart),
             Err(e) => {
                 tracing::warn!(pod = %self.name(), container = %name, error = %e, "container cannot start");
                 self.event(Some(&name), true, "Failed", format!("Error: {e}"));
                 if restart {
                     self.rec.containers.entry(name).or_default().restart_count += 1;
                 }
-                self.on_exit(i, None, Some(e.to_string()));
+                self.on_exit(i, None, Some(e));
             }
         }
+    }
+
+    /// Container `i`'s command: `command` then `args`. With no image entrypoint to run,
+    /// `args` alone are the command (`kubectl run x --image=busybox -- echo once` sends
+    /// args only). None (the container waits, saying why) when both are empty.
+    fn command(&mut self, i: usize) -> Option<Vec<String>> {
+        let c = &mut self.ctrs[i];
+        let command: Vec<String> = c
+            .spec
+            .command
+            .iter()
+            .flatten()
+            .chain(c.spec.args.iter().flatten())
+            .cloned()
+            .collect();
+        if !command.is_empty() {
+            return Some(command);
+        }
+        let name = c.spec.name.clone();
+        if c.waiting.as_ref().is_none_or(|(r, _)| r != "NoCommand") {
+            self.ctx.events.pod(
+                &self.pod,
+                Some(&name),
+                true,
+                "Failed",
+                "Error: the container has no command".into(),
+            );
+        }
+        c.waiting = Some((
+            "NoCommand".into(),
+            Some(format!(
+                "container {name:?} has no command: ballast runs processes and does not pull or run image {:?}; set `command` or `args`",
+                c.spec.image.as_deref().unwrap_or("")
+            )),
+        ));
+        None
+    }
+
+    /// Say once per pod that container `i`'s limits are not enforced, and why.
+    fn warn_limits(&mut self, i: usize, why: &str) {
+        if std::mem::replace(&mut self.ctrs[i].warned_limits, true) {
+            return;
+        }
+        let name = self.ctrs[i].spec.name.clone();
+        self.event(
+            Some(&name),
+            true,
+            "LimitsNotEnforced",
+            format!("resources.limits of container {name} are not enforced: {why}"),
+        );
+    }
+
+    /// What to run for container `i`: `command` with `$(VAR)` expanded in its
+    /// environment, in its working directory, confined as prepared.
+    fn proc_spec(&self, i: usize, command: Vec<String>, p: Prepared) -> ProcSpec {
+        let spec = &self.ctrs[i].spec;
+        let env = self.env(spec);
+        let lookup = |k: &str| {
+            env.iter()
+                .rev()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        };
+        let argv = command.iter().map(|a| process::expand(a, lookup)).collect();
+        let working_dir = spec
+            .working_dir
+            .as_ref()
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or(p.default_dir);
+        ProcSpec {
+            argv,
+            env,
+            working_dir: Some(working_dir),
+            log: logs::container_log(&self.dir, &spec.name),
+            exit_file: self.exit_file(i),
+            confine: p.confine,
+        }
+    }
+
+    /// Container `i` started as `s`: record it, then probe it.
+    fn started(&mut self, i: usize, s: process::Started, restart: bool) {
+        let name = self.ctrs[i].spec.name.clone();
+        let r = self.rec.containers.entry(name.clone()).or_default();
+        if restart {
+            r.restart_count += 1;
+            self.ctx.metrics.restarts.with_label_values(&["exit"]).inc();
+        }
+        r.pid = Some(s.pid);
+        r.start_ticks = s.start_ticks;
+        r.started_at = Some(crate::now());
+        self.ctx.metrics.containers_running.inc();
+        tracing::info!(pod = %self.name(), container = %name, pid = s.pid, restart, "container started");
+        self.event(
+            Some(&name),
+            false,
+            "Started",
+            format!("Started container {name}"),
+        );
+        let c = &mut self.ctrs[i];
+        c.backoff.started();
+        c.waiting = None;
+        c.proc = Some(Proc {
+            pid: s.pid,
+            ticks: s.start_ticks,
+            child: Some(s.child),
+            since: Instant::now(),
+            counted: true,
+        });
+        self.persist();
+        self.start_probes(i);
     }
 
     /// Container `i` cannot start as its pod asks: it waits, saying why (once in events).

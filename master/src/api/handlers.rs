@@ -388,6 +388,19 @@ async fn authorize(st: &ApiState, user: &Identity, attrs: &Attributes) -> Result
     }
 }
 
+/// The request body, read up to `[limits] max_request_body` (413 beyond it).
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if is_length_limit(&e) {
+            ApiError::TooLarge(format!(
+                "the request body is larger than the limit of {limit} bytes"
+            ))
+        } else {
+            ApiError::BadRequest(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
 /// Whether reading a body failed on its length limit (axum wraps `LengthLimitError`).
 fn is_length_limit(e: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -413,19 +426,9 @@ pub(crate) async fn dispatch(
     let Some(Extension(user)) = user else {
         return ApiError::Unauthorized.into_response();
     };
-    let limit = st.info.limits.max_request_body;
-    let body = match axum::body::to_bytes(body, limit).await {
+    let body = match read_body(body, st.info.limits.max_request_body).await {
         Ok(b) => b,
-        Err(e) if is_length_limit(&e) => {
-            return ApiError::TooLarge(format!(
-                "the request body is larger than the limit of {limit} bytes"
-            ))
-            .into_response()
-        }
-        Err(e) => {
-            return ApiError::BadRequest(format!("cannot read the request body: {e}"))
-                .into_response()
-        }
+        Err(e) => return e.into_response(),
     };
     // the default namespaces and RBAC policy (normally written on activation)
     if !st.defaults_ready.load(std::sync::atomic::Ordering::Relaxed) {
