@@ -448,11 +448,17 @@ fn group_and_session(pid: u32) -> (u32, u32) {
 fn pods_are_confined_to_their_session_cgroup_user_and_limits() {
     let c = start(35, 1);
     wait_nodes_ready(&c, &["w1"]);
+    // sleep durations that mark this run's processes (a failed run may leave some)
+    let base = 1_000_000 + (std::process::id() % 100_000) * 10;
+    let mark = |n: u32| (base + n).to_string();
 
     // runAsUser / runAsGroup, rlimits, a working directory of its own, limits
-    let script = "echo ids=$(id -u):$(id -g) nofile=$(ulimit -n) core=$(ulimit -c) cwd=$(pwd); \
-                  touch mine && echo wrote; exec sleep 7770";
-    let mut body = pod_body("runas", "w1", script, 1);
+    let script = format!(
+        "echo ids=$(id -u):$(id -g) nofile=$(ulimit -n) core=$(ulimit -c) cwd=$(pwd); \
+         touch mine && echo wrote; exec sleep {}",
+        mark(0)
+    );
+    let mut body = pod_body("runas", "w1", &script, 1);
     body["spec"]["securityContext"] = json!({"runAsUser": 65534, "runAsGroup": 65534});
     body["spec"]["containers"][0]["resources"] =
         json!({"limits": {"memory": "64Mi", "cpu": "250m"}});
@@ -482,6 +488,25 @@ fn pods_are_confined_to_their_session_cgroup_user_and_limits() {
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let v2 = cgroup.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
     assert!(v2.ends_with(&format!("/ballast-w1/{uid}/main")), "{cgroup}");
+    // The pod's directory stays the worker's (passable, not writable, by the pod's user);
+    // the container's own working directory is the user's.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = |p: &std::path::Path| std::fs::metadata(p).unwrap();
+    let pods_dir = c.dir().join("w1").join("pods");
+    let pod_dir = pods_dir.join(format!("default_runas_{uid}"));
+    assert_eq!(meta(&pod_dir).permissions().mode() & 0o777, 0o711);
+    assert_eq!(meta(&pod_dir).uid(), 0);
+    assert_eq!(
+        meta(&pod_dir.join("main.log")).permissions().mode() & 0o777,
+        0o600
+    );
+    let work = pod_dir.join("main.work");
+    assert_eq!(meta(&work).permissions().mode() & 0o777, 0o700);
+    assert_eq!((meta(&work).uid(), meta(&work).gid()), (65534, 65534));
+    assert!(
+        work.join("mine").exists(),
+        "the container wrote in its directory"
+    );
     // Limits apply where the memory controller is the worker's, and are reported as not
     // enforced where it is not (this machine's cgroup v2 has no memory controller).
     let mount = std::fs::read_to_string("/proc/self/mountinfo")
@@ -531,20 +556,30 @@ fn pods_are_confined_to_their_session_cgroup_user_and_limits() {
     // A process that leaves the container's session ends with the pod ...
     create_pod(
         &c,
-        &pod_body("escape", "w1", "setsid sleep 7771 & exec sleep 7772", 1),
+        &pod_body(
+            "escape",
+            "w1",
+            &format!("setsid sleep {} & exec sleep {}", mark(1), mark(2)),
+            1,
+        ),
     );
     wait_running(&c, "escape");
     wait_until("the escaped process runs", T, || {
-        (count_sleepers("7771") == 1).then_some(())
+        (count_sleepers(&mark(1)) == 1).then_some(())
     });
     delete_pod_and_wait(&c, "escape");
     wait_until(
         "the escaped process is gone",
         Duration::from_secs(10),
-        || (count_sleepers("7771") == 0).then_some(()),
+        || (count_sleepers(&mark(1)) == 0).then_some(()),
     );
     // ... and when its main process exits
-    let mut body = pod_body("leftover", "w1", "setsid sleep 7773 & sleep 1; exit 0", 1);
+    let mut body = pod_body(
+        "leftover",
+        "w1",
+        &format!("setsid sleep {} & sleep 1; exit 0", mark(3)),
+        1,
+    );
     body["spec"]["restartPolicy"] = json!("Never");
     create_pod(&c, &body);
     wait_until("leftover Succeeded", T, || {
@@ -553,30 +588,42 @@ fn pods_are_confined_to_their_session_cgroup_user_and_limits() {
     wait_until(
         "what it left behind is gone",
         Duration::from_secs(10),
-        || (count_sleepers("7773") == 0).then_some(()),
+        || (count_sleepers(&mark(3)) == 0).then_some(()),
     );
 
     // An exec probe that times out takes what it started with it.
-    let mut body = pod_body("probed", "w1", "exec sleep 7775", 1);
+    let mut body = pod_body("probed", "w1", &format!("exec sleep {}", mark(5)), 1);
     body["spec"]["containers"][0]["readinessProbe"] = json!({
-        "exec": {"command": ["sh", "-c", "sleep 7774 & sleep 7776"]},
+        "exec": {"command": ["sh", "-c", format!("sleep {} & sleep {}", mark(4), mark(6))]},
         "periodSeconds": 1, "timeoutSeconds": 1
     });
     create_pod(&c, &body);
     wait_running(&c, "probed");
+    let probed_uid = get_pod(&c, "probed").unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let probed_dir = pods_dir.join(format!("default_probed_{probed_uid}"));
+    assert_eq!(
+        meta(&probed_dir).permissions().mode() & 0o777,
+        0o700,
+        "a pod running as the worker keeps a private directory"
+    );
     let mut most = 0;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(8) {
-        most = most.max(count_sleepers("7774"));
+        most = most.max(count_sleepers(&mark(4)));
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(most >= 1, "the probe ran");
-    assert!(most <= 2, "timed-out probes left {most} processes behind");
+    // one probe runs at a time, and one being killed may still show: a few at most (each
+    // timed-out probe left one behind for good before, 8 in these 8 s)
+    assert!(most <= 4, "timed-out probes left {most} processes behind");
     for name in ["runas", "nonroot", "probed", "leftover"] {
         delete_pod_and_wait(&c, name);
     }
     wait_until("every pod process gone", Duration::from_secs(10), || {
-        (count_sleepers("7770") + count_sleepers("7774") + count_sleepers("7775") == 0)
+        (count_sleepers(&mark(0)) + count_sleepers(&mark(4)) + count_sleepers(&mark(5)) == 0)
             .then_some(())
     });
 }

@@ -99,6 +99,27 @@ fn available(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Remove the empty pod and container cgroups below `base` (left by a worker that was
+/// killed, or by pods gone meanwhile). A cgroup that holds a process cannot be removed,
+/// so running pods keep theirs.
+fn remove_empty(base: &Path) {
+    let Ok(pods) = fs::read_dir(base) else {
+        return;
+    };
+    for pod in pods.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+        if let Ok(containers) = fs::read_dir(&pod) {
+            for c in containers
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+            {
+                let _busy = fs::remove_dir(&c);
+            }
+        }
+        let _busy = fs::remove_dir(&pod);
+    }
+}
+
 impl Cgroups {
     /// Set up `ballast-<node>` under this process's cgroup and enable what controllers
     /// it can.
@@ -115,6 +136,7 @@ impl Cgroups {
         );
         let base = own.join(format!("ballast-{node}"));
         mkdir(&base).map_err(io_at(&base))?;
+        remove_empty(&base);
         let there = available(&own);
         let wanted: Vec<&'static str> = CONTROLLERS
             .into_iter()

@@ -3,7 +3,7 @@
 //! child), and stops containers through both their process group and their cgroup.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
@@ -117,7 +117,11 @@ impl Confiner {
             let path = path.to_path_buf();
             move |source| PrepareError::Io { what, path, source }
         };
-        std::fs::create_dir_all(pod_dir)
+        // private to the worker unless a container runs as another user (below)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(pod_dir)
             .map_err(io("cannot create the pod's directory", pod_dir))?;
         let default_dir = if run_as.differs_from(self.worker.0) {
             // The pod's directory holds the worker's files (logs it rotates, exit codes):
