@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ballast_tests::netns::{
-    addresses_in, all_addresses_in, enter, vip_cluster, vip_cluster_at, HostProcs, Segment,
+    all_addresses_in, enter, vip_cluster, vip_cluster_at, HostProcs, Segment,
 };
 use ballast_tests::*;
 use nix::sys::signal::Signal;
@@ -62,6 +62,63 @@ fn client_loop(ns: String, vip: IpAddr, stop: Arc<AtomicBool>, log: Arc<Mutex<Ve
     }
 }
 
+/// The VIP watched from outside while a test runs: a checker reading every proxy host's
+/// addresses every 20 ms (the most hosts that had the VIP at once), and the client loop.
+struct Watch {
+    stop: Arc<AtomicBool>,
+    most: Arc<AtomicUsize>,
+    answers: Arc<Mutex<Vec<Answer>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    fn start(seg: &Segment, hosts: &[&str], vip: IpAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let most = Arc::new(AtomicUsize::new(0));
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let checker = {
+            let (stop, most) = (stop.clone(), most.clone());
+            let hosts: Vec<String> = hosts.iter().map(|p| seg.ns(p)).collect();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let n = hosts
+                        .iter()
+                        .filter(|ns| all_addresses_in(ns).contains(&vip))
+                        .count();
+                    most.fetch_max(n, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let client = {
+            let (ns, stop, log) = (seg.ns("c"), stop.clone(), answers.clone());
+            std::thread::spawn(move || client_loop(ns, vip, stop, log))
+        };
+        Self {
+            stop,
+            most,
+            answers,
+            threads: vec![checker, client],
+        }
+    }
+
+    /// Who answered the client last since `since`, if not one of `not`.
+    fn answered_by(&self, since: Instant, not: &[&str]) -> Option<String> {
+        let log = self.answers.lock().unwrap();
+        let a = log.iter().rev().find(|a| a.at >= since)?;
+        a.from.clone().filter(|f| !not.contains(&f.as_str()))
+    }
+
+    /// Stop watching; the most hosts that had the VIP at once.
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.most.load(Ordering::Relaxed)
+    }
+}
+
 #[test]
 fn one_host_holds_the_vip_and_it_moves_when_the_holder_fails() {
     require("nft");
@@ -86,33 +143,8 @@ fn one_host_holds_the_vip_and_it_moves_when_the_holder_fails() {
         (r.status == 200).then(|| r.json())
     };
 
-    // the checker: every proxy host's addresses, every 20 ms
-    let stop = Arc::new(AtomicBool::new(false));
-    let most = Arc::new(AtomicUsize::new(0));
-    let checker = {
-        let (stop, most) = (stop.clone(), most.clone());
-        let seg_ns: Vec<String> = PROXIES.iter().map(|p| seg.ns(p)).collect();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let n = seg_ns
-                    .iter()
-                    .filter(|ns| addresses_in(ns).contains(&vip))
-                    .count();
-                most.fetch_max(n, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
-    let answers = Arc::new(Mutex::new(Vec::new()));
-    let client = {
-        let (ns, stop, log) = (seg.ns("c"), stop.clone(), answers.clone());
-        std::thread::spawn(move || client_loop(ns, vip.into(), stop, log))
-    };
-    let answered_by = |since: Instant, not: &[&str]| -> Option<String> {
-        let log = answers.lock().unwrap();
-        let a = log.iter().rev().find(|a| a.at >= since)?;
-        a.from.clone().filter(|f| !not.contains(&f.as_str()))
-    };
+    let watch = Watch::start(&seg, &PROXIES, vip.into());
+    let answered_by = |since: Instant, not: &[&str]| watch.answered_by(since, not);
     let holders = |seg: &Segment| -> Vec<&'static str> {
         PROXIES
             .into_iter()
@@ -205,11 +237,8 @@ fn one_host_holds_the_vip_and_it_moves_when_the_holder_fails() {
     );
     neighbour_follows(&seg, &fifth);
 
-    stop.store(true, Ordering::Relaxed);
-    checker.join().unwrap();
-    client.join().unwrap();
     assert_eq!(
-        most.load(Ordering::Relaxed),
+        watch.finish(),
         1,
         "two proxy hosts had the VIP at once (0: never any)"
     );
@@ -233,32 +262,8 @@ fn an_ipv6_vip_moves_and_the_client_follows_its_advertisement() {
     for id in IDS {
         proxies.start_proxy(&seg, &c, id);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let most = Arc::new(AtomicUsize::new(0));
-    let checker = {
-        let (stop, most) = (stop.clone(), most.clone());
-        let hosts: Vec<String> = IDS.iter().map(|p| seg.ns(p)).collect();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let n = hosts
-                    .iter()
-                    .filter(|ns| all_addresses_in(ns).contains(&vip))
-                    .count();
-                most.fetch_max(n, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
-    let answers = Arc::new(Mutex::new(Vec::new()));
-    let client = {
-        let (ns, stop, log) = (seg.ns("c"), stop.clone(), answers.clone());
-        std::thread::spawn(move || client_loop(ns, vip, stop, log))
-    };
-    let answered_by = |since: Instant, not: &[&str]| -> Option<String> {
-        let log = answers.lock().unwrap();
-        let a = log.iter().rev().find(|a| a.at >= since)?;
-        a.from.clone().filter(|f| !not.contains(&f.as_str()))
-    };
+    let watch = Watch::start(&seg, &IDS, vip);
+    let answered_by = |since: Instant, not: &[&str]| watch.answered_by(since, not);
     let t0 = Instant::now();
     let first = wait_until("the IPv6 VIP answers the client", T, || {
         answered_by(t0, &[])
@@ -299,14 +304,7 @@ fn an_ipv6_vip_moves_and_the_client_follows_its_advertisement() {
     );
     assert_eq!(seg.neighbour("c", vip), Some(seg.mac(&third)));
 
-    stop.store(true, Ordering::Relaxed);
-    checker.join().unwrap();
-    client.join().unwrap();
-    assert_eq!(
-        most.load(Ordering::Relaxed),
-        1,
-        "two hosts had the IPv6 VIP at once"
-    );
+    assert_eq!(watch.finish(), 1, "two hosts had the IPv6 VIP at once");
     drop(proxies);
     drop(c);
 }
