@@ -89,11 +89,23 @@ pub struct MasterHandle {
 }
 
 impl Master {
-    /// Bind the API address, open the data dir and start Raft (and the peer server).
+    /// Bind the API address, open the data dir and start Raft (and the peer server, which
+    /// stops with `shutdown` too).
     pub async fn start(
         config: LoadedConfig,
         id: String,
         shutdown: CancellationToken,
+    ) -> Result<MasterHandle, MasterError> {
+        Self::start_with(config, id, shutdown.clone(), shutdown).await
+    }
+
+    /// [`Master::start`] with the peer server stopped by `peer_stop` (or by
+    /// [`MasterHandle::serve`] just before Raft stops).
+    pub async fn start_with(
+        config: LoadedConfig,
+        id: String,
+        shutdown: CancellationToken,
+        peer_stop: CancellationToken,
     ) -> Result<MasterHandle, MasterError> {
         let me = config
             .config
@@ -123,9 +135,11 @@ impl Master {
                 metrics.clone(),
                 shutdown.clone(),
             );
-            rt.spawn(async move { RaftNode::start(&config, &id, &tls, metrics, shutdown).await })
-                .await
-                .map_err(|e| MasterError::Other(format!("raft start task failed: {e}")))??
+            rt.spawn(async move {
+                RaftNode::start(&config, &id, &tls, metrics, shutdown, peer_stop).await
+            })
+            .await
+            .map_err(|e| MasterError::Other(format!("raft start task failed: {e}")))??
         };
         let leadership = node.leadership.clone();
         let raft_store = Arc::new(RaftStore::new(
@@ -259,6 +273,9 @@ impl MasterHandle {
         };
         let res = Ok(());
         tracing::info!(id = %self.id, "api server stopped; stopping raft");
+        // peers were served until now: a write this master proposed before handing over
+        // learned its commit from the next leader
+        self.node.peer_stop.cancel();
         if let Err(e) = self.node.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
@@ -277,7 +294,7 @@ pub async fn run(
     // Everything stops on `stop`; a signal (`shutdown`) first hands the leadership over
     // while the peer address still serves (see `raft/handover.rs`).
     let stop = CancellationToken::new();
-    let handle = Master::start(config, id, stop.clone()).await?;
+    let handle = Master::start_with(config, id, stop.clone(), CancellationToken::new()).await?;
     {
         let handover = handle.node.handover.clone();
         let id = handle.id.clone();

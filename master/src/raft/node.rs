@@ -123,10 +123,14 @@ pub(crate) struct RaftNode {
     pub timings: Timings,
     /// Hands the leadership over before a planned stop.
     pub handover: super::handover::Handover,
+    /// Stops the peer server. Not `shutdown`: a master that stops keeps answering its
+    /// peers until Raft stops, so that a write it proposed before handing over learns
+    /// its commit from the next leader and is answered, not cut off.
+    pub peer_stop: CancellationToken,
 }
 
 impl RaftNode {
-    /// Open the data dir, start Raft and serve the peer address until `shutdown`.
+    /// Open the data dir, start Raft and serve the peer address until `peer_stop`.
     /// Initializes the group on first start (see `guard_pristine`).
     pub(crate) async fn start(
         loaded: &LoadedConfig,
@@ -134,6 +138,7 @@ impl RaftNode {
         tls: &NodeTls,
         metrics: Arc<MasterMetrics>,
         shutdown: CancellationToken,
+        peer_stop: CancellationToken,
     ) -> Result<Self, RaftStartError> {
         let cfg = &loaded.config;
         let me = cfg
@@ -280,7 +285,7 @@ impl RaftNode {
             listener,
             router,
             header_read,
-            shutdown.clone(),
+            peer_stop.clone(),
         ));
 
         let leadership = Leadership::new(id, names.clone(), &raft, fence.clone());
@@ -303,6 +308,7 @@ impl RaftNode {
             leadership,
             timings,
             handover,
+            peer_stop,
         };
         if pristine {
             node.guard_pristine(members, http, cfg.raft.rpc_timeout, fence, shutdown.clone());
