@@ -28,6 +28,15 @@ use std::path::{Path, PathBuf};
 pub use schema::*;
 pub use validate::{ValidationError, ValidationErrorKind, Warning};
 
+/// The address a node's outgoing connections leave from: the IP of its own configured
+/// address, so that traffic between two nodes carries both nodes' addresses and a network
+/// fault (a firewall rule, a cut link) aimed at one node's address really isolates it.
+/// `None` for an unspecified address (`0.0.0.0`, `::`): the kernel then picks.
+pub fn source_ip(own: std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    let ip = own.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
 /// An error loading a config file, printed as `FILE:LINE:COL: message`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

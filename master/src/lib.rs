@@ -321,7 +321,12 @@ pub async fn run(
     let cfg = &handle.config.config;
     let mut info = api::ApiInfo::new(handle.id.clone());
     info.server_address = cfg.proxy.api.to_string();
-    info.logs = Some(Arc::new(api::logs::KubeletLogProxy::new(&handle.tls, cfg)?));
+    let own_api = cfg.master(&handle.id).map(|m| m.api);
+    info.logs = Some(Arc::new(api::logs::KubeletLogProxy::new(
+        &handle.tls,
+        cfg,
+        own_api.and_then(ballast_config::source_ip),
+    )?));
     info.limits = cfg.limits.clone();
     let kube = api::router(handle.store(), info, handle.auth.clone());
     scheduler::spawn(

@@ -1,7 +1,7 @@
 //! Health checkers: ask every master's `GET /active` at `health.interval` and feed the
 //! answers into the shared health table.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,10 +45,12 @@ pub(crate) struct HttpActiveCheck {
 }
 
 impl HttpActiveCheck {
-    pub(crate) fn new(tls: &NodeTls) -> Result<Self, TlsError> {
+    /// Checks leave from `source` (the proxy's own address) when given.
+    pub(crate) fn new(tls: &NodeTls, source: Option<IpAddr>) -> Result<Self, TlsError> {
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(tls.client_config()?)
             .no_proxy()
+            .local_address(source)
             .pool_max_idle_per_host(1)
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)

@@ -238,9 +238,13 @@ fn client() -> reqwest::Client {
 
 async fn start(settings: Settings) -> Running {
     let tls = node_tls("proxy");
-    Running::start(settings, Arc::new(HttpActiveCheck::new(&tls).unwrap()), tls)
-        .await
-        .unwrap()
+    Running::start(
+        settings,
+        Arc::new(HttpActiveCheck::new(&tls, None).unwrap()),
+        tls,
+    )
+    .await
+    .unwrap()
 }
 
 async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {

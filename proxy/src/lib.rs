@@ -142,7 +142,7 @@ pub fn run(path: &Path, id: Option<&str>, mut succession: Succession) -> Result<
         let settings = Settings::from_cluster(&loaded.config, id)?;
         let grace = settings.proxy.shutdown_grace;
         let tls = loaded.node_tls(&settings.proxy.id)?;
-        let check = Arc::new(HttpActiveCheck::new(&tls)?);
+        let check = Arc::new(HttpActiveCheck::new(&tls, settings.source_ip())?);
         let (inherited, predecessor) = if succession.take_over {
             let (path, mode) = (succession.socket.clone(), settings.proxy.mode);
             let want = settings.own_addrs();

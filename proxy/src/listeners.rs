@@ -4,7 +4,7 @@
 //! one on the VIP's addresses ([`crate::vip`]).
 
 use std::future::IntoFuture;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -401,7 +401,7 @@ fn spawn_io_threads(
                 shared: s.shared.clone(),
                 check: s.check.clone(),
                 client_cert: client_cert.clone(),
-                watch_client: watch_client(tls)?,
+                watch_client: watch_client(tls, s.shared.settings().source_ip())?,
             },
             "ballast-proxy",
         );
@@ -436,10 +436,11 @@ fn spawn_io_threads(
 
 /// The client of the resumed watches: the proxy's certificate, the cluster CA, and no
 /// pooled connection left idle (a watch holds its connection for its whole life).
-fn watch_client(tls: &NodeTls) -> Result<reqwest::Client, ProxyError> {
+fn watch_client(tls: &NodeTls, source: Option<IpAddr>) -> Result<reqwest::Client, ProxyError> {
     reqwest::Client::builder()
         .use_preconfigured_tls(tls.client_config()?)
         .no_proxy()
+        .local_address(source)
         .pool_max_idle_per_host(0)
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)

@@ -16,6 +16,7 @@ pub(crate) const INTERVAL: Duration = Duration::from_millis(500);
 pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let http = match reqwest::Client::builder()
         .no_proxy()
+        .local_address(shared.settings().source_ip())
         .timeout(INTERVAL)
         .build()
     {

@@ -2,6 +2,7 @@
 //! hidden by holding requests while no master is active and by re-sending requests
 //! that provably did not reach a master (or are safe to repeat).
 
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use ballast_config::tls::Identity;
 use bytes::Bytes;
+use pingora::connectors::l4::BindTo;
 use pingora::http::{Method, RequestHeader, ResponseHeader};
 use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
@@ -283,6 +285,11 @@ impl ProxyHttp for BallastProxy {
         peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
         peer.options.total_connection_timeout = Some(CONNECT_TIMEOUT);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+        peer.options.bind_to = settings.source_ip().map(|ip| {
+            let mut bind = BindTo::default();
+            bind.addr = Some(SocketAddr::new(ip, 0));
+            bind
+        });
         ctx.master = Some(active);
         Ok(Box::new(peer))
     }

@@ -35,6 +35,13 @@ impl Settings {
         }
     }
 
+    /// The address this proxy's connections to masters and other proxies leave from: its
+    /// own API address, never the VIP (which it may not hold).
+    pub(crate) fn source_ip(&self) -> Option<IpAddr> {
+        ballast_config::source_ip(self.proxy.api)
+            .filter(|ip| self.vip.as_ref().is_none_or(|v| v.address != *ip))
+    }
+
     /// The settings of proxy `id`: one of `[[proxies]]`, or the one `[proxy]` (`id`
     /// `None`, or its id).
     pub fn from_cluster(c: &ClusterConfig, id: Option<&str>) -> Result<Self, UnknownProxy> {

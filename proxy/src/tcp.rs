@@ -10,11 +10,12 @@
 //! a master died, tell a read from a write, or answer 503 with `Retry-After`: such a
 //! client sees its connection close and retries by itself (kubectl does).
 
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::state::Shared;
@@ -48,6 +49,20 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Ca
     }
 }
 
+/// Connect to `to` from `source` (the proxy's own address) when given.
+async fn connect(source: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(to).await;
+    };
+    let socket = if to.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(to).await
+}
+
 /// Join one client connection to the active master.
 async fn forward(shared: &Shared, mut client: TcpStream) {
     let _in_flight = shared.request_guard();
@@ -66,7 +81,12 @@ async fn forward(shared: &Shared, mut client: TcpStream) {
                 return;
             }
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(active.addr)).await {
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connect(shared.settings().source_ip(), active.addr),
+        )
+        .await
+        {
             Ok(Ok(up)) => break (active, up),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 // the master's process is gone: route away now, try the next one

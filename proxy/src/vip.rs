@@ -228,6 +228,7 @@ pub(crate) async fn run(serving: Serving, vip: VipSettings, cancel: Cancellation
         reqwest::Client::builder()
             .use_preconfigured_tls(c)
             .no_proxy()
+            .local_address(shared.settings().source_ip())
             .timeout(t.renew.max(Duration::from_millis(300)))
             .build()
     }) {

@@ -152,6 +152,17 @@ impl Cluster {
             .tempdir()
             .expect("temp dir");
         fs::create_dir_all(dir.path().join("logs")).unwrap();
+        // A killed run of a test in this block may have left its cut behind.
+        if have("nft") {
+            let table = format!("ip ballast_{}", opts.block);
+            let listed = Command::new("nft")
+                .args(["list", "table"])
+                .args(table.split(' '))
+                .output();
+            if listed.is_ok_and(|o| o.status.success()) {
+                nft(&format!("delete table {table}\n"));
+            }
+        }
         let mut config = local_cluster(opts.masters, opts.workers, AddressPlan::block(opts.block));
         config.control.internal_kv = true;
         edit(&mut config);

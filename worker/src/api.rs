@@ -3,6 +3,7 @@
 //! retry loop for the calls a worker must eventually make.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -100,7 +101,14 @@ impl Api {
     /// the cluster CA and the URL's host, or, on a DNS route, the route's name (the
     /// address is then a DNS answer: the active master, whose certificate carries the
     /// name).
-    pub(crate) fn new(route: Route, metrics: Metrics, tls: &NodeTls) -> Result<Self, TlsError> {
+    ///
+    /// Calls leave from `source` (the worker's own address) when given.
+    pub(crate) fn new(
+        route: Route,
+        metrics: Metrics,
+        tls: &NodeTls,
+        source: Option<IpAddr>,
+    ) -> Result<Self, TlsError> {
         let config = match &route {
             Route::Url(_) => tls.client_config()?,
             Route::Dns { name, .. } => tls.client_config_for_name(name)?,
@@ -109,6 +117,7 @@ impl Api {
             reqwest::Client::builder()
                 .use_preconfigured_tls(config.clone())
                 .no_proxy()
+                .local_address(source)
                 .connect_timeout(Duration::from_secs(2))
                 .pool_idle_timeout(Duration::from_secs(30))
                 .user_agent("ballast-worker")

@@ -125,7 +125,12 @@ pub async fn run(
     let route = Route::new(me.route());
     tracing::info!(id = %id, address = %me.address, route = %route.describe(), data_dir = %data_dir.display(), "worker starting");
     let tls = config.node_tls(&id)?;
-    let api = Arc::new(Api::new(route, metrics.clone(), &tls)?);
+    let api = Arc::new(Api::new(
+        route,
+        metrics.clone(),
+        &tls,
+        ballast_config::source_ip(me.address),
+    )?);
     let state = Arc::new(checkpoint::StateFile::load(data_dir.join("state.json"))?);
     let statuses = status_upload::StatusSync::new();
     let ctx = pods::Ctx::new(
@@ -216,7 +221,12 @@ pub async fn run_hollow(
     // per simulated node would only exercise the PKI.
     let tls = config.node_tls(&base_id)?;
     let admin = config.node_tls("admin")?;
-    let api = Arc::new(Api::new(Route::new(me.route()), metrics.clone(), &admin)?);
+    let api = Arc::new(Api::new(
+        Route::new(me.route()),
+        metrics.clone(),
+        &admin,
+        ballast_config::source_ip(me.address),
+    )?);
     let statuses = status_upload::StatusSync::new();
     tracing::info!(base = %base_id, count, address = %me.address, "hollow nodes starting");
     let access = Arc::new(access::Access::new(api.clone()));

@@ -31,10 +31,16 @@ pub(crate) struct KubeletLogProxy {
 
 impl KubeletLogProxy {
     /// A client presenting this master's certificate to the config's workers.
-    pub(crate) fn new(tls: &NodeTls, config: &ClusterConfig) -> Result<Self, TlsError> {
+    /// Fetches leave from `source` (the master's own address) when given.
+    pub(crate) fn new(
+        tls: &NodeTls,
+        config: &ClusterConfig,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Self, TlsError> {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls.client_config()?)
             .no_proxy()
+            .local_address(source)
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| TlsError::Verifier(format!("log client: {e}")))?;
