@@ -409,6 +409,16 @@ impl Cluster {
     /// traffic leaves from each node's own address, so this is a real partition. Other
     /// traffic (the test's own requests from 127.0.0.1) still flows. Needs `nft`.
     pub fn partition(&mut self, a: &[&str], b: &[&str]) {
+        self.cut(a, b, true);
+    }
+
+    /// Drop what the nodes of `from` send to those of `to`, and nothing the other way:
+    /// a one-way cut (TCP then fails both ways, but only after the first lost segment).
+    pub fn cut_one_way(&mut self, from: &[&str], to: &[&str]) {
+        self.cut(from, to, false);
+    }
+
+    fn cut(&mut self, a: &[&str], b: &[&str], both_ways: bool) {
         let table = format!("ballast_{}", self.opts.block);
         let ip = |id: &str| -> String {
             if id == "proxy" {
@@ -428,16 +438,24 @@ impl Cluster {
                 script.push_str(&format!(
                     "add rule ip {table} out ip saddr {x} ip daddr {y} drop\n"
                 ));
-                script.push_str(&format!(
-                    "add rule ip {table} out ip saddr {y} ip daddr {x} drop\n"
-                ));
+                if both_ways {
+                    script.push_str(&format!(
+                        "add rule ip {table} out ip saddr {y} ip daddr {x} drop\n"
+                    ));
+                }
             }
         }
         nft(&script);
         self.partitioned = true;
     }
 
-    /// Undo every [`Cluster::partition`].
+    /// Keep the cluster's directory (configs, data, logs) when it is dropped; returns it.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        self.dir.disable_cleanup(true);
+        self.dir.path().to_path_buf()
+    }
+
+    /// Undo every [`Cluster::partition`] and [`Cluster::cut_one_way`].
     pub fn heal(&mut self) {
         if self.partitioned {
             nft(&format!("delete table ip ballast_{}\n", self.opts.block));
@@ -1177,6 +1195,7 @@ impl Kubectl {
 }
 
 /// Helpers the benchmark programs (`tests/examples/bench_*.rs`) share.
+pub mod linearize;
 pub mod netns;
 
 pub mod bench {
