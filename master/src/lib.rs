@@ -56,6 +56,11 @@ pub enum MasterError {
     Raft(#[from] RaftStartError),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    /// Raft stopped by itself (its storage failed: a full disk, an I/O error). The
+    /// process ends with it; a service manager starts it again (`Restart=on-failure`),
+    /// and it rejoins from what it had persisted once the fault is gone.
+    #[error("{0}")]
+    RaftStopped(String),
     #[error("{0}")]
     Other(String),
 }
@@ -84,6 +89,8 @@ pub struct MasterHandle {
     pub auth: auth::Auth,
     /// Each identity's API requests in flight (`[limits] max_requests_in_flight_per_user`).
     fairness: Arc<auth::fairness::Fairness>,
+    /// Why Raft stopped by itself, once it has (then `shutdown` is cancelled).
+    raft_stopped: Arc<std::sync::OnceLock<String>>,
     node: RaftNode,
     api_listener: tokio::net::TcpListener,
 }
@@ -149,9 +156,16 @@ impl Master {
             node.timings.write_timeout,
             metrics.store_batch_writes.clone(),
         ));
+        let raft_stopped = Arc::new(std::sync::OnceLock::new());
         {
             let _raft = rt.enter();
-            spawn_watchers(&node, &metrics, shutdown.clone());
+            let data = config.master_data_dir(&me);
+            let stopped = StopOnFatal {
+                why: raft_stopped.clone(),
+                data,
+                stop: shutdown.clone(),
+            };
+            spawn_watchers(&node, &metrics, shutdown.clone(), stopped);
         }
         let auth = auth::Auth {
             authn: Arc::new(auth::Authenticator::new(tokens)),
@@ -160,6 +174,7 @@ impl Master {
         let fairness = auth::fairness::Fairness::new(&config.config.limits);
         Ok(MasterHandle {
             fairness,
+            raft_stopped,
             id,
             raft_store,
             leadership,
@@ -174,7 +189,6 @@ impl Master {
     }
 }
 
-/// Keep the leadership tokens and the election/leader-change counters up to date.
 /// The process-wide runtime Raft runs on (two threads of its own; never dropped).
 fn raft_runtime() -> &'static tokio::runtime::Runtime {
     static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
@@ -188,7 +202,35 @@ fn raft_runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-fn spawn_watchers(node: &RaftNode, metrics: &Arc<MasterMetrics>, shutdown: CancellationToken) {
+/// What to do when Raft stops by itself: record why and stop the master.
+struct StopOnFatal {
+    why: Arc<std::sync::OnceLock<String>>,
+    /// The data dir, named in the error (its `raft.redb` is what failed, or the disk).
+    data: std::path::PathBuf,
+    stop: CancellationToken,
+}
+
+impl StopOnFatal {
+    fn raft_stopped(&self, fatal: &impl std::fmt::Display) {
+        let why = format!(
+            "raft stopped: {fatal} (data dir {}); the master stops",
+            self.data.display()
+        );
+        tracing::error!("{why}");
+        // the first cause is the one to report
+        let _first = self.why.set(why);
+        self.stop.cancel();
+    }
+}
+
+/// Keep the leadership tokens and the election/leader-change counters up to date, and
+/// stop the master when Raft stops by itself.
+fn spawn_watchers(
+    node: &RaftNode,
+    metrics: &Arc<MasterMetrics>,
+    shutdown: CancellationToken,
+    on_fatal: StopOnFatal,
+) {
     let m = metrics.clone();
     let leadership = node.leadership.clone();
     tokio::spawn(leadership.drive(shutdown.clone(), move |active, term| {
@@ -211,6 +253,12 @@ fn spawn_watchers(node: &RaftNode, metrics: &Arc<MasterMetrics>, shutdown: Cance
                 r = rx.changed() => if r.is_err() { return },
             }
             let r = rx.borrow().clone();
+            if let Err(fatal) = &r.running_state {
+                if !shutdown.is_cancelled() {
+                    on_fatal.raft_stopped(fatal);
+                }
+                return;
+            }
             if r.current_term > term {
                 m.raft_elections.inc_by(r.current_term - term);
                 term = r.current_term;
@@ -271,7 +319,10 @@ impl MasterHandle {
             _ = server => {}
             _ = async { sd.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => {}
         };
-        let res = Ok(());
+        let res = match self.raft_stopped.get() {
+            Some(why) => Err(MasterError::RaftStopped(why.clone())),
+            None => Ok(()),
+        };
         tracing::info!(id = %self.id, "api server stopped; stopping raft");
         // peers were served until now: a write this master proposed before handing over
         // learned its commit from the next leader

@@ -11,9 +11,10 @@
 //!   every event (reopened from the last one it saw if it ends);
 //! - a pod runs on the worker;
 //! - a seeded schedule injects one fault at a time, then heals it: kill -9 of the active
-//!   master (its data kept, or lost), of a follower, of the proxy; SIGSTOP of the active;
+//!   master or of a follower (its data kept, or lost), of the proxy; SIGSTOP of the active;
 //!   the active cut off from the other masters, from the proxy, from every node; one-way
-//!   cuts from and to the active.
+//!   cuts from and to the active; 10–40 % of its packets lost (this kernel has no
+//!   `sch_netem`, so no delay).
 //!
 //! After healing it checks: the history is linearizable (the checker of
 //! `ballast_tests::linearize`, with a final read of every key); the watch saw every
@@ -338,6 +339,9 @@ enum Fault {
     KillActive,
     KillActiveLoseData,
     KillFollower,
+    /// A follower killed and started again with its data dir gone (the leader had
+    /// replicated to it: its log goes back to nothing).
+    KillFollowerLoseData,
     KillProxy,
     PauseActive,
     IsolateFromMasters,
@@ -345,12 +349,15 @@ enum Fault {
     IsolateFromAll,
     OneWayFromActive,
     OneWayToActive,
+    /// 10–40 % of the packets between the active and every other node lost.
+    LossyActive,
 }
 
-const FAULTS: [Fault; 10] = [
+const FAULTS: [Fault; 12] = [
     Fault::KillActive,
     Fault::KillActiveLoseData,
     Fault::KillFollower,
+    Fault::KillFollowerLoseData,
     Fault::KillProxy,
     Fault::PauseActive,
     Fault::IsolateFromMasters,
@@ -358,6 +365,7 @@ const FAULTS: [Fault; 10] = [
     Fault::IsolateFromAll,
     Fault::OneWayFromActive,
     Fault::OneWayToActive,
+    Fault::LossyActive,
 ];
 
 /// Inject `fault` for `hold`, then heal it.
@@ -385,9 +393,14 @@ fn inject(c: &mut Cluster, fault: Fault, hold: Duration, rng: &mut fastrand::Rng
             c.start_node(a);
             a.to_string()
         }
-        Fault::KillFollower => {
+        Fault::KillFollower | Fault::KillFollowerLoseData => {
             let f = others[rng.usize(..others.len())].to_string();
             c.kill(&f);
+            if fault == Fault::KillFollowerLoseData {
+                let dir = c.dir().join(&f);
+                std::fs::remove_dir_all(&dir)
+                    .unwrap_or_else(|e| panic!("cannot remove {}: {e}", dir.display()));
+            }
             thread::sleep(hold);
             c.start_node(&f);
             f
@@ -414,6 +427,13 @@ fn inject(c: &mut Cluster, fault: Fault, hold: Duration, rng: &mut fastrand::Rng
             thread::sleep(hold);
             c.heal();
             a.to_string()
+        }
+        Fault::LossyActive => {
+            let percent = rng.u8(10..=40);
+            c.lossy(&[a], &everyone, percent);
+            thread::sleep(hold);
+            c.heal();
+            format!("{a}, {percent} % lost")
         }
         Fault::OneWayFromActive | Fault::OneWayToActive => {
             if fault == Fault::OneWayFromActive {

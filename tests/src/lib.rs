@@ -409,16 +409,28 @@ impl Cluster {
     /// traffic leaves from each node's own address, so this is a real partition. Other
     /// traffic (the test's own requests from 127.0.0.1) still flows. Needs `nft`.
     pub fn partition(&mut self, a: &[&str], b: &[&str]) {
-        self.cut(a, b, true);
+        self.cut(a, b, true, "drop");
+    }
+
+    /// Lose `percent` of the packets between the nodes of `a` and those of `b`, both
+    /// ways (nftables `numgen random`: this machine's kernel has no `sch_netem`, so a
+    /// lossy link is what it can make; not a delay).
+    pub fn lossy(&mut self, a: &[&str], b: &[&str], percent: u8) {
+        self.cut(
+            a,
+            b,
+            true,
+            &format!("numgen random mod 100 < {percent} drop"),
+        );
     }
 
     /// Drop what the nodes of `from` send to those of `to`, and nothing the other way:
     /// a one-way cut (TCP then fails both ways, but only after the first lost segment).
     pub fn cut_one_way(&mut self, from: &[&str], to: &[&str]) {
-        self.cut(from, to, false);
+        self.cut(from, to, false, "drop");
     }
 
-    fn cut(&mut self, a: &[&str], b: &[&str], both_ways: bool) {
+    fn cut(&mut self, a: &[&str], b: &[&str], both_ways: bool, verdict: &str) {
         let table = format!("ballast_{}", self.opts.block);
         let ip = |id: &str| -> String {
             if id == "proxy" {
@@ -436,11 +448,11 @@ impl Cluster {
             for y in b {
                 let (x, y) = (ip(x), ip(y));
                 script.push_str(&format!(
-                    "add rule ip {table} out ip saddr {x} ip daddr {y} drop\n"
+                    "add rule ip {table} out ip saddr {x} ip daddr {y} {verdict}\n"
                 ));
                 if both_ways {
                     script.push_str(&format!(
-                        "add rule ip {table} out ip saddr {y} ip daddr {x} drop\n"
+                        "add rule ip {table} out ip saddr {y} ip daddr {x} {verdict}\n"
                     ));
                 }
             }
@@ -455,7 +467,7 @@ impl Cluster {
         self.dir.path().to_path_buf()
     }
 
-    /// Undo every [`Cluster::partition`] and [`Cluster::cut_one_way`].
+    /// Undo every [`Cluster::partition`], [`Cluster::cut_one_way`] and [`Cluster::lossy`].
     pub fn heal(&mut self) {
         if self.partitioned {
             nft(&format!("delete table ip ballast_{}\n", self.opts.block));

@@ -179,10 +179,25 @@ fn index_span(lo: Bound<u64>, hi: Bound<u64>) -> (u64, u64) {
 
 impl LogStore {
     /// Open (or create) `path`, creating the tables.
+    ///
+    /// A damaged file is an error, never a panic: redb asserts on some damage (a file cut
+    /// shorter than its header's layout), and that assertion is turned into
+    /// [`redb::Error::Corrupted`] here so the caller can name the file.
     pub(crate) fn open(path: &Path) -> Result<Self, redb::Error> {
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)?;
+        let opened = std::panic::catch_unwind(|| {
+            Database::builder().set_cache_size(CACHE_BYTES).create(path)
+        });
+        let db = match opened {
+            Ok(db) => db?,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "the file is damaged".into());
+                return Err(redb::Error::Corrupted(why));
+            }
+        };
         let tx = db.begin_write()?;
         {
             tx.open_table(LOGS)?;
@@ -493,6 +508,28 @@ mod tests {
         assert!(decode_entry(b"\xc1garbage").is_err());
         // a value is carried as raw bytes, not as an escaped string
         assert!(packed.len() < json.len());
+    }
+
+    /// A file cut short made redb panic inside `open` (an assertion on the header's
+    /// layout); it is an error now, so the master can name the file.
+    #[tokio::test]
+    async fn a_log_file_cut_short_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        let log = LogStore::open(&path).unwrap();
+        log.append_for_test((1..=50).map(entry).collect())
+            .await
+            .unwrap();
+        drop(log);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len / 2).unwrap();
+        drop(f);
+        match LogStore::open(&path) {
+            Err(redb::Error::Corrupted(_)) => {}
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("a log cut in half opened"),
+        }
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ pub enum RaftStartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open the Raft log {path}: {source}")]
+    #[error("cannot open the Raft log {path}: {source} (a damaged log cannot be trusted: move the data dir away and start again, and the master rejoins as one with a lost data dir)")]
     LogStore {
         path: PathBuf,
         #[source]
