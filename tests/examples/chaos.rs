@@ -449,6 +449,52 @@ fn inject(c: &mut Cluster, fault: Fault, hold: Duration, rng: &mut fastrand::Rng
     target
 }
 
+/// Wait (up to [`RECOVERY`]) until the cluster is whole again: one active master and
+/// every master's log applied up to where the active's was when it was first seen (a
+/// master back from a lost data dir has caught up and votes again). One fault at a time
+/// means this: a second data dir lost before the first has caught up is a lost majority,
+/// and the cluster then stays unavailable rather than risk being wrong.
+fn recover(c: &Cluster) -> bool {
+    let applied = |id: &str| c.master_gauge(id, "ballast_master_raft_applied_index");
+    let until = Instant::now() + RECOVERY;
+    let mut target = None;
+    while Instant::now() < until {
+        let active = c.active_masters();
+        if let [(id, _)] = &active[..] {
+            if target.is_none() {
+                target = applied(id);
+            }
+            if let Some(t) = target {
+                if c.master_ids()
+                    .iter()
+                    .all(|m| applied(m).is_some_and(|a| a >= t))
+                {
+                    return true;
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Keep the cluster's directory and the history, say where, and exit 1.
+fn report_failure(mut c: Cluster, history: &[Op]) {
+    let kept: PathBuf = c.keep_dir();
+    let file = kept.join("history.json");
+    let json = serde_json::to_string(history).expect("history as JSON");
+    if let Err(e) = std::fs::write(&file, json) {
+        eprintln!("cannot write {}: {e}", file.display());
+    }
+    println!(
+        "kept {} (configs, data, logs; the history: ./task chaos --check {})",
+        kept.display(),
+        file.display()
+    );
+    drop(c);
+    std::process::exit(1);
+}
+
 /// What went wrong, for the report.
 #[derive(Default)]
 struct Anomalies(Vec<String>);
@@ -667,20 +713,19 @@ fn main() {
             let hold = Duration::from_millis(rng.u64(1000..5000));
             let t = clock.ns() as f64 / 1e9;
             let target = inject(&mut c, fault, hold, &mut rng);
-            println!(
-                "{t:8.3} s  {fault:?} ({target}) for {:.1} s",
-                hold.as_secs_f64()
-            );
             *faults.entry(fault).or_default() += 1;
             let healed = Instant::now();
-            while c.active_masters().len() != 1 {
-                if healed.elapsed() > RECOVERY {
-                    found.add(format!(
-                        "no single active master {RECOVERY:?} after healing {fault:?}"
-                    ));
-                    break;
-                }
-                thread::sleep(Duration::from_millis(50));
+            let recovered = recover(&c);
+            println!(
+                "{t:8.3} s  {fault:?} ({target}) for {:.1} s; recovered {:.1} s after healing",
+                hold.as_secs_f64(),
+                healed.elapsed().as_secs_f64()
+            );
+            if !recovered {
+                found.add(format!(
+                    "not recovered {RECOVERY:?} after healing {fault:?}"
+                ));
+                break;
             }
         }
         thread::sleep(Duration::from_secs(2));
@@ -693,7 +738,11 @@ fn main() {
             found.add(format!("{id} is not running at the end"));
         }
     }
-    c.wait_one_active(RECOVERY);
+    if !recover(&c) {
+        found.add(format!("not recovered {RECOVERY:?} after the campaign"));
+        println!("chaos: seed {}, {} anomalies", a.seed, found.0.len());
+        return report_failure(c, &history.into_inner().unwrap());
+    }
     let mut history = history.into_inner().unwrap();
     let mut keys: Vec<String> = history.iter().map(|o| o.key.clone()).collect();
     keys.sort();
@@ -794,18 +843,6 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
     if !found.0.is_empty() {
-        let kept: PathBuf = c.keep_dir();
-        let file = kept.join("history.json");
-        let json = serde_json::to_string(&history).expect("history as JSON");
-        if let Err(e) = std::fs::write(&file, json) {
-            eprintln!("cannot write {}: {e}", file.display());
-        }
-        println!(
-            "kept {} (configs, data, logs; the history: ./task chaos --check {})",
-            kept.display(),
-            file.display()
-        );
-        drop(c);
-        std::process::exit(1);
+        report_failure(c, &history);
     }
 }
