@@ -548,10 +548,13 @@ fn check_observer(samples: &[Sample], names: &[String], found: &mut Anomalies) -
             }
         }
     }
+    let terms: Vec<&u64> = by_term.keys().collect();
     format!(
-        "{} active answers, terms {:?}: at most one active per term, terms never went back",
+        "{} active answers in {} terms ({}..{}): at most one active per term, terms never went back",
         samples.len(),
-        by_term.keys().collect::<Vec<_>>()
+        terms.len(),
+        terms.first().map_or(0, |t| **t),
+        terms.last().map_or(0, |t| **t)
     )
 }
 

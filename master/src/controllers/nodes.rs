@@ -3,9 +3,13 @@
 //! are evicted once their toleration of that taint (or the default eviction timeout)
 //! runs out, so their ReplicaSets replace them on other nodes. When the node reports
 //! `Ready=True` again the taint goes.
+//!
+//! "Renewed within the grace period" is judged by this master's monotonic clock, from when
+//! it saw the renewal ([`Heartbeats`]), never from the time the worker wrote in it.
 
 use std::borrow::Borrow;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Taint};
@@ -36,15 +40,59 @@ fn ts(t: &Time) -> Timestamp {
     t.0
 }
 
-/// The last time the node was heard from.
-fn last_seen(n: &Node, lease: Option<&Lease>) -> Option<Timestamp> {
+/// When this master last saw each node's heartbeat move, by its own monotonic clock.
+///
+/// A node's Lease `renewTime` and Ready `lastHeartbeatTime` carry the *worker's* wall
+/// clock: a worker 60 s behind would look 60 s stale at every renewal, one 60 s ahead would
+/// look alive for a minute after it died. So, as kube-controller-manager's node lifecycle
+/// controller does (its `probeTimestamp`), the reported value is only compared with the one
+/// seen before: a change means "heard from now", and the grace period runs from there. A
+/// master that has just become active has seen nothing yet and gives every node a full
+/// grace period; a jump of its own wall clock changes nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Heartbeats {
+    seen: HashMap<String, (Beat, Instant)>,
+}
+
+/// What a node reports of itself: its Lease's `renewTime` and its Ready condition's
+/// `lastHeartbeatTime` (each by its own clock; only compared for change).
+type Beat = (Option<Timestamp>, Option<Timestamp>);
+
+impl Heartbeats {
+    /// When `node` was last heard from, given what it reports now.
+    fn heard(&mut self, node: &str, reported: Beat, now: Instant) -> Instant {
+        match self.seen.get(node) {
+            Some((r, at)) if *r == reported => *at,
+            _ => {
+                self.seen.insert(node.to_string(), (reported, now));
+                now
+            }
+        }
+    }
+
+    /// Forget nodes that are gone.
+    fn keep_only<'a>(&mut self, names: impl Iterator<Item = &'a str>) {
+        let names: std::collections::HashSet<&str> = names.collect();
+        self.seen.retain(|n, _| names.contains(n.as_str()));
+    }
+}
+
+/// The time now: the wall clock for what is written into objects (conditions, taints),
+/// the monotonic clock for how long a node has been silent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Now {
+    pub wall: Timestamp,
+    pub mono: Instant,
+}
+
+/// What the node reports of itself now.
+fn beat(n: &Node, lease: Option<&Lease>) -> Beat {
     let lease_t = lease
         .and_then(|l| l.spec.as_ref())
         .and_then(|s| s.renew_time.as_ref())
         .map(|t| t.0);
     let hb = ready_condition(n).and_then(|c| c.last_heartbeat_time.as_ref().map(ts));
-    let created = n.metadata.creation_timestamp.as_ref().map(ts);
-    [lease_t, hb, created].into_iter().flatten().max()
+    (lease_t, hb)
 }
 
 fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
@@ -57,11 +105,18 @@ pub(crate) fn reconcile(
     nodes: &[impl Borrow<Node>],
     leases: &[impl Borrow<Lease>],
     pods: &[impl Borrow<Pod>],
-    now: Timestamp,
+    heartbeats: &mut Heartbeats,
+    clock: Now,
     grace: Duration,
     eviction: Duration,
 ) -> NodesPlan {
     let mut plan = NodesPlan::default();
+    let now = clock.wall;
+    heartbeats.keep_only(
+        nodes
+            .iter()
+            .filter_map(|n| n.borrow().metadata.name.as_deref()),
+    );
     for n in nodes {
         let n: &Node = n.borrow();
         let name = n.metadata.name.clone().unwrap_or_default();
@@ -69,7 +124,8 @@ pub(crate) fn reconcile(
             .iter()
             .map(Borrow::borrow)
             .find(|l| l.metadata.name.as_deref() == Some(name.as_str()));
-        let stale = last_seen(n, lease).is_none_or(|t| elapsed(t, now) > grace);
+        let heard = heartbeats.heard(&name, beat(n, lease), clock.mono);
+        let stale = clock.mono.saturating_duration_since(heard) > grace;
         let ready_status = ready_condition(n).map(|c| c.status.clone());
         let taints = n
             .spec
@@ -231,13 +287,23 @@ mod tests {
     const G: Duration = Duration::from_secs(40);
     const E: Duration = Duration::from_secs(300);
 
+    /// The master's clocks `secs` into a test (both start together).
+    fn clock(base: Instant, secs: i64) -> Now {
+        Now {
+            wall: at(secs),
+            mono: base + Duration::from_secs(secs as u64),
+        }
+    }
+
     #[test]
     fn fresh_lease_keeps_node_ready() {
+        let (base, mut hb) = (Instant::now(), Heartbeats::default());
         let plan = reconcile(
             &[node("w1", "True")],
             &[lease("w1", 30)],
             NO_PODS,
-            at(60),
+            &mut hb,
+            clock(base, 60),
             G,
             E,
         );
@@ -246,14 +312,12 @@ mod tests {
 
     #[test]
     fn stale_lease_marks_unknown_and_taints() {
-        let plan = reconcile(
-            &[node("w1", "True")],
-            &[lease("w1", 10)],
-            NO_PODS,
-            at(60),
-            G,
-            E,
-        );
+        let (base, mut hb) = (Instant::now(), Heartbeats::default());
+        let nodes = [node("w1", "True")];
+        let leases = [lease("w1", 10)];
+        let plan = reconcile(&nodes, &leases, NO_PODS, &mut hb, clock(base, 10), G, E);
+        assert!(plan.update_nodes.is_empty(), "heard from just now");
+        let plan = reconcile(&nodes, &leases, NO_PODS, &mut hb, clock(base, 60), G, E);
         let n = &plan.update_nodes[0];
         assert_eq!(ready_condition(n).unwrap().status, "Unknown");
         let t = &n.spec.as_ref().unwrap().taints.as_ref().unwrap()[0];
@@ -286,12 +350,19 @@ mod tests {
         let long = pod("long", Some("r"), Some("w1"), true);
         let other = pod("other", Some("r"), Some("w2"), true);
         let pods = [short, long, other];
-        let plan = reconcile(std::slice::from_ref(&n), NO_LEASES, &pods, at(110), G, E);
+        let (base, mut hb) = (Instant::now(), Heartbeats::default());
+        let nodes = std::slice::from_ref(&n);
+        let plan = reconcile(nodes, NO_LEASES, &pods, &mut hb, clock(base, 60), G, E);
+        assert!(
+            plan.evict_pods.is_empty(),
+            "not silent for the grace period yet"
+        );
+        let plan = reconcile(nodes, NO_LEASES, &pods, &mut hb, clock(base, 110), G, E);
         assert_eq!(
             plan.evict_pods,
             vec![("default".to_string(), "short".to_string())]
         );
-        let plan = reconcile(&[n], NO_LEASES, &pods, at(100 + 300), G, E);
+        let plan = reconcile(nodes, NO_LEASES, &pods, &mut hb, clock(base, 400), G, E);
         assert_eq!(plan.evict_pods.len(), 2);
     }
 
@@ -307,7 +378,16 @@ mod tests {
             }]),
             ..Default::default()
         });
-        let plan = reconcile(&[n], &[lease("w1", 100)], NO_PODS, at(101), G, E);
+        let (base, mut hb) = (Instant::now(), Heartbeats::default());
+        let plan = reconcile(
+            &[n],
+            &[lease("w1", 100)],
+            NO_PODS,
+            &mut hb,
+            clock(base, 101),
+            G,
+            E,
+        );
         assert!(plan.update_nodes[0]
             .spec
             .as_ref()
@@ -317,5 +397,32 @@ mod tests {
             .unwrap()
             .is_empty());
         assert!(plan.evict_pods.is_empty());
+    }
+
+    /// A worker whose wall clock is a minute behind renews every 10 s: its renewTime is
+    /// always 60 s old by the master's clock, and the node stays Ready. One a minute ahead
+    /// that stops renewing is marked after the grace period, not a minute later.
+    #[test]
+    fn a_worker_clock_a_minute_off_changes_nothing() {
+        let (base, mut hb) = (Instant::now(), Heartbeats::default());
+        let nodes = [node("w1", "True")];
+        for k in 0..12 {
+            let leases = [lease("w1", k * 10 - 60)];
+            let plan = reconcile(&nodes, &leases, NO_PODS, &mut hb, clock(base, k * 10), G, E);
+            assert!(
+                plan.update_nodes.is_empty(),
+                "behind, at {} s: {plan:?}",
+                k * 10
+            );
+        }
+        let (base, mut hb) = (Instant::now(), Heartbeats::default());
+        let ahead = [lease("w1", 60)];
+        let plan = reconcile(&nodes, &ahead, NO_PODS, &mut hb, clock(base, 0), G, E);
+        assert!(plan.update_nodes.is_empty());
+        let plan = reconcile(&nodes, &ahead, NO_PODS, &mut hb, clock(base, 41), G, E);
+        assert_eq!(
+            ready_condition(&plan.update_nodes[0]).unwrap().status,
+            "Unknown"
+        );
     }
 }

@@ -130,6 +130,7 @@ pub(crate) async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: Canc
             return;
         }
     };
+    let mut heartbeats = nodes::Heartbeats::default();
     let mut tick = tokio::time::interval(Duration::from_millis(1000));
     let mut last_pass = tokio::time::Instant::now();
     loop {
@@ -164,7 +165,7 @@ pub(crate) async fn run(reg: Arc<Registry>, control: ControlConfig, cancel: Canc
             break;
         }
         last_pass = tokio::time::Instant::now();
-        if let Err(e) = pass(&reg, &control, &cancel, &mut informers).await {
+        if let Err(e) = pass(&reg, &control, &cancel, &mut informers, &mut heartbeats).await {
             tracing::debug!("controller pass: {e}");
         }
     }
@@ -177,12 +178,16 @@ async fn pass(
     control: &ControlConfig,
     cancel: &CancellationToken,
     informers: &mut Informers,
+    heartbeats: &mut nodes::Heartbeats,
 ) -> Result<(), ApiError> {
     let w = informers.observe(reg).await?;
-    let now = crate::clock::now();
-    sync_deployments(reg, &w, now, cancel).await;
+    let now = nodes::Now {
+        wall: crate::clock::now(),
+        mono: std::time::Instant::now(),
+    };
+    sync_deployments(reg, &w, now.wall, cancel).await;
     sync_replicasets(reg, &w, cancel).await;
-    sync_nodes(reg, &w, control, now, cancel).await;
+    sync_nodes(reg, &w, control, heartbeats, now, cancel).await;
     Ok(())
 }
 
@@ -263,13 +268,15 @@ async fn sync_nodes(
     reg: &Registry,
     w: &World,
     control: &ControlConfig,
-    now: Timestamp,
+    heartbeats: &mut nodes::Heartbeats,
+    now: nodes::Now,
     cancel: &CancellationToken,
 ) {
     let np = nodes::reconcile(
         &w.nodes,
         &w.leases,
         &w.pods,
+        heartbeats,
         now,
         control.node_grace_period,
         control.pod_eviction_timeout,
