@@ -411,6 +411,11 @@ mod tests {
     use Call::*;
     use Outcome::*;
 
+    /// An update of `value` if the version is still `expect`.
+    fn cas(value: Value, expect: Rv) -> Call {
+        Update { value, expect }
+    }
+
     fn verdict(h: &[Op]) -> bool {
         check(h).linearizable()
     }
@@ -422,38 +427,11 @@ mod tests {
             op(0, 2, Some(3), Create(1), Created(10)),
             op(1, 4, Some(5), Create(2), Exists),
             op(1, 6, Some(7), Get, Found(1, 10)),
-            op(
-                0,
-                8,
-                Some(9),
-                Update {
-                    value: 3,
-                    expect: 10,
-                },
-                Updated(11),
-            ),
-            op(
-                1,
-                10,
-                Some(11),
-                Update {
-                    value: 4,
-                    expect: 10,
-                },
-                Conflict,
-            ),
+            op(0, 8, Some(9), cas(3, 10), Updated(11)),
+            op(1, 10, Some(11), cas(4, 10), Conflict),
             op(0, 12, Some(13), Get, Found(3, 11)),
             op(0, 14, Some(15), Delete, Deleted),
-            op(
-                1,
-                16,
-                Some(17),
-                Update {
-                    value: 5,
-                    expect: 11,
-                },
-                NotFound,
-            ),
+            op(1, 16, Some(17), cas(5, 11), NotFound),
             op(1, 18, Some(19), Delete, NotFound),
         ];
         assert!(verdict(&h), "{}", check(&h));
@@ -463,16 +441,7 @@ mod tests {
     fn a_stale_read_after_an_acknowledged_update_is_a_violation() {
         let h = [
             op(0, 0, Some(1), Create(1), Created(10)),
-            op(
-                0,
-                2,
-                Some(3),
-                Update {
-                    value: 2,
-                    expect: 10,
-                },
-                Updated(11),
-            ),
+            op(0, 2, Some(3), cas(2, 10), Updated(11)),
             op(1, 4, Some(5), Get, Found(1, 10)),
         ];
         let r = check(&h);
@@ -491,16 +460,7 @@ mod tests {
         for seen in [Found(1, 10), Found(2, 11)] {
             let h = [
                 op(0, 0, Some(1), Create(1), Created(10)),
-                op(
-                    0,
-                    2,
-                    Some(10),
-                    Update {
-                        value: 2,
-                        expect: 10,
-                    },
-                    Updated(11),
-                ),
+                op(0, 2, Some(10), cas(2, 10), Updated(11)),
                 op(1, 3, Some(5), Get, seen),
             ];
             assert!(verdict(&h), "{seen:?}: {}", check(&h));
@@ -508,16 +468,7 @@ mod tests {
         // ... but a read that begins after another read saw the new value cannot go back
         let h = [
             op(0, 0, Some(1), Create(1), Created(10)),
-            op(
-                0,
-                2,
-                Some(10),
-                Update {
-                    value: 2,
-                    expect: 10,
-                },
-                Updated(11),
-            ),
+            op(0, 2, Some(10), cas(2, 10), Updated(11)),
             op(1, 3, Some(4), Get, Found(2, 11)),
             op(2, 5, Some(6), Get, Found(1, 10)),
         ];
@@ -552,27 +503,9 @@ mod tests {
         // an update whose answer was lost, then a CAS on the version a read revealed
         let h = [
             op(0, 0, Some(1), Create(1), Created(10)),
-            op(
-                0,
-                2,
-                None,
-                Update {
-                    value: 2,
-                    expect: 10,
-                },
-                Unknown,
-            ),
+            op(0, 2, None, cas(2, 10), Unknown),
             op(1, 5, Some(6), Get, Found(2, 13)),
-            op(
-                1,
-                7,
-                Some(8),
-                Update {
-                    value: 3,
-                    expect: 13,
-                },
-                Updated(14),
-            ),
+            op(1, 7, Some(8), cas(3, 13), Updated(14)),
         ];
         assert!(verdict(&h), "{}", check(&h));
     }
@@ -588,16 +521,7 @@ mod tests {
         // an update applied, then replayed and answered "conflict"
         let h = [
             op(0, 0, Some(1), Create(1), Created(10)),
-            op(
-                0,
-                2,
-                Some(6),
-                Update {
-                    value: 2,
-                    expect: 10,
-                },
-                Conflict,
-            ),
+            op(0, 2, Some(6), cas(2, 10), Conflict),
             op(1, 7, Some(8), Get, Found(2, 11)),
         ];
         assert!(!verdict(&h));
@@ -607,50 +531,14 @@ mod tests {
     fn two_compare_and_swaps_from_one_version_cannot_both_succeed() {
         let h = [
             op(0, 0, Some(1), Create(1), Created(10)),
-            op(
-                0,
-                2,
-                Some(5),
-                Update {
-                    value: 2,
-                    expect: 10,
-                },
-                Updated(11),
-            ),
-            op(
-                1,
-                2,
-                Some(5),
-                Update {
-                    value: 3,
-                    expect: 10,
-                },
-                Updated(12),
-            ),
+            op(0, 2, Some(5), cas(2, 10), Updated(11)),
+            op(1, 2, Some(5), cas(3, 10), Updated(12)),
         ];
         assert!(!verdict(&h));
         let h = [
             op(0, 0, Some(1), Create(1), Created(10)),
-            op(
-                0,
-                2,
-                Some(5),
-                Update {
-                    value: 2,
-                    expect: 10,
-                },
-                Updated(11),
-            ),
-            op(
-                1,
-                2,
-                Some(5),
-                Update {
-                    value: 3,
-                    expect: 10,
-                },
-                Conflict,
-            ),
+            op(0, 2, Some(5), cas(2, 10), Updated(11)),
+            op(1, 2, Some(5), cas(3, 10), Conflict),
         ];
         assert!(verdict(&h));
     }
