@@ -91,6 +91,8 @@ pub struct MasterHandle {
     fairness: Arc<auth::fairness::Fairness>,
     /// Why Raft stopped by itself, once it has (then `shutdown` is cancelled).
     raft_stopped: Arc<std::sync::OnceLock<String>>,
+    /// API requests whose handlers are running (drained before Raft stops).
+    in_flight: server::InFlight,
     node: RaftNode,
     api_listener: tokio::net::TcpListener,
 }
@@ -175,6 +177,7 @@ impl Master {
         Ok(MasterHandle {
             fairness,
             raft_stopped,
+            in_flight: server::InFlight::default(),
             id,
             raft_store,
             leadership,
@@ -290,6 +293,7 @@ impl MasterHandle {
             internal_kv: self.config.config.control.internal_kv,
             auth: self.auth.clone(),
             fairness: self.fairness.clone(),
+            in_flight: self.in_flight.clone(),
         }
     }
 
@@ -314,10 +318,19 @@ impl MasterHandle {
         let sd = self.shutdown.clone();
         let server =
             ballast_config::listener::serve(listener, app, limits.header_read_timeout, sd.clone());
-        // Long-lived requests (watches) must not hold the process: give them a grace.
+        // Requests being handled finish (a write waits at most `write_timeout` for its
+        // commit), then their answers get a moment to be written; long-lived streams
+        // (watches) do not hold the process: they end with it (the proxy resumes them).
+        let (in_flight, drain) = (self.in_flight.clone(), self.node.timings.write_timeout);
         tokio::select! {
             _ = server => {}
-            _ = async { sd.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => {}
+            _ = async {
+                sd.cancelled().await;
+                if !in_flight.drained(drain + Duration::from_secs(1)).await {
+                    tracing::warn!("requests still running after {drain:?}; stopping anyway");
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            } => {}
         };
         let res = match self.raft_stopped.get() {
             Some(why) => Err(MasterError::RaftStopped(why.clone())),

@@ -36,6 +36,47 @@ pub struct ServerState {
     pub auth: Auth,
     /// Each identity's API requests in flight.
     pub(crate) fairness: Arc<Fairness>,
+    /// Requests whose handlers are running.
+    pub(crate) in_flight: InFlight,
+}
+
+/// The requests whose handlers are running (a watch only until its stream begins): what a
+/// stopping master lets finish before it closes its connections, so that a write it
+/// took is answered (committed, or refused) instead of cut.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+/// One running handler; counted until dropped (answered, or cancelled).
+struct Running(InFlight);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl InFlight {
+    fn start(&self) -> Running {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Running(self.clone())
+    }
+
+    /// Wait until no handler runs, or `max`; whether none does.
+    pub(crate) async fn drained(&self, max: std::time::Duration) -> bool {
+        let until = tokio::time::Instant::now() + max;
+        while self.0.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+async fn track_in_flight(State(f): State<InFlight>, req: Request, next: Next) -> Response {
+    let _running = f.start();
+    next.run(req).await
 }
 
 /// The whole API-address router: health/active/metrics (+ internal KV when enabled),
@@ -65,6 +106,10 @@ pub(crate) fn build_router(state: ServerState, extra: Router) -> Router {
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),
             count_requests,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.in_flight.clone(),
+            track_in_flight,
         ))
 }
 

@@ -14,7 +14,8 @@
 //!   master or of a follower (its data kept, or lost), of the proxy; SIGSTOP of the active;
 //!   the active cut off from the other masters, from the proxy, from every node; one-way
 //!   cuts from and to the active; 10–40 % of its packets lost (this kernel has no
-//!   `sch_netem`, so no delay).
+//!   `sch_netem`, so no delay); the active's data dir (a 256 MiB tmpfs) full.
+//! - the worker's wall clock runs a minute behind the masters' (libfaketime).
 //!
 //! After healing it checks: the history is linearizable (the checker of
 //! `ballast_tests::linearize`, with a final read of every key); the watch saw every
@@ -343,6 +344,8 @@ enum Fault {
     /// replicated to it: its log goes back to nothing).
     KillFollowerLoseData,
     KillProxy,
+    /// The active's data dir (a small tmpfs) filled up, then freed.
+    DiskFullActive,
     PauseActive,
     IsolateFromMasters,
     IsolateFromProxy,
@@ -353,12 +356,13 @@ enum Fault {
     LossyActive,
 }
 
-const FAULTS: [Fault; 12] = [
+const FAULTS: [Fault; 13] = [
     Fault::KillActive,
     Fault::KillActiveLoseData,
     Fault::KillFollower,
     Fault::KillFollowerLoseData,
     Fault::KillProxy,
+    Fault::DiskFullActive,
     Fault::PauseActive,
     Fault::IsolateFromMasters,
     Fault::IsolateFromProxy,
@@ -367,6 +371,74 @@ const FAULTS: [Fault; 12] = [
     Fault::OneWayToActive,
     Fault::LossyActive,
 ];
+
+/// Each master's data dir is a tmpfs of this size, so a fault can fill it.
+const DATA_DIR_SIZE: &str = "256m";
+/// The worker runs with its wall clock this far behind the masters' (libfaketime).
+const WORKER_SKEW: &str = "-60s";
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Mount a tmpfs on each master's data dir.
+fn mount_data_dirs(c: &Cluster) -> Vec<PathBuf> {
+    c.master_ids()
+        .iter()
+        .map(|m| {
+            let dir = c.dir().join(m);
+            std::fs::create_dir_all(&dir).expect("data dir");
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={DATA_DIR_SIZE},mode=0700"))
+                .arg("tmpfs")
+                .arg(&dir)
+                .output()
+                .expect("mount");
+            assert!(
+                out.status.success(),
+                "mount a tmpfs on {}: {out:?}",
+                dir.display()
+            );
+            dir
+        })
+        .collect()
+}
+
+fn unmount(dirs: &[PathBuf]) {
+    for d in dirs {
+        let ok = std::process::Command::new("umount")
+            .arg(d)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("cannot unmount {}", d.display());
+        }
+    }
+}
+
+/// Remove everything in a data dir (a mount point, which itself stays).
+fn wipe(dir: &std::path::Path) {
+    for e in std::fs::read_dir(dir).expect("read the data dir").flatten() {
+        let p = e.path();
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.unwrap_or_else(|e| panic!("cannot remove {}: {e}", p.display()));
+    }
+}
+
+/// Write zeros to `file` until its file system is full.
+fn fill_disk(file: &std::path::Path) {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(file).expect("the fill file");
+    let block = vec![0u8; 256 * 1024];
+    loop {
+        if let Err(e) = f.write_all(&block) {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling: {e}");
+            return;
+        }
+    }
+}
 
 /// Inject `fault` for `hold`, then heal it.
 fn inject(c: &mut Cluster, fault: Fault, hold: Duration, rng: &mut fastrand::Rng) -> String {
@@ -385,9 +457,7 @@ fn inject(c: &mut Cluster, fault: Fault, hold: Duration, rng: &mut fastrand::Rng
         Fault::KillActive | Fault::KillActiveLoseData => {
             c.kill(a);
             if fault == Fault::KillActiveLoseData {
-                let dir = c.dir().join(a);
-                std::fs::remove_dir_all(&dir)
-                    .unwrap_or_else(|e| panic!("cannot remove {}: {e}", dir.display()));
+                wipe(&c.dir().join(a));
             }
             thread::sleep(hold);
             c.start_node(a);
@@ -397,9 +467,7 @@ fn inject(c: &mut Cluster, fault: Fault, hold: Duration, rng: &mut fastrand::Rng
             let f = others[rng.usize(..others.len())].to_string();
             c.kill(&f);
             if fault == Fault::KillFollowerLoseData {
-                let dir = c.dir().join(&f);
-                std::fs::remove_dir_all(&dir)
-                    .unwrap_or_else(|e| panic!("cannot remove {}: {e}", dir.display()));
+                wipe(&c.dir().join(&f));
             }
             thread::sleep(hold);
             c.start_node(&f);
@@ -410,6 +478,20 @@ fn inject(c: &mut Cluster, fault: Fault, hold: Duration, rng: &mut fastrand::Rng
             thread::sleep(hold);
             c.start_node("proxy");
             "proxy".into()
+        }
+        Fault::DiskFullActive => {
+            let fill = c.dir().join(a).join("fill");
+            fill_disk(&fill);
+            thread::sleep(hold);
+            std::fs::remove_file(&fill)
+                .unwrap_or_else(|e| panic!("cannot remove {}: {e}", fill.display()));
+            // its Raft stopped and the process exited, as it must: start it again, as
+            // `Restart=on-failure` would
+            let exited = !c.is_running(a);
+            if exited {
+                c.start_node(a);
+            }
+            format!("{a}{}", if exited { ", exited and restarted" } else { "" })
         }
         Fault::PauseActive => {
             c.pause(a);
@@ -479,7 +561,7 @@ fn recover(c: &Cluster) -> bool {
 }
 
 /// Keep the cluster's directory and the history, say where, and exit 1.
-fn report_failure(mut c: Cluster, history: &[Op]) {
+fn report_failure(mut c: Cluster, history: &[Op], data_dirs: &[PathBuf]) -> ! {
     let kept: PathBuf = c.keep_dir();
     let file = kept.join("history.json");
     let json = serde_json::to_string(history).expect("history as JSON");
@@ -492,6 +574,14 @@ fn report_failure(mut c: Cluster, history: &[Op]) {
         file.display()
     );
     drop(c);
+    println!(
+        "the masters' data dirs stay mounted (tmpfs) for a look: umount {}",
+        data_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     std::process::exit(1);
 }
 
@@ -640,13 +730,30 @@ fn main() {
         a.masters,
         a.run.as_secs()
     );
-    let mut c = Cluster::start(
+    assert!(
+        std::path::Path::new(FAKETIME).exists(),
+        "{FAKETIME} (Debian faketime) is required: ./task deps"
+    );
+    let mut c = Cluster::configure(
         ClusterOpts::new(BLOCK)
             .masters(a.masters)
             .workers(1)
             .proxy(true),
         |_| {},
     );
+    let data_dirs = mount_data_dirs(&c);
+    for id in c.node_ids() {
+        if id == "w1" {
+            let skew = [
+                ("LD_PRELOAD", FAKETIME),
+                ("FAKETIME", WORKER_SKEW),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ];
+            c.start_node_env(&id, &skew);
+        } else {
+            c.start_node(&id);
+        }
+    }
     c.wait_one_active(RECOVERY);
     let proxy = c.proxy_url();
     let masters = c.master_ids();
@@ -709,7 +816,9 @@ fn main() {
             for id in c.node_ids() {
                 if !c.is_running(&id) {
                     found.add(format!("{id} died (not killed by the campaign)"));
-                    c.start_node(&id);
+                    if id != "w1" {
+                        c.start_node(&id);
+                    }
                 }
             }
             let fault = FAULTS[rng.usize(..FAULTS.len())];
@@ -744,7 +853,7 @@ fn main() {
     if !recover(&c) {
         found.add(format!("not recovered {RECOVERY:?} after the campaign"));
         println!("chaos: seed {}, {} anomalies", a.seed, found.0.len());
-        return report_failure(c, &history.into_inner().unwrap());
+        report_failure(c, &history.into_inner().unwrap(), &data_dirs);
     }
     let mut history = history.into_inner().unwrap();
     let mut keys: Vec<String> = history.iter().map(|o| o.key.clone()).collect();
@@ -846,6 +955,8 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
     if !found.0.is_empty() {
-        report_failure(c, &history);
+        report_failure(c, &history, &data_dirs);
     }
+    drop(c);
+    unmount(&data_dirs);
 }

@@ -289,10 +289,16 @@ impl Cluster {
 
     /// Start (or start again) one node; its output is appended to `logs/<id>.log`.
     pub fn start_node(&mut self, id: &str) {
+        self.start_node_env(id, &[]);
+    }
+
+    /// [`Cluster::start_node`] with extra environment variables (e.g. libfaketime's).
+    pub fn start_node_env(&mut self, id: &str, env: &[(&str, &str)]) {
         if self.is_running(id) {
             panic!("{id} is already running");
         }
         let mut cmd = self.node_command(id, &[]);
+        cmd.envs(env.iter().copied());
         die_with_parent(&mut cmd);
         let child = cmd.spawn().expect("spawn ballast");
         self.procs.insert(id.to_string(), Proc { child });
