@@ -136,7 +136,7 @@ fn main() -> ExitCode {
             match run(cmd, cli.log_format) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("ballast: {e:#}");
+                    eprintln!("ballast: {}", describe(&e));
                     ExitCode::FAILURE
                 }
             }
@@ -264,4 +264,43 @@ fn shutdown_on_signal() -> CancellationToken {
         std::process::exit(130);
     });
     token
+}
+
+/// An error and its causes on one line, each cause once: many of our errors already
+/// quote their source in their own message, which `{:#}` would print again.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot open {0}: disk on fire")]
+    struct Inner(&'static str);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("raft: {0}")]
+    struct Outer(#[from] Inner);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let e = anyhow::Error::from(Outer(Inner("raft.redb"))).context("master m1 failed");
+        assert_eq!(
+            describe(&e),
+            "master m1 failed: raft: cannot open raft.redb: disk on fire"
+        );
+    }
 }

@@ -223,6 +223,7 @@ fn settings(masters: &[&FakeMaster], hold: Duration) -> Settings {
             .collect(),
         vip: None,
         proxies: Vec::new(),
+        requests_in_flight_per_user: 400,
     }
 }
 

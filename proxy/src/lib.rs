@@ -19,6 +19,7 @@
 mod admin;
 mod checker;
 mod dns;
+mod fairness;
 #[doc(hidden)]
 pub mod fuzzing;
 mod health;

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub dns_queries: IntCounterVec,
     pub held_requests: IntGauge,
     pub hold_timeouts: IntCounter,
+    /// Requests answered 429 by this proxy (an identity over its bound in flight).
+    pub throttled: IntCounter,
     pub streams_closed: IntCounter,
     pub watches_resumed: IntCounter,
     pub upstream_retries: IntCounterVec,
@@ -114,6 +116,11 @@ impl Metrics {
             "Held requests answered 503 (hold timeout or hold queue full)",
         )
         .expect("valid metric");
+        let throttled = IntCounter::new(
+            "ballast_proxy_throttled_total",
+            "Requests answered 429 by this proxy: their identity held its bound of requests in flight",
+        )
+        .expect("valid metric");
         let streams_closed = IntCounter::new(
             "ballast_proxy_streams_closed_total",
             "Open streams and idle upstream connections closed because the active master changed",
@@ -178,6 +185,7 @@ impl Metrics {
             Box::new(dns_queries.clone()),
             Box::new(held_requests.clone()),
             Box::new(hold_timeouts.clone()),
+            Box::new(throttled.clone()),
             Box::new(streams_closed.clone()),
             Box::new(watches_resumed.clone()),
             Box::new(upstream_retries.clone()),
@@ -198,6 +206,7 @@ impl Metrics {
             dns_queries,
             held_requests,
             hold_timeouts,
+            throttled,
             streams_closed,
             watches_resumed,
             upstream_retries,

@@ -19,6 +19,7 @@ use pingora::utils::tls::CertKey;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::checker::ActiveCheck;
+use crate::fairness::Admission;
 use crate::health::ActiveMaster;
 use crate::state::Shared;
 
@@ -111,6 +112,8 @@ pub(crate) struct Ctx {
     error_code: Option<u16>,
     /// The client's verified certificate (its user and groups go to the master).
     client: Option<Identity>,
+    /// Its place among its identity's requests in flight ([`crate::fairness`]).
+    _share: Option<crate::fairness::Share>,
     _in_flight: crate::state::InFlight,
 }
 
@@ -158,7 +161,7 @@ pub(crate) fn status_body(code: u16, reason: &str, message: &str) -> Bytes {
         "reason": reason,
         "code": code,
     });
-    if code == 503 {
+    if code == 503 || code == 429 {
         v["details"] = serde_json::json!({ "retryAfterSeconds": 1 });
     }
     Bytes::from(serde_json::to_vec(&v).expect("json"))
@@ -169,6 +172,7 @@ fn reason_for(code: u16) -> &'static str {
         400 => "BadRequest",
         408 => "Timeout",
         413 => "RequestEntityTooLarge",
+        429 => "TooManyRequests",
         431 => "RequestHeaderFieldsTooLarge",
         503 => "ServiceUnavailable",
         500 => "InternalError",
@@ -193,6 +197,7 @@ impl ProxyHttp for BallastProxy {
             fd: None,
             error_code: None,
             client: None,
+            _share: None,
             _in_flight: self.shared.request_guard(),
         }
     }
@@ -217,6 +222,20 @@ impl ProxyHttp for BallastProxy {
                 ErrorType::HTTPStatus(413),
                 format!("request body larger than {MAX_REQUEST_BODY} bytes"),
             );
+        }
+        let upgrade = req.headers.contains_key(http::header::UPGRADE);
+        if let Some(id) = &ctx.client {
+            if crate::fairness::counted(req.uri.path(), req.uri.query(), upgrade) {
+                let limit = self.shared.settings().requests_in_flight_per_user;
+                match self.shared.fairness.admit(id, limit) {
+                    Admission::Counted(share) => ctx._share = Some(share),
+                    Admission::Exempt => {}
+                    Admission::Refused(why) => {
+                        self.shared.metrics.throttled.inc();
+                        return Error::e_explain(ErrorType::HTTPStatus(429), why);
+                    }
+                }
+            }
         }
         if req.method == http::Method::GET {
             let accept = req
@@ -487,6 +506,9 @@ impl ProxyHttp for BallastProxy {
             // upstream trouble that could not be hidden, internal errors
             _ => 503,
         };
+        // A refusal for fairness is an answer like any other: the connection stays open
+        // (its body is drained), so a refused client does not pay a new handshake.
+        let keep_alive = code == 429;
         let mut written = 0;
         if code > 0 && session.response_written().is_none() {
             let message = match code {
@@ -500,11 +522,13 @@ impl ProxyHttp for BallastProxy {
             };
             let _ = resp.insert_header("Content-Type", "application/json");
             let _ = resp.insert_header("Content-Length", body.len().to_string());
-            if code == 503 {
+            if code == 503 || code == 429 {
                 let _ = resp.insert_header("Retry-After", "1");
             }
             let _ = resp.insert_header("Cache-Control", "no-store");
-            session.set_keepalive(None);
+            if !keep_alive {
+                session.set_keepalive(None);
+            }
             let ok = session
                 .write_response_header(Box::new(resp), false)
                 .await
@@ -517,7 +541,7 @@ impl ProxyHttp for BallastProxy {
         ctx.error_code = Some(if written > 0 { written } else { code });
         FailToProxy {
             error_code: code,
-            can_reuse_downstream: false,
+            can_reuse_downstream: keep_alive && written > 0,
         }
     }
 

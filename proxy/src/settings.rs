@@ -18,6 +18,8 @@ pub struct Settings {
     pub vip: Option<VipSettings>,
     /// Every proxy of `[[proxies]]` (this one included); empty with one `[proxy]`.
     pub proxies: Vec<ProxyPeer>,
+    /// `[limits] max_requests_in_flight_per_user`: answered 429 here beyond it.
+    pub requests_in_flight_per_user: usize,
 }
 
 /// The config names no proxy `id`.
@@ -88,6 +90,7 @@ impl Settings {
                     admin: p.admin,
                 })
                 .collect(),
+            requests_in_flight_per_user: c.limits.max_requests_in_flight_per_user,
         })
     }
 }

@@ -48,6 +48,8 @@ pub struct Shared {
     handing_over: AtomicBool,
     /// Ends the watches [`crate::resume`] serves (the proxy stops).
     pub(crate) streams_end: tokio_util::sync::CancellationToken,
+    /// Each identity's requests in flight through this proxy.
+    pub(crate) fairness: Arc<crate::fairness::Fairness>,
 }
 
 struct TableState {
@@ -78,6 +80,7 @@ impl Shared {
             peers: crate::liveness::Peers::default(),
             handing_over: AtomicBool::new(false),
             streams_end: tokio_util::sync::CancellationToken::new(),
+            fairness: Arc::default(),
         });
         shared.publish_with(|_| ());
         shared
@@ -373,6 +376,7 @@ mod tests {
             ],
             vip: None,
             proxies: Vec::new(),
+            requests_in_flight_per_user: 400,
         }
     }
 

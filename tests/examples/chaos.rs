@@ -13,8 +13,9 @@
 //! - a seeded schedule injects one fault at a time, then heals it: kill -9 of the active
 //!   master or of a follower (its data kept, or lost), of the proxy; SIGSTOP of the active;
 //!   the active cut off from the other masters, from the proxy, from every node; one-way
-//!   cuts from and to the active; 10–40 % of its packets lost (this kernel has no
-//!   `sch_netem`, so no delay); the active's data dir (a 256 MiB tmpfs) full.
+//!   cuts from and to the active; 10–40 % of its packets lost; its links delayed 100–500
+//!   ms each way with 0–20 % loss, or every link 5–25 ms (this kernel has no `sch_netem`:
+//!   TCP relays delay, `tests/src/delay.rs`); the active's data dir (a 256 MiB tmpfs) full.
 //! - the worker's wall clock runs a minute behind the masters' (libfaketime).
 //!
 //! After healing it checks: the history is linearizable (the checker of
@@ -354,9 +355,14 @@ enum Fault {
     OneWayToActive,
     /// 10–40 % of the packets between the active and every other node lost.
     LossyActive,
+    /// Every TCP link of the active delayed 100–500 ms each way, with 0–20 % of its
+    /// packets lost (far past what replication waits for: a slow partition).
+    SlowActive,
+    /// Every TCP link between any two nodes delayed 5–25 ms each way.
+    SlowLinks,
 }
 
-const FAULTS: [Fault; 13] = [
+const FAULTS: [Fault; 15] = [
     Fault::KillActive,
     Fault::KillActiveLoseData,
     Fault::KillFollower,
@@ -370,6 +376,8 @@ const FAULTS: [Fault; 13] = [
     Fault::OneWayFromActive,
     Fault::OneWayToActive,
     Fault::LossyActive,
+    Fault::SlowActive,
+    Fault::SlowLinks,
 ];
 
 /// Each master's data dir is a tmpfs of this size, so a fault can fill it.
@@ -516,6 +524,25 @@ fn inject(c: &mut Cluster, fault: Fault, hold: Duration, rng: &mut fastrand::Rng
             thread::sleep(hold);
             c.heal();
             format!("{a}, {percent} % lost")
+        }
+        Fault::SlowActive => {
+            let (ms, percent) = (rng.u64(100..=500), rng.u8(0..=20));
+            c.delay(&[a], &everyone, Duration::from_millis(ms));
+            if percent > 0 {
+                c.lossy(&[a], &everyone, percent);
+            }
+            thread::sleep(hold);
+            c.heal();
+            format!("{a}, {ms} ms each way, {percent} % lost")
+        }
+        Fault::SlowLinks => {
+            let ms = rng.u64(5..=25);
+            let all = c.node_ids();
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            c.delay(&all, &all, Duration::from_millis(ms));
+            thread::sleep(hold);
+            c.heal();
+            format!("every link, {ms} ms each way")
         }
         Fault::OneWayFromActive | Fault::OneWayToActive => {
             if fault == Fault::OneWayFromActive {

@@ -133,6 +133,7 @@ pub struct Cluster {
     opts: ClusterOpts,
     procs: BTreeMap<String, Proc>,
     partitioned: bool,
+    delayed: Option<delay::DelayedLinks>,
 }
 
 impl Cluster {
@@ -152,15 +153,19 @@ impl Cluster {
             .tempdir()
             .expect("temp dir");
         fs::create_dir_all(dir.path().join("logs")).unwrap();
-        // A killed run of a test in this block may have left its cut behind.
+        // A killed run of a test in this block may have left its cut or delay behind.
         if have("nft") {
-            let table = format!("ip ballast_{}", opts.block);
-            let listed = Command::new("nft")
-                .args(["list", "table"])
-                .args(table.split(' '))
-                .output();
-            if listed.is_ok_and(|o| o.status.success()) {
-                nft(&format!("delete table {table}\n"));
+            for table in [
+                format!("ip ballast_{}", opts.block),
+                format!("ip ballast_delay_{}", opts.block),
+            ] {
+                let listed = Command::new("nft")
+                    .args(["list", "table"])
+                    .args(table.split(' '))
+                    .output();
+                if listed.is_ok_and(|o| o.status.success()) {
+                    nft(&format!("delete table {table}\n"));
+                }
             }
         }
         let mut config = local_cluster(opts.masters, opts.workers, AddressPlan::block(opts.block));
@@ -178,6 +183,7 @@ impl Cluster {
             opts,
             procs: BTreeMap::new(),
             partitioned: false,
+            delayed: None,
         }
     }
 
@@ -262,7 +268,8 @@ impl Cluster {
         self.dir.path().join("logs").join(format!("{id}.log"))
     }
 
-    fn args_for(&self, id: &str) -> Vec<String> {
+    /// The arguments that run node `id` (`master --config … --id m1`).
+    pub fn args_for(&self, id: &str) -> Vec<String> {
         let cfg = self.config_path.display().to_string();
         if id == "proxy" {
             vec!["proxy".into(), "--config".into(), cfg]
@@ -410,6 +417,52 @@ impl Cluster {
         self.start_node(id);
     }
 
+    /// Delay every TCP connection between the nodes of `a` and those of `b`, both ways, by
+    /// `delay` each way ([`delay::DelayedLinks`]: relays, as this kernel has no
+    /// `sch_netem`); undone by [`Cluster::heal`]. One delay at a time.
+    pub fn delay(&mut self, a: &[&str], b: &[&str], delay: Duration) {
+        assert!(self.delayed.is_none(), "one delay at a time");
+        let mut pairs = Vec::new();
+        for x in a {
+            for y in b.iter().filter(|y| *y != x) {
+                for (from, to) in [(x, y), (y, x)] {
+                    let src = self.node_ip(from);
+                    for port in self.listening(to) {
+                        pairs.push((src, port));
+                    }
+                }
+            }
+        }
+        let relay_ip = std::net::Ipv4Addr::new(127, self.opts.block, 250, 1).into();
+        self.delayed = Some(delay::DelayedLinks::start(
+            &format!("ballast_delay_{}", self.opts.block),
+            relay_ip,
+            &pairs,
+            delay,
+        ));
+    }
+
+    fn node_ip(&self, id: &str) -> std::net::IpAddr {
+        if id == "proxy" {
+            self.proxy_api().ip()
+        } else if self.config.master(id).is_some() {
+            self.master_api(id).ip()
+        } else {
+            self.worker_addr(id).ip()
+        }
+    }
+
+    /// The TCP addresses node `id` listens on.
+    fn listening(&self, id: &str) -> Vec<SocketAddr> {
+        if id == "proxy" {
+            vec![self.proxy_api(), self.proxy_admin()]
+        } else if let Some(m) = self.config.master(id) {
+            vec![m.api, m.peer]
+        } else {
+            vec![self.worker_addr(id)]
+        }
+    }
+
     /// Cut the network between the nodes of `a` and those of `b` (both directions, every
     /// port), with an nftables table of this cluster's own (`ballast_<block>`). Node
     /// traffic leaves from each node's own address, so this is a real partition. Other
@@ -438,15 +491,7 @@ impl Cluster {
 
     fn cut(&mut self, a: &[&str], b: &[&str], both_ways: bool, verdict: &str) {
         let table = format!("ballast_{}", self.opts.block);
-        let ip = |id: &str| -> String {
-            if id == "proxy" {
-                self.proxy_api().ip().to_string()
-            } else if self.config.master(id).is_some() {
-                self.master_api(id).ip().to_string()
-            } else {
-                self.worker_addr(id).ip().to_string()
-            }
-        };
+        let ip = |id: &str| self.node_ip(id).to_string();
         let mut script = format!(
             "add table ip {table}\nadd chain ip {table} out {{ type filter hook output priority 0 ; }}\n"
         );
@@ -473,8 +518,10 @@ impl Cluster {
         self.dir.path().to_path_buf()
     }
 
-    /// Undo every [`Cluster::partition`], [`Cluster::cut_one_way`] and [`Cluster::lossy`].
+    /// Undo every [`Cluster::partition`], [`Cluster::cut_one_way`], [`Cluster::lossy`] and
+    /// [`Cluster::delay`].
     pub fn heal(&mut self) {
+        self.delayed = None;
         if self.partitioned {
             nft(&format!("delete table ip ballast_{}\n", self.opts.block));
             self.partitioned = false;
@@ -1213,6 +1260,7 @@ impl Kubectl {
 }
 
 /// Helpers the benchmark programs (`tests/examples/bench_*.rs`) share.
+pub mod delay;
 pub mod linearize;
 pub mod netns;
 

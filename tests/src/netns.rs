@@ -299,6 +299,22 @@ impl HostProcs {
         self.start(id, &mut cmd);
     }
 
+    /// Node `id` of `c` (a master or a worker) inside host `id`, its output appended to
+    /// `logs/<id>.log`.
+    pub fn start_node(&mut self, seg: &Segment, c: &Cluster, id: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(c.log_path(id))
+            .unwrap();
+        let mut cmd = seg.command(id, &ballast_bin());
+        cmd.args(c.args_for(id))
+            .current_dir(c.dir())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.start(id, &mut cmd);
+    }
+
     /// Start `cmd` under `name` (which must not be running).
     pub fn start(&mut self, name: &str, cmd: &mut Command) {
         assert!(!self.children.contains_key(name), "{name} runs already");

@@ -1,7 +1,11 @@
-//! Workers whose wall clocks are a minute off (libfaketime): the masters judge a node's
-//! silence by their own clock, from when they saw its lease move, so a worker a minute
-//! behind stays Ready with its pod, and one a minute ahead that dies is marked after the
-//! grace period, not a minute later.
+//! Clocks that are wrong (libfaketime):
+//! - workers whose wall clocks are a minute off: the masters judge a node's silence by
+//!   their own clock, from when they saw its lease move, so a worker a minute behind stays
+//!   Ready with its pod, and one a minute ahead that dies is marked after the grace
+//!   period, not a minute later;
+//! - masters whose wall clocks jump hours forward and back (as `settimeofday` or a bad NTP
+//!   step would): leadership, fencing and node liveness run on monotonic clocks, so no
+//!   leadership decision changes and no node or pod is touched.
 
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -98,4 +102,119 @@ fn workers_a_minute_off_keep_their_nodes_and_pods() {
     assert_eq!(ready(&c, "w1").as_deref(), Some("True"));
     behind.kill().unwrap();
     behind.wait().unwrap();
+}
+
+/// The masters' wall clocks jump while the cluster runs: libfaketime reads each master's
+/// offset from a file it re-reads every second, the monotonic clock untouched.
+#[test]
+fn masters_wall_clocks_jumping_change_no_leadership_decision() {
+    assert!(
+        std::path::Path::new(FAKETIME).exists(),
+        "{FAKETIME} (Debian faketime) is required: ./task deps"
+    );
+    let mut c = Cluster::configure(ClusterOpts::new(59).workers(1).proxy(true), |cfg| {
+        cfg.worker.lease_interval = Duration::from_secs(1);
+        cfg.control.node_grace_period = Duration::from_secs(6);
+    });
+    let dir = c.dir().to_path_buf();
+    let offset_file = |id: &str| dir.join(format!("faketime-{id}"));
+    let files: Vec<(String, std::path::PathBuf)> = c
+        .master_ids()
+        .into_iter()
+        .map(|id| {
+            let f = offset_file(&id);
+            (id, f)
+        })
+        .collect();
+    for (id, file) in &files {
+        std::fs::write(file, "+0\n").unwrap();
+        let file = file.to_str().unwrap();
+        c.start_node_env(
+            id,
+            &[
+                ("LD_PRELOAD", FAKETIME),
+                ("FAKETIME_TIMESTAMP_FILE", file),
+                ("FAKETIME_CACHE_DURATION", "1"),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+                ("FAKETIME_DONT_RESET", "1"),
+            ],
+        );
+    }
+    for id in ["proxy", "w1"] {
+        c.start_node(id);
+    }
+    let (active, term) = c.wait_one_active(LONG);
+    let pods = format!("{}/api/v1/namespaces/default/pods", c.proxy_url());
+    let body = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "steady", "namespace": "default"},
+        "spec": {"nodeName": "w1", "containers": [{"name": "main", "image": "busybox",
+            "command": ["sleep", "5959"]}]}});
+    let r = http("POST", &pods, Some(&body.to_string())).unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    wait_until("w1 Ready", LONG, || {
+        (ready(&c, "w1")? == "True").then_some(())
+    });
+    let pids = wait_until("the pod running", LONG, || {
+        let p = pod_processes(c.dir());
+        (p.len() == 1).then_some(p)
+    });
+
+    let leases = format!(
+        "{}/apis/coordination.k8s.io/v1/namespaces/default/leases",
+        c.proxy_url()
+    );
+    let mut writes = 0;
+    // (whose clock, offset, how far the active's timestamps should be from the truth)
+    let followers: Vec<String> = c
+        .master_ids()
+        .into_iter()
+        .filter(|m| *m != active)
+        .collect();
+    let steps: [(&[String], &str, i64); 4] = [
+        (std::slice::from_ref(&active), "+6h", 6 * 3600),
+        (&followers, "-50m", 6 * 3600),
+        (std::slice::from_ref(&active), "-50m", -50 * 60),
+        (&c.master_ids(), "+0", 0),
+    ];
+    for (who, offset, active_skew) in steps {
+        for id in who {
+            std::fs::write(offset_file(id), format!("{offset}\n")).unwrap();
+        }
+        // Past libfaketime's cache, then four election timeouts' worth of watching.
+        let until = Instant::now() + Duration::from_secs(8);
+        let mut seen_skew = None;
+        while Instant::now() < until {
+            assert_eq!(
+                c.active_masters(),
+                vec![(active.clone(), term)],
+                "leadership changed after {who:?} jumped {offset}\n{}",
+                c.logs(40)
+            );
+            assert_eq!(ready(&c, "w1").as_deref(), Some("True"), "after {offset}");
+            writes += 1;
+            let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": format!("jump-{writes}"), "namespace": "default"},
+                "spec": {"holderIdentity": "test"}});
+            let r = http("POST", &leases, Some(&lease.to_string())).unwrap();
+            assert_eq!(r.status, 201, "a write after {offset}: {}", r.body);
+            // The active's own clock stamps the object: proof the jump took effect.
+            let stamped: jiff::Timestamp = r.json()["metadata"]["creationTimestamp"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            seen_skew = Some(stamped.as_second() - jiff::Timestamp::now().as_second());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let skew = seen_skew.unwrap();
+        assert!(
+            (skew - active_skew).abs() <= 5,
+            "the active's clock is {skew} s off after {who:?} jumped {offset}, expected {active_skew} s"
+        );
+        println!(
+            "{who:?} jumped {offset}: active {active} term {term} kept, active clock {skew:+} s"
+        );
+    }
+    assert_eq!(pod_processes(c.dir()), pids, "a pod was restarted or lost");
+    println!("{writes} writes, every one acknowledged");
 }

@@ -139,10 +139,21 @@ fn a_flooding_identity_gets_429_while_others_go_through() {
     assert!(ok > 0, "the flood got nothing through");
     let r = request(&flood, "GET", &pods, None).unwrap();
     assert_eq!(r.status, 200, "served again after the flood: {}", r.body);
-    let counted = c
+    // Refused by the proxy, which knows the identity already, or by the active master.
+    let by_master = c
         .master_gauge(&active, "ballast_master_api_throttled_total")
-        .expect("the throttled counter");
-    assert_eq!(counted as usize, throttled);
+        .expect("the master's throttled counter");
+    let metrics =
+        ballast_tests::http("GET", &format!("http://{}/metrics", c.proxy_admin()), None).unwrap();
+    let by_proxy: usize = metrics
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("ballast_proxy_throttled_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the proxy's throttled counter");
+    println!("429s: {by_proxy} from the proxy, {by_master} from the master");
+    assert!(by_proxy > 0, "the proxy refused nothing");
+    assert_eq!(by_proxy + by_master as usize, throttled);
 }
 
 /// `[limits]` from the config file hold on a real master: watches per identity (the

@@ -1,5 +1,5 @@
 //! Storage faults: the active master's disk fills up; a master's `raft.redb` is cut short
-//! or corrupted while it is stopped.
+//! or corrupted while it is stopped; a bit of its snapshot file flips.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -236,5 +236,83 @@ fn a_damaged_raft_log_is_refused_by_name_or_loses_nothing() {
             }
             c.start_node(&leader);
         }
+    }
+}
+
+/// A digit inside a follower's snapshot file changes while it is stopped (the JSON still
+/// parses, so only the checksum can tell): the master refuses to start, naming the file;
+/// started again with its data dir moved away it catches up, and nothing acknowledged is
+/// lost.
+#[test]
+fn a_damaged_snapshot_is_refused_by_name() {
+    let mut c = Cluster::start(ClusterOpts::new(37).proxy(true), |cfg| {
+        cfg.raft.snapshot_after_logs = 20;
+    });
+    let (active, _) = c.wait_one_active(LONG);
+    let victim = c.master_ids().into_iter().find(|m| *m != active).unwrap();
+    let file = c
+        .dir()
+        .join(&victim)
+        .join("snapshots")
+        .join("snapshot.json");
+    let mut acked = Vec::new();
+    for i in 0..60 {
+        let key = format!("snap/{i:04}");
+        wait_until("a write", LONG, || {
+            (put(&c, &key, "1234567890")? == 200).then_some(())
+        });
+        acked.push(key);
+    }
+    wait_until("the follower took a snapshot", LONG, || {
+        (c.master_gauge(&victim, "ballast_master_raft_snapshot_index")? > 0 && file.exists())
+            .then_some(())
+    });
+    c.kill(&victim);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 2
+        + bytes[bytes.len() / 2..]
+            .iter()
+            .position(u8::is_ascii_digit)
+            .expect("a digit in the second half of the snapshot");
+    bytes[at] = if bytes[at] == b'7' { b'8' } else { b'7' };
+    std::fs::write(&file, &bytes).unwrap();
+
+    let log_before = std::fs::read_to_string(c.log_path(&victim)).unwrap().len();
+    c.start_node(&victim);
+    wait_until("the damaged master exits", LONG, || {
+        (!c.is_running(&victim)).then_some(())
+    });
+    let log = std::fs::read_to_string(c.log_path(&victim)).unwrap();
+    let log = &log[log_before..];
+    println!(
+        "{victim} refused to start: {}",
+        log.lines().last().unwrap_or("")
+    );
+    assert!(
+        log.contains(&file.display().to_string()) && log.contains("checksum"),
+        "the error does not name {} and its checksum:\n{log}",
+        file.display()
+    );
+
+    // The operator's way back: the lost-data-dir path.
+    std::fs::remove_dir_all(c.dir().join(&victim)).unwrap();
+    c.start_node(&victim);
+    let applied = |id: &str| c.master_gauge(id, "ballast_master_raft_applied_index");
+    wait_until("the damaged master caught up", LONG, || {
+        (applied(&victim)? >= applied(&active)?).then_some(())
+    });
+    c.kill(&active);
+    let (now, _) = c.wait_one_active(LONG);
+    for key in &acked {
+        let url = format!("{}/internal/kv/{key}", c.proxy_url());
+        let r = wait_until("a read", LONG, || {
+            http("GET", &url, None).ok().filter(|r| r.status != 503)
+        });
+        assert_eq!(
+            r.status, 200,
+            "acknowledged {key} lost at {now}: {}",
+            r.body
+        );
+        assert_eq!(r.json()["value"], "1234567890", "{key} at {now}");
     }
 }

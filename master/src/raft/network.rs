@@ -2,7 +2,8 @@
 //! ([`Msgpack`]) for append, vote and snapshot; `GET /raft/status` answers JSON.
 //!
 //! - client: [`Network`] (openraft's `RaftNetworkFactory`) with one pooled `reqwest`
-//!   client; every RPC has a timeout (the smaller of openraft's and `raft.rpc_timeout`).
+//!   client; every RPC has a timeout (the smaller of openraft's and `raft.rpc_timeout`),
+//!   after which its exchange still finishes in the background to keep its connection.
 //!   Accepted `AppendEntries` of this master's own term feed the lease in [`Fence`].
 //! - server: [`peer_router`] with `POST /raft/append`, `/raft/vote`, `/raft/snapshot`.
 //!   Vote requests pass the [`Fence`] vote gate before reaching openraft.
@@ -61,6 +62,10 @@ enum HttpError {
         what: &'static str,
         message: String,
     },
+    #[error("no answer from {url} within {after:?} (it may still come, and is then dropped)")]
+    TimedOut { url: String, after: Duration },
+    #[error("the request to {url} failed in its task: {message}")]
+    Task { url: String, message: String },
 }
 
 /// Peer RPC bodies are MessagePack (named fields): a command's value travels as raw
@@ -161,6 +166,15 @@ pub(crate) struct PeerClient {
 }
 
 impl PeerClient {
+    /// One exchange, answered within `timeout`.
+    ///
+    /// The exchange itself runs in a task of its own, bounded by `raft.rpc_timeout` (or
+    /// `timeout`, if longer): when the caller stops waiting (openraft bounds every
+    /// AppendEntries by the heartbeat interval), the request still completes in the
+    /// background and its connection goes back to the pool. Dropped midway instead, an
+    /// HTTP/1.1 connection must close, and on a link whose round trip nears the heartbeat
+    /// every retry then pays TCP and TLS handshakes again and never fits in time: with
+    /// 20 ms each way, that cost an election every half second (`slow_links.rs`).
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         what: &'static str,
@@ -175,41 +189,27 @@ impl PeerClient {
                 what: "encode",
                 message: e.to_string(),
             })?;
-            let resp = self
-                .net
-                .http
-                .post(&url)
-                .timeout(timeout)
-                .header(reqwest::header::CONTENT_TYPE, MSGPACK)
-                .body(body)
-                .send()
-                .await
-                .map_err(|source| {
-                    if source.is_connect() {
-                        HttpError::Connect {
-                            url: url.clone(),
-                            source,
-                        }
-                    } else {
-                        HttpError::Request {
-                            url: url.clone(),
-                            source,
-                        }
-                    }
-                })?;
-            let status = resp.status();
-            if !status.is_success() {
-                let body = resp.text().await.unwrap_or_default();
-                return Err(HttpError::Status {
-                    url: url.clone(),
-                    status,
-                    body,
-                });
-            }
-            let body = resp.bytes().await.map_err(|source| HttpError::Request {
-                url: url.clone(),
-                source,
-            })?;
+            let exchange = tokio::spawn(exchange(
+                self.net.http.clone(),
+                url.clone(),
+                body,
+                self.net.rpc_timeout.max(timeout),
+            ));
+            let body = match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok(answer)) => answer?,
+                Ok(Err(join)) => {
+                    return Err(HttpError::Task {
+                        url: url.clone(),
+                        message: join.to_string(),
+                    })
+                }
+                Err(_) => {
+                    return Err(HttpError::TimedOut {
+                        url: url.clone(),
+                        after: timeout,
+                    })
+                }
+            };
             rmp_serde::from_slice::<Resp>(&body).map_err(|e| HttpError::Codec {
                 url: url.clone(),
                 what: "decode",
@@ -229,6 +229,43 @@ impl PeerClient {
             .min(self.net.rpc_timeout)
             .max(Duration::from_millis(1))
     }
+}
+
+/// POST `body` to `url` and read the whole answer, within `timeout`.
+async fn exchange(
+    http: reqwest::Client,
+    url: String,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<bytes::Bytes, HttpError> {
+    let resp = http
+        .post(&url)
+        .timeout(timeout)
+        .header(reqwest::header::CONTENT_TYPE, MSGPACK)
+        .body(body)
+        .send()
+        .await
+        .map_err(|source| {
+            if source.is_connect() {
+                HttpError::Connect {
+                    url: url.clone(),
+                    source,
+                }
+            } else {
+                HttpError::Request {
+                    url: url.clone(),
+                    source,
+                }
+            }
+        })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        return Err(HttpError::Status { url, status, body });
+    }
+    resp.bytes()
+        .await
+        .map_err(|source| HttpError::Request { url, source })
 }
 
 fn to_rpc_error<E: std::error::Error>(e: HttpError) -> RPCError<NodeId, Node, E> {

@@ -6,6 +6,11 @@
 //! crash leaves either the old or the new snapshot, never a torn one. On start the last
 //! snapshot is loaded and openraft re-applies the committed log after it (the log keeps
 //! every entry not covered by the snapshot on disk).
+//!
+//! Integrity: the file starts with a header line giving the JSON's length and CRC-32, so a
+//! file damaged on disk (cut short, a flipped bit that still parses) is refused with an
+//! error naming it instead of being loaded as the cluster's state. Transfers to followers
+//! carry the bare JSON (the peer channel is TLS; the follower writes its own header).
 
 // openraft's storage traits fix the error type (`StorageError`, ~200 bytes).
 #![allow(clippy::result_large_err)]
@@ -31,6 +36,59 @@ type Meta = SnapshotMeta<NodeId, Node>;
 
 const SNAPSHOT_FILE: &str = "snapshot.json";
 const SNAPSHOT_TMP: &str = "snapshot.tmp";
+/// First word of the header line: `ballast-snapshot 1 <json length> <crc32 hex>\n`.
+const MAGIC: &str = "ballast-snapshot";
+const FORMAT: u32 = 1;
+
+/// The header line followed by `json`: what a snapshot file holds on disk.
+fn seal(json: &[u8]) -> Vec<u8> {
+    let header = format!(
+        "{MAGIC} {FORMAT} {} {:08x}\n",
+        json.len(),
+        crc32fast::hash(json)
+    );
+    let mut out = Vec::with_capacity(header.len() + json.len());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(json);
+    out
+}
+
+/// The JSON inside a snapshot file, once its header vouches for it; otherwise why not.
+fn unseal(file: &[u8]) -> Result<&[u8], String> {
+    const ADVICE: &str = "the file is damaged and cannot be trusted: move the data dir away and \
+                          start again, and the master rejoins as one with a lost data dir";
+    let nl = file
+        .iter()
+        .take(128)
+        .position(|b| *b == b'\n')
+        .ok_or_else(|| format!("no snapshot header; {ADVICE}"))?;
+    let header = std::str::from_utf8(&file[..nl]).map_err(|_| format!("bad header; {ADVICE}"))?;
+    let body = &file[nl + 1..];
+    let fields: Vec<&str> = header.split(' ').collect();
+    let (len, crc) = match fields.as_slice() {
+        [MAGIC, v, len, crc] if v.parse() == Ok(FORMAT) => (
+            len.parse::<usize>()
+                .map_err(|_| format!("bad length in header; {ADVICE}"))?,
+            u32::from_str_radix(crc, 16)
+                .map_err(|_| format!("bad checksum in header; {ADVICE}"))?,
+        ),
+        [MAGIC, v, ..] => return Err(format!("snapshot format {v}, this master reads {FORMAT}")),
+        _ => return Err(format!("no snapshot header; {ADVICE}")),
+    };
+    if body.len() != len {
+        return Err(format!(
+            "{} bytes where the header says {len}; {ADVICE}",
+            body.len()
+        ));
+    }
+    let actual = crc32fast::hash(body);
+    if actual != crc {
+        return Err(format!(
+            "checksum {actual:08x} where the header says {crc:08x}; {ADVICE}"
+        ));
+    }
+    Ok(body)
+}
 
 fn snap_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageError::IO {
@@ -70,7 +128,7 @@ impl SnapshotDir {
                 return Ok(());
             }
         }
-        write_atomic(&self.dir, bytes).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        write_atomic(&self.dir, &seal(bytes)).map_err(|e| snap_err(ErrorVerb::Write, e))?;
         *cur = Some(meta.clone());
         Ok(())
     }
@@ -78,11 +136,13 @@ impl SnapshotDir {
     fn load(&self) -> SResult<Option<(Meta, Vec<u8>)>> {
         let _g = self.current.lock().expect("snapshot lock");
         match fs::read(self.path()) {
-            Ok(bytes) => {
-                let f: SnapshotFile = serde_json::from_slice(&bytes).map_err(|e| {
+            Ok(file) => {
+                let named = |e: &dyn std::fmt::Display| {
                     snap_err(ErrorVerb::Read, format!("{}: {e}", self.path().display()))
-                })?;
-                Ok(Some((f.meta, bytes)))
+                };
+                let json = unseal(&file).map_err(|e| named(&e))?;
+                let f: SnapshotFile = serde_json::from_slice(json).map_err(|e| named(&e))?;
+                Ok(Some((f.meta, json.to_vec())))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(snap_err(
@@ -271,5 +331,31 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: Box::new(Cursor::new(bytes)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_snapshot_opens_and_a_damaged_one_is_refused() {
+        let json = br#"{"meta":{},"state":{"key":"value"}}"#;
+        let file = seal(json);
+        assert_eq!(unseal(&file).unwrap(), json);
+
+        // A flipped bit that still parses as JSON.
+        let mut flipped = file.clone();
+        let at = flipped.len() - 4;
+        flipped[at] ^= 0x01;
+        let e = unseal(&flipped).unwrap_err();
+        assert!(e.contains("checksum"), "{e}");
+
+        // Cut short, and a file with no header at all.
+        let e = unseal(&file[..file.len() - 3]).unwrap_err();
+        assert!(e.contains("bytes where the header says"), "{e}");
+        let e = unseal(json).unwrap_err();
+        assert!(e.contains("no snapshot header"), "{e}");
+        assert!(e.contains("lost data dir"), "{e}");
     }
 }
