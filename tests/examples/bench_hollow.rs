@@ -81,15 +81,7 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 }
 
 fn rss_mb(pid: u32) -> Option<f64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+    ballast_tests::bench::rss_kib(pid).map(|kib| kib as f64 / 1024.0)
 }
 
 #[derive(Clone, Copy)]

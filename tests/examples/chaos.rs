@@ -34,7 +34,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ballast_tests::linearize::{self, Call, Op, Outcome};
-use ballast_tests::{http_timeout, pod_processes, test_pki, Cluster, ClusterOpts};
+use ballast_tests::{http_timeout, pod_processes, sleep_pod, test_pki, Cluster, ClusterOpts};
 
 const BLOCK: u8 = 46;
 /// Keys in use at once; every [`GENERATION`] the clients move to fresh ones, so that
@@ -788,10 +788,7 @@ fn main() {
     let mut found = Anomalies::default();
 
     // the pod that must run untouched
-    let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "chaos-pod", "namespace": NS},
-        "spec": {"nodeName": "w1", "containers": [{"name": "main", "image": "busybox",
-            "command": ["sleep", "4646"]}]}});
+    let pod = sleep_pod("chaos-pod", NS, "w1", 4646);
     let r = http_timeout(
         "POST",
         &format!("{proxy}/api/v1/namespaces/{NS}/pods"),

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ballast_tests::{http_timeout, pod_processes, test_pki, Cluster, ClusterOpts};
+use ballast_tests::{http_timeout, pod_processes, sleep_pod, test_pki, Cluster, ClusterOpts};
 
 const BLOCK: u8 = 60;
 const READERS: usize = 4;
@@ -149,14 +149,7 @@ fn watch_loop(proxy: &str, stop: &AtomicBool, n: &Counts) {
 
 /// Resident memory (KiB) and open fds of a process, from `/proc`.
 fn usage(pid: u32) -> Option<(u64, usize)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
+    let rss = ballast_tests::bench::rss_kib(pid)?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
     Some((rss, fds))
 }
@@ -204,31 +197,21 @@ fn main() {
     );
     c.wait_one_active(RECOVERY);
     let proxy = c.proxy_url();
+    let create = |plural: &str, body: serde_json::Value| {
+        let url = format!("{proxy}/api/v1/namespaces/{NS}/{plural}");
+        let r = http_timeout("POST", &url, Some(&body.to_string()), CALL_TIMEOUT)
+            .unwrap_or_else(|e| panic!("create in {plural}: {e}"));
+        assert_eq!(r.status, 201, "create in {plural}: {}", r.body);
+    };
     for i in 0..3 {
-        let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("soak-pod-{i}"), "namespace": NS},
-            "spec": {"nodeName": "w1", "containers": [{"name": "main", "image": "busybox",
-                "command": ["sleep", "6060"]}]}});
-        let r = http_timeout(
-            "POST",
-            &format!("{proxy}/api/v1/namespaces/{NS}/pods"),
-            Some(&pod.to_string()),
-            CALL_TIMEOUT,
-        )
-        .expect("create a pod");
-        assert_eq!(r.status, 201, "create a pod: {}", r.body);
+        create("pods", sleep_pod(&format!("soak-pod-{i}"), NS, "w1", 6060));
     }
     for k in 0..KEYS {
-        let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": format!("soak-{k}"), "namespace": NS}, "data": {"v": "0"}});
-        let r = http_timeout(
-            "POST",
-            &format!("{proxy}/api/v1/namespaces/{NS}/configmaps"),
-            Some(&cm.to_string()),
-            CALL_TIMEOUT,
-        )
-        .expect("create a ConfigMap");
-        assert_eq!(r.status, 201, "create a ConfigMap: {}", r.body);
+        create(
+            "configmaps",
+            serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": format!("soak-{k}"), "namespace": NS}, "data": {"v": "0"}}),
+        );
     }
     let pods = ballast_tests::wait_until("the pods running", RECOVERY, || {
         let p = pod_processes(c.dir());

@@ -617,6 +617,26 @@ impl Drop for Cluster {
     }
 }
 
+/// A Pod bound to `node` whose one container sleeps `secs` seconds (the workers run
+/// processes: the image is not pulled).
+pub fn sleep_pod(name: &str, namespace: &str, node: &str, secs: u32) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox",
+            "command": ["sleep", secs.to_string()]}]}})
+}
+
+impl Cluster {
+    /// `/internal/kv/KEY` read through the proxy, once an answer is not 503 (a failover
+    /// in progress), within a minute.
+    pub fn read_kv(&self, key: &str) -> Response {
+        let url = format!("{}/internal/kv/{key}", self.proxy_url());
+        wait_until("a read", Duration::from_secs(60), || {
+            http("GET", &url, None).ok().filter(|r| r.status != 503)
+        })
+    }
+}
+
 /// Pod name → container pid, from the worker state files (`state.json`) in `dir` and its
 /// subdirectories (each worker's data dir).
 pub fn pod_processes(dir: &Path) -> BTreeMap<String, u32> {
@@ -1306,6 +1326,18 @@ pub mod bench {
             rank(sorted, 0.99),
             sorted[sorted.len() - 1]
         )
+    }
+
+    /// A process's resident memory in KiB (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_kib(pid: u32) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 
     /// Nearest-rank percentile `p` (0..=1) of sorted, non-empty samples.

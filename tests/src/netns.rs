@@ -284,31 +284,26 @@ pub struct HostProcs {
 impl HostProcs {
     /// `ballast proxy --id id` inside host `id`, its output appended to `logs/<id>.log`.
     pub fn start_proxy(&mut self, seg: &Segment, c: &Cluster, id: &str) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(c.log_path(id))
-            .unwrap();
-        let mut cmd = seg.command(id, &ballast_bin());
-        cmd.args(["proxy", "--config"])
-            .arg(c.config_path())
-            .args(["--id", id])
-            .current_dir(c.dir())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        self.start(id, &mut cmd);
+        let config = c.config_path().display().to_string();
+        self.start_ballast(seg, c, id, &["proxy", "--config", &config, "--id", id]);
     }
 
     /// Node `id` of `c` (a master or a worker) inside host `id`, its output appended to
     /// `logs/<id>.log`.
     pub fn start_node(&mut self, seg: &Segment, c: &Cluster, id: &str) {
+        let args = c.args_for(id);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_ballast(seg, c, id, &args);
+    }
+
+    fn start_ballast(&mut self, seg: &Segment, c: &Cluster, id: &str, args: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(c.log_path(id))
             .unwrap();
         let mut cmd = seg.command(id, &ballast_bin());
-        cmd.args(c.args_for(id))
+        cmd.args(args)
             .current_dir(c.dir())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

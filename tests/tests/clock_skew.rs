@@ -59,10 +59,7 @@ fn workers_a_minute_off_keep_their_nodes_and_pods() {
     let mut behind = start_skewed(&c, "w1", "-60s");
     let mut ahead = start_skewed(&c, "w2", "+60s");
     for (pod, node) in [("behind", "w1"), ("ahead", "w2")] {
-        let body = json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod, "namespace": "default"},
-            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox",
-                "command": ["sleep", "4949"]}]}});
+        let body = sleep_pod(pod, "default", node, 4949);
         let url = format!("{}/api/v1/namespaces/default/pods", c.proxy_url());
         let r = http("POST", &url, Some(&body.to_string())).unwrap();
         assert_eq!(r.status, 201, "{}", r.body);
@@ -145,10 +142,7 @@ fn masters_wall_clocks_jumping_change_no_leadership_decision() {
     }
     let (active, term) = c.wait_one_active(LONG);
     let pods = format!("{}/api/v1/namespaces/default/pods", c.proxy_url());
-    let body = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "steady", "namespace": "default"},
-        "spec": {"nodeName": "w1", "containers": [{"name": "main", "image": "busybox",
-            "command": ["sleep", "5959"]}]}});
+    let body = sleep_pod("steady", "default", "w1", 5959);
     let r = http("POST", &pods, Some(&body.to_string())).unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
     wait_until("w1 Ready", LONG, || {

@@ -189,10 +189,7 @@ fn a_master_host_cut_off_hands_over_and_loses_nothing() {
         acked.len()
     );
     for n in &acked {
-        let url = format!("{}/internal/kv/hosts/{n:06}", c.proxy_url());
-        let r = wait_until("a read", T, || {
-            http("GET", &url, None).ok().filter(|r| r.status != 503)
-        });
+        let r = c.read_kv(&format!("hosts/{n:06}"));
         assert_eq!(r.status, 200, "acknowledged write {n} lost: {}", r.body);
         assert_eq!(r.json()["value"], format!("v{n}"), "write {n}");
     }

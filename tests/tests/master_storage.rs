@@ -140,10 +140,7 @@ fn a_full_disk_costs_the_active_its_role_and_no_acknowledged_write() {
     });
     assert!(c.is_running(&full), "{full} exited with space to write");
     for key in &acked {
-        let url = format!("{}/internal/kv/{key}", c.proxy_url());
-        let r = wait_until("a read", LONG, || {
-            http("GET", &url, None).ok().filter(|r| r.status != 503)
-        });
+        let r = c.read_kv(key);
         assert_eq!(r.status, 200, "acknowledged write {key} lost: {}", r.body);
     }
     c.kill(&new);
@@ -224,10 +221,7 @@ fn a_damaged_raft_log_is_refused_by_name_or_loses_nothing() {
             c.kill(&leader);
             let (now, _) = c.wait_one_active(LONG);
             for key in &acked {
-                let url = format!("{}/internal/kv/{key}", c.proxy_url());
-                let r = wait_until("a read", LONG, || {
-                    http("GET", &url, None).ok().filter(|r| r.status != 503)
-                });
+                let r = c.read_kv(key);
                 assert_eq!(
                     r.status, 200,
                     "{damage}: acknowledged {key} lost at {now}: {}",
@@ -304,10 +298,7 @@ fn a_damaged_snapshot_is_refused_by_name() {
     c.kill(&active);
     let (now, _) = c.wait_one_active(LONG);
     for key in &acked {
-        let url = format!("{}/internal/kv/{key}", c.proxy_url());
-        let r = wait_until("a read", LONG, || {
-            http("GET", &url, None).ok().filter(|r| r.status != 503)
-        });
+        let r = c.read_kv(key);
         assert_eq!(
             r.status, 200,
             "acknowledged {key} lost at {now}: {}",

@@ -85,10 +85,7 @@ fn writes_go_on_over_slow_links_and_lose_nothing() {
     c.kill(&active);
     let (now, _) = c.wait_one_active(T);
     for key in &acked {
-        let url = format!("{}/internal/kv/{key}", c.proxy_url());
-        let r = wait_until("a read", T, || {
-            http("GET", &url, None).ok().filter(|r| r.status != 503)
-        });
+        let r = c.read_kv(key);
         assert_eq!(
             r.status, 200,
             "acknowledged {key} lost at {now}: {}",

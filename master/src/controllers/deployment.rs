@@ -1,7 +1,10 @@
 //! Deployment controller: one ReplicaSet per pod template; rolling updates bounded by
 //! `maxSurge` / `maxUnavailable`; `Recreate` scales old to zero first; the status fields
 //! `kubectl rollout status` reads (observedGeneration, updated/ready/available replicas,
-//! the `Progressing` and `Available` conditions).
+//! the `Progressing` and `Available` conditions). Revisions as `kubectl rollout
+//! history|undo` read them: each ReplicaSet's `deployment.kubernetes.io/revision`, the
+//! newest for the current template (an old one the template returns to is renumbered),
+//! copied to the Deployment. `spec.paused` holds a changed template back until resumed.
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -29,6 +32,11 @@ pub(crate) struct DeploymentPlan {
     pub scale: BTreeMap<String, i32>,
     /// New status, when it changed.
     pub status: Option<serde_json::Value>,
+    /// An existing ReplicaSet that is the template's again (a rollback): its revision
+    /// becomes the newest, as kube-controller-manager renumbers it.
+    pub revise_rs: Option<(String, i64)>,
+    /// The Deployment's own `deployment.kubernetes.io/revision`, when it must change.
+    pub revision: Option<i64>,
 }
 
 /// The template hash that names the ReplicaSet of a template.
@@ -62,6 +70,19 @@ fn pct_of(pct: i32, total: i32, round_up: bool) -> i32 {
     (if round_up { (x + 99) / 100 } else { x / 100 }) as i32
 }
 
+/// `deployment.kubernetes.io/revision` of an object.
+fn revision_of_meta(m: &ObjectMeta) -> Option<i64> {
+    m.annotations
+        .as_ref()?
+        .get(REVISION_ANNOTATION)?
+        .parse()
+        .ok()
+}
+
+fn revision_of(rs: &ReplicaSet) -> Option<i64> {
+    revision_of_meta(&rs.metadata)
+}
+
 fn rs_replicas(rs: &ReplicaSet) -> i32 {
     rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0)
 }
@@ -91,7 +112,10 @@ pub(crate) fn reconcile(
         return plan;
     }
     let r = Rollout::new(d, all_rs, pods);
-    match r.new_rs {
+    let paused = d.spec.as_ref().and_then(|s| s.paused).unwrap_or(false);
+    let revision = match r.new_rs {
+        // Paused: a changed template waits for `rollout resume`.
+        None if paused => None,
         None => {
             // First, create the new ReplicaSet (scaled up on a later pass).
             let uid = d.metadata.uid.clone().unwrap_or_default();
@@ -100,15 +124,34 @@ pub(crate) fn reconcile(
             let initial = r.initial_new_replicas();
             let revision = r.max_revision() + 1;
             plan.create_rs = Some(new_replica_set(d, &name, &uid, &hash, initial, revision));
+            Some(revision)
         }
         Some(nrs) => {
             let target = r.new_replicas_target(nrs);
             if target != rs_replicas(nrs) {
                 plan.scale.insert(rs_name(nrs), target);
             }
+            let older = r
+                .old
+                .iter()
+                .filter_map(|o| revision_of(o))
+                .max()
+                .unwrap_or(0);
+            match revision_of(nrs) {
+                Some(rev) if rev > older => Some(rev),
+                _ => {
+                    plan.revise_rs = Some((rs_name(nrs), older + 1));
+                    Some(older + 1)
+                }
+            }
         }
+    };
+    if !(paused && r.new_rs.is_none()) {
+        plan.scale.extend(r.old_scaled_down());
     }
-    plan.scale.extend(r.old_scaled_down());
+    if revision.is_some() && revision != revision_of_meta(&d.metadata) {
+        plan.revision = revision;
+    }
     let status = r.status(d, plan.create_rs.as_ref(), &now);
     if d.status.as_ref() != Some(&status) {
         plan.status = Some(serde_json::to_value(&status).expect("status serializes"));
@@ -205,14 +248,7 @@ impl<'a, P: Borrow<Pod>> Rollout<'a, P> {
     fn max_revision(&self) -> i64 {
         self.owned
             .iter()
-            .filter_map(|r| {
-                r.metadata
-                    .annotations
-                    .as_ref()?
-                    .get(REVISION_ANNOTATION)?
-                    .parse::<i64>()
-                    .ok()
-            })
+            .filter_map(|r| revision_of(r))
             .max()
             .unwrap_or(0)
     }
@@ -521,6 +557,44 @@ mod tests {
                 .unwrap()[TEMPLATE_HASH_LABEL],
             hash
         );
+    }
+
+    #[test]
+    fn a_template_back_to_an_old_replica_set_renumbers_it_newest() {
+        let (a, b) = (deploy(2, "a"), deploy(2, "b"));
+        let rs_a = with_uid(
+            reconcile(&a, NO_RS, NO_PODS, now()).create_rs.unwrap(),
+            "r1",
+        );
+        let plan_b = reconcile(&b, std::slice::from_ref(&rs_a), NO_PODS, now());
+        assert_eq!(plan_b.revision, Some(2));
+        let rs_b = with_uid(plan_b.create_rs.unwrap(), "r2");
+        assert_eq!(revision_of(&rs_b), Some(2));
+        // `rollout undo`: the template is a's again.
+        let plan = reconcile(&a, &[rs_a.clone(), rs_b], NO_PODS, now());
+        assert!(plan.create_rs.is_none());
+        assert_eq!(plan.revise_rs, Some((rs_name(&rs_a), 3)));
+        assert_eq!(plan.revision, Some(3));
+    }
+
+    #[test]
+    fn a_paused_deployment_holds_a_new_template_back() {
+        let a = deploy(2, "a");
+        let rs_a = with_uid(
+            reconcile(&a, NO_RS, NO_PODS, now()).create_rs.unwrap(),
+            "r1",
+        );
+        let mut b = deploy(2, "b");
+        b.spec.as_mut().unwrap().paused = Some(true);
+        let pods = vec![
+            pod("p1", Some("r1"), Some("w1"), true),
+            pod("p2", Some("r1"), Some("w1"), true),
+        ];
+        let plan = reconcile(&b, std::slice::from_ref(&rs_a), &pods, now());
+        assert!(plan.create_rs.is_none(), "a paused rollout started");
+        assert!(plan.scale.is_empty(), "{:?}", plan.scale);
+        b.spec.as_mut().unwrap().paused = Some(false);
+        assert!(reconcile(&b, &[rs_a], &pods, now()).create_rs.is_some());
     }
 
     #[test]

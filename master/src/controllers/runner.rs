@@ -224,6 +224,29 @@ async fn sync_deployments(reg: &Registry, w: &World, now: Timestamp, cancel: &Ca
                 tracing::debug!(replicaset = %rs, "cannot scale: {e}");
             }
         }
+        let revision_annotation = |rev: i64| {
+            move |o: &mut serde_json::Value| {
+                o["metadata"]["annotations"][deployment::REVISION_ANNOTATION] =
+                    json!(rev.to_string());
+                Ok::<(), ApiError>(())
+            }
+        };
+        if let Some((rs, rev)) = plan.revise_rs {
+            let r = reg
+                .update_with(&REPLICASETS, Some(&ns), &rs, revision_annotation(rev))
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(replicaset = %rs, "cannot renumber: {e}");
+            }
+        }
+        if let Some(rev) = plan.revision {
+            let r = reg
+                .update_with(&DEPLOYMENTS, Some(&ns), &name, revision_annotation(rev))
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(deployment = %name, "cannot set its revision: {e}");
+            }
+        }
         if let Some(st) = plan.status {
             set_status(reg, &DEPLOYMENTS, &ns, &name, st).await;
         }
