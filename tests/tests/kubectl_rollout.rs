@@ -65,6 +65,18 @@ fn wait_images(k: &Kubectl, ns: &str, image: &str) {
     });
 }
 
+/// The revisions `kubectl rollout history` lists for deployment `web`, and its output.
+fn history_of(k: &Kubectl, ns: &str) -> (Vec<String>, String) {
+    let history = k.ok(&["rollout", "history", "-n", ns, "deployment/web"]);
+    let revisions = history
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.parse::<u32>().is_ok())
+        .map(String::from)
+        .collect();
+    (revisions, history)
+}
+
 fn rollouts(k: &Kubectl, ns: &str) {
     k.ok(&["create", "namespace", ns]);
     k.ok_stdin(&["apply", "-f", "-"], &deployment_yaml("web", ns));
@@ -89,12 +101,7 @@ fn rollouts(k: &Kubectl, ns: &str) {
     ]);
     wait_images(k, ns, "busybox:2");
 
-    let history = k.ok(&["rollout", "history", "-n", ns, "deployment/web"]);
-    let revisions: Vec<&str> = history
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|w| w.parse::<u32>().is_ok())
-        .collect();
+    let (revisions, history) = history_of(k, ns);
     assert_eq!(revisions, ["1", "2"], "{history}");
     let two = k.ok(&[
         "rollout",
@@ -117,12 +124,7 @@ fn rollouts(k: &Kubectl, ns: &str) {
         "--timeout=120s",
     ]);
     wait_images(k, ns, "busybox:1");
-    let history = k.ok(&["rollout", "history", "-n", ns, "deployment/web"]);
-    let revisions: Vec<&str> = history
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|w| w.parse::<u32>().is_ok())
-        .collect();
+    let (revisions, history) = history_of(k, ns);
     // Revision 1 became revision 3, as kube-controller-manager renumbers it.
     assert_eq!(revisions, ["2", "3"], "{history}");
 
